@@ -1,0 +1,283 @@
+"""The Cross-Layer Transcoder: per-layer sparse encoders and triangular cross-layer decoders.
+
+    pre_l  = (x_l * input_scale_l) @ W_enc[l] + b_enc[l]          z_l = sparsify(pre_l)
+    yhat_l = b_dec[l] + sum_{s <= l} z_s @ W_dec[s -> l]
+
+The decoders of one source layer s are stored together as ``W_dec[s]`` of shape [F, L - s, d]
+(targets s..L-1), so a source's contribution to every target is one matmul (dense path) or one
+gather of the k active rows (sparse path, ``F.embedding_bag``); both give the same yhat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sparsifiers import SPARSIFIERS, SparseCodes, jumprelu_l0, sparsify
+from .storage import AssetError, check_keys, load_tensors, read_json, save_tensors, write_json
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+@dataclass(frozen=True)
+class CLTConfig:
+    """Shape and sparsifier of a CLT. ``teacher`` names the teacher it was trained on (Teacher.identity)."""
+
+    n_layers: int
+    d_model: int
+    expansion: int = 16
+    sparsifier: str = "relu_topk"
+    k: int = 128
+    jumprelu_bandwidth: float = 0.1
+    teacher: str = ""
+
+    def __post_init__(self):
+        if self.sparsifier not in SPARSIFIERS:
+            raise ValueError(f"unknown sparsifier {self.sparsifier!r}; choose one of {SPARSIFIERS}")
+        if min(self.n_layers, self.d_model, self.expansion, self.k) < 1:
+            raise ValueError(f"n_layers, d_model, expansion and k must be positive: {self}")
+        if self.k > self.n_features:
+            raise ValueError(f"k = {self.k} exceeds the {self.n_features} features per layer")
+        if self.jumprelu_bandwidth <= 0:
+            raise ValueError("jumprelu_bandwidth must be positive")
+
+    @property
+    def n_features(self) -> int:
+        return self.expansion * self.d_model
+
+    @property
+    def n_parameters(self) -> int:
+        L, d, n = self.n_layers, self.d_model, self.n_features
+        pairs = L * (L + 1) // 2
+        threshold = L * n if self.sparsifier == "jumprelu" else 0
+        return L * d * n + L * n + pairs * n * d + L * d + threshold
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "CLTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        check_keys(data, {"n_layers", "d_model", "sparsifier"}, fields, where)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise AssetError(f"{where}: {error}") from error
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT over L layers of width d with F = expansion * d features per layer."""
+
+    def __init__(self, config: CLTConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        L, d, n = config.n_layers, config.d_model, config.n_features
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(L, d, n, **kw))
+        self.b_enc = nn.Parameter(torch.empty(L, n, **kw))
+        self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(n, L - s, d, **kw)) for s in range(L)])
+        self.b_dec = nn.Parameter(torch.empty(L, d, **kw))
+        if config.sparsifier == "jumprelu":  # thresholds stay fp32: in bf16 they stop moving
+            self.log_threshold = nn.Parameter(torch.empty(L, n, device=device, dtype=torch.float32))
+        self.register_buffer("input_scale", torch.empty(L, device=device, dtype=torch.float32))
+        if self.W_enc.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """In-place initialisation (no temporary copies: a ViT-B-scale CLT needs only its own size)."""
+        L, d, n = self.config.n_layers, self.config.d_model, self.config.n_features
+        self.W_enc.uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d))
+        bound = 1 / math.sqrt(L * n)
+        for W in self.W_dec:
+            W.uniform_(-bound, bound)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.input_scale.fill_(1.0)
+        if self.config.sparsifier == "jumprelu":
+            self.log_threshold.fill_(math.log(0.5))
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def preactivations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """pre_l = (x_l * input_scale_l) @ W_enc[l] + b_enc[l], for x of shape [..., d]."""
+        x = (x * self.input_scale[layer]).to(self.W_enc.dtype)
+        return x @ self.W_enc[layer] + self.b_enc[layer]
+
+    def threshold(self, layer: int) -> torch.Tensor:
+        """JumpReLU thresholds theta_l [F] (fp32)."""
+        return self.log_threshold[layer].exp()
+
+    def sparsify(self, layer: int, pre: torch.Tensor) -> SparseCodes:
+        c = self.config
+        threshold = self.threshold(layer) if c.sparsifier == "jumprelu" else None
+        return sparsify(c.sparsifier, pre, c.k, threshold, c.jumprelu_bandwidth)
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> SparseCodes:
+        return self.sparsify(layer, self.preactivations(layer, x))
+
+    def encode_sparse(self, xs: torch.Tensor) -> list[SparseCodes]:
+        """Codes of every layer for xs [L, ..., d]."""
+        self._check_layers(xs, "xs")
+        return [self.encode_layer(layer, xs[layer]) for layer in range(self.config.n_layers)]
+
+    def encode(self, xs: torch.Tensor) -> torch.Tensor:
+        """Dense codes [L, ..., F] (zeros where inactive) for xs [L, ..., d]."""
+        return torch.stack([codes.dense() for codes in self.encode_sparse(xs)])
+
+    def jumprelu_l0(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
+        """Mean L0 of a layer, differentiable in its thresholds (the JumpReLU sparsity penalty)."""
+        return jumprelu_l0(pre, self.threshold(layer), self.config.jumprelu_bandwidth)
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def decode_source(self, source: int, codes: SparseCodes, sparse: bool | None = None) -> torch.Tensor:
+        """What source layer s writes to every target l >= s: [..., L - s, d] (no bias)."""
+        weight = self.W_dec[source]
+        n_targets, d = weight.shape[1], weight.shape[2]
+        flat = weight.view(self.config.n_features, n_targets * d)
+        if sparse is None:  # gathering the k active rows wins on a CPU, dense matmuls on a GPU
+            sparse = weight.device.type == "cpu"
+        if sparse:
+            indices, values = codes.indices, codes.values
+            lead = indices.shape[:-1]
+            out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), flat,
+                                  per_sample_weights=values.reshape(-1, values.shape[-1]).to(flat.dtype),
+                                  mode="sum")
+        else:
+            z = codes.dense()
+            lead = z.shape[:-1]
+            out = z.to(flat.dtype) @ flat
+        return out.view(*lead, n_targets, d)
+
+    def decode(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
+        """yhat [L, ..., d] from dense codes [L, ..., F] or a list of per-layer SparseCodes."""
+        codes = self._as_sparse(codes)
+        L = self.config.n_layers
+        yhat = None
+        for source in range(L):
+            part = self.decode_source(source, codes[source], sparse).movedim(-2, 0)  # [L - s, ..., d]
+            if yhat is None:  # source 0 writes to all L targets
+                yhat = torch.zeros_like(part)
+            yhat[source:] += part
+        return yhat + self.b_dec.view(L, *([1] * (yhat.dim() - 2)), -1).to(yhat.dtype)
+
+    def contribution_norms(self, codes: torch.Tensor | list[SparseCodes],
+                           sparse: bool | None = None) -> torch.Tensor:
+        """N[l, s] = sum over tokens of ||z_s(t) @ W_dec[s -> l]||_2 (zero above the diagonal)."""
+        codes = self._as_sparse(codes)
+        L = self.config.n_layers
+        norms = torch.zeros(L, L, dtype=torch.float64, device=self.b_dec.device)
+        for source in range(L):
+            part = self.decode_source(source, codes[source], sparse).float()  # [..., L - s, d]
+            norms[source:, source] = part.norm(dim=-1).reshape(-1, L - source).sum(0).double()
+        return norms
+
+    def contributions(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
+        """C[l, s] = E_t ||u_{s->l}(t)|| / sum_{s' <= l} E_t ||u_{s'->l}(t)||: rows sum to 1."""
+        return normalize_contributions(self.contribution_norms(codes, sparse))
+
+    def surrogate(self, sparse: bool | None = None) -> "CLTSurrogate":
+        """This CLT as the MLP replacement of :meth:`Teacher.replace_mlps`."""
+        return CLTSurrogate(self, sparse)
+
+    def _as_sparse(self, codes: torch.Tensor | list[SparseCodes]) -> list[SparseCodes]:
+        if isinstance(codes, torch.Tensor):
+            self._check_layers(codes, "codes")
+            if codes.shape[-1] != self.config.n_features:
+                raise ValueError(f"codes have {codes.shape[-1]} features, the CLT has {self.config.n_features}")
+            return [SparseCodes.from_dense(z) for z in codes]
+        if len(codes) != self.config.n_layers:
+            raise ValueError(f"expected codes for {self.config.n_layers} layers, got {len(codes)}")
+        return list(codes)
+
+    def _check_layers(self, tensor: torch.Tensor, name: str) -> None:
+        if tensor.shape[0] != self.config.n_layers:
+            raise ValueError(f"{name} must have the layer axis first with {self.config.n_layers} layers, "
+                             f"got shape {tuple(tensor.shape)}")
+
+    # ---- precision --------------------------------------------------------------------------
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> "CrossLayerTranscoder":
+        """Cast encoder and decoder weights (not the fp32 thresholds and input scales) to ``dtype``."""
+        for param in (self.W_enc, self.b_enc, self.b_dec, *self.W_dec):
+            param.data = param.data.to(dtype)
+        return self
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
+        directory = Path(directory)
+        save_tensors(directory / WEIGHTS_FILE, self.state_dict(), metadata={"format": "pt"})
+        write_json(directory / CONFIG_FILE, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, revision: str | None = None,
+                        device: torch.device | str = "cpu", cache_dir: str | None = None) -> "CrossLayerTranscoder":
+        """Load from a folder, or from a Hugging Face Hub repo id (``owner/name``) through huggingface_hub."""
+        directory = Path(path_or_repo)
+        if not directory.is_dir():
+            directory = Path(_download_from_hub(str(path_or_repo), revision, cache_dir))
+        config = CLTConfig.from_dict(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
+        tensors = load_tensors(directory / WEIGHTS_FILE, device=device)
+        with torch.device("meta"):
+            clt = cls(config)
+        expected = {name: tuple(t.shape) for name, t in clt.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if expected != found:
+            diff = sorted(set(expected.items()) ^ set(found.items()))
+            raise AssetError(f"{directory / WEIGHTS_FILE}: tensors do not match {CONFIG_FILE} "
+                             f"(expected vs found differ in {diff[:6]})")
+        clt.load_state_dict(tensors, assign=True)
+        return clt
+
+
+def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
+    """Fetch a CLT's two files from the Hub (or its cache when offline)."""
+    if not _HUB_ID.match(repo_id) or ".." in repo_id:
+        raise AssetError(f"{repo_id!r} is neither a CLT folder nor a Hub repo id of the form owner/name")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                             allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+
+
+def normalize_contributions(norms: torch.Tensor) -> torch.Tensor:
+    """Divide each target row of summed contribution norms by its total (rows then sum to 1)."""
+    return (norms / norms.sum(1, keepdim=True).clamp_min(1e-30)).float()
+
+
+class CLTSurrogate:
+    """A CLT as the MLP replacement of a forward pass: at block l it encodes z_l from this pass's x_l,
+    adds z_l's contributions to every target l' >= l, and returns yhat_l = b_dec[l] + sum_{s<=l} z_s W[s->l]."""
+
+    def __init__(self, clt: CrossLayerTranscoder, sparse: bool | None = None):
+        self.clt, self.sparse = clt, sparse
+        self.codes: list[SparseCodes] = []
+        self._partial: torch.Tensor | None = None
+
+    def begin(self) -> None:
+        self.codes, self._partial = [], None
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer != len(self.codes):
+            raise RuntimeError(f"CLT surrogate called for block {layer} after {len(self.codes)} blocks")
+        codes = self.clt.encode_layer(layer, x)
+        self.codes.append(codes)
+        part = self.clt.decode_source(layer, codes, self.sparse)  # [B, T', L - layer, d]
+        if self._partial is None:
+            self._partial = torch.zeros(*part.shape[:-2], self.clt.config.n_layers, part.shape[-1],
+                                        dtype=part.dtype, device=part.device)
+        self._partial[..., layer:, :] += part
+        return self._partial[..., layer, :] + self.clt.b_dec[layer].to(part.dtype)

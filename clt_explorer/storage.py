@@ -1,0 +1,90 @@
+"""Safe, atomic file I/O: every file is written to a temporary name and renamed into place, so a
+crash leaves either the old file or the new one, never half of one; weights are only safetensors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class AssetError(ValueError):
+    """An asset file is missing, corrupt or inconsistent; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, raising :class:`AssetError` naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"{path}: file is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AssetError(f"{path}: not valid JSON ({error})") from error
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (tensors made contiguous, on the CPU)."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, raising :class:`AssetError` naming the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"{path}: file is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AssetError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def check_keys(data: dict, required: set[str], optional: set[str], where: str) -> None:
+    """Reject a JSON object with missing or unknown keys, naming the file and the keys."""
+    if not isinstance(data, dict):
+        raise AssetError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    missing = required - data.keys()
+    unknown = data.keys() - required - optional
+    if missing:
+        raise AssetError(f"{where}: missing keys {sorted(missing)}")
+    if unknown:
+        raise AssetError(f"{where}: unknown keys {sorted(unknown)}")

@@ -1,0 +1,193 @@
+"""The frozen open_clip teacher: loading, activation capture and cascaded MLP replacement.
+
+For every residual block l of the image tower, ``x_l`` is the output of ``ln_2`` (the MLP's input)
+and ``y_l = mlp(x_l)`` (before ``ls_2``). One forward pass with hooks on the MLPs captures both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import open_clip
+import torch
+from PIL import Image
+
+TOKEN_SETS = ("cls", "patches", "all")
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+
+
+def token_index(tokens: str) -> slice:
+    """Positions of a token set in a ViT sequence: the CLS token is position 0."""
+    if tokens == "cls":
+        return slice(0, 1)
+    if tokens == "patches":
+        return slice(1, None)
+    if tokens == "all":
+        return slice(None)
+    raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
+
+
+class MLPSurrogate(Protocol):
+    """What replaces the MLPs of a forward pass: called block by block, in order, on one pass."""
+
+    def begin(self) -> None:
+        """Forget the previous pass (a new image batch starts)."""
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Return the replacement MLP output of block ``layer`` for its MLP input ``x`` [B, T', d]."""
+
+
+@dataclass
+class Capture:
+    """Activations of one forward pass: xs, ys [L, B, T, d] and the image embeddings [B, D]."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    embeddings: torch.Tensor
+
+
+def _check_local_weights(model_name: str, pretrained: str | None) -> None:
+    """Refuse local weight files that would be unpickled: only safetensors are loaded from disk."""
+    if model_name.startswith(LOCAL_DIR):
+        folder = Path(model_name[len(LOCAL_DIR):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"teacher folder {folder} has no open_clip_config.json")
+        if not (folder / "open_clip_model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"teacher folder {folder} has no open_clip_model.safetensors (other weight formats are refused)"
+            )
+    if pretrained and (Path(pretrained).suffix or "/" in pretrained):
+        path = Path(pretrained)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"teacher weights {pretrained} must be a .safetensors file (pickles are refused)")
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher weights file {pretrained} does not exist")
+
+
+class Teacher:
+    """A frozen open_clip CLIP: hooks into its image tower and its text tower for zero-shot.
+
+    Each MLP carries one permanent forward hook that defers to a per-thread action (capture or
+    replacement), so concurrent requests in a web server never see each other's replacement.
+    """
+
+    def __init__(self, model: open_clip.CLIP, preprocess, tokenizer, name: str, pretrained: str | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name, self.pretrained = name, pretrained
+        visual = model.visual
+        if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(f"{name}: only open_clip ViT image towers with a CLS token are supported")
+        if getattr(visual, "pool_type", "tok") != "tok":
+            raise ValueError(f"{name}: the image tower pools with {visual.pool_type!r}, a CLS token is needed")
+        self.blocks = list(visual.transformer.resblocks)
+        self.n_layers = len(self.blocks)
+        self.d_model = visual.transformer.width
+        grid = visual.grid_size
+        self.n_tokens = 1 + grid[0] * grid[1]
+        self.image_size = visual.image_size
+        self._thread = threading.local()
+        for layer, block in enumerate(self.blocks):
+            block.mlp.register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer: int):
+        def run_action(module, inputs, output):
+            action = getattr(self._thread, "action", None)
+            return None if action is None else action(layer, inputs[0], output)
+        return run_action
+
+    @contextlib.contextmanager
+    def _acting(self, action) -> Iterator[None]:
+        if getattr(self._thread, "action", None) is not None:
+            raise RuntimeError("a capture or replacement is already active in this thread")
+        self._thread.action = action
+        try:
+            yield
+        finally:
+            self._thread.action = None
+
+    @classmethod
+    def load(cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+             cache_dir: str | None = None) -> "Teacher":
+        """Load an open_clip model by architecture + pretrained tag (``ViT-B-32-quickgelu``, ``openai``),
+        architecture + local ``.safetensors`` file, ``local-dir:PATH`` or ``hf-hub:owner/repo``."""
+        _check_local_weights(model_name, pretrained)
+        schema = model_name.startswith((LOCAL_DIR, HF_HUB))
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None if schema else pretrained, device=device, cache_dir=cache_dir,
+            require_pretrained=bool(pretrained) or schema,
+        )
+        tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        return cls(model, preprocess, tokenizer, model_name, pretrained)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def identity(self) -> str:
+        """A string naming this teacher (architecture and weights), stored with the CLTs trained on it."""
+        return f"{self.name}@{self.pretrained}" if self.pretrained else self.name
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> the normalised batch tensor the image tower expects."""
+        return torch.stack([self.preprocess(image.convert("RGB")) for image in images])
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, D] (not normalised) of a preprocessed batch."""
+        return self.model.encode_image(pixels.to(self.device))
+
+    @torch.no_grad()
+    def capture(self, pixels: torch.Tensor) -> Capture:
+        """One forward pass that records x_l and y_l of every block for every token."""
+        xs: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
+        ys: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
+
+        def record(layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            xs[layer], ys[layer] = x, y
+
+        with self._acting(record):
+            embeddings = self.model.encode_image(pixels.to(self.device))
+        return Capture(torch.stack(xs), torch.stack(ys), embeddings)
+
+    @contextlib.contextmanager
+    def replace_mlps(self, surrogate: MLPSurrogate, start: int, tokens: str = "all") -> Iterator[None]:
+        """Cascade ``start -> L-1``: in every block l >= start, the MLP output of the chosen tokens is
+        replaced by ``surrogate(l, x_l)``, where x_l comes from this same (modified) forward pass.
+        The surrogate sees every block from 0 so that it can keep state (e.g. the CLT's codes z_i, i <= l)."""
+        if not 0 <= start < self.n_layers:
+            raise ValueError(f"start layer must be in [0, {self.n_layers - 1}], got {start}")
+        index = token_index(tokens)
+
+        def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+            if layer == 0:
+                surrogate.begin()
+            replacement = surrogate(layer, x[:, index])
+            if layer < start:
+                return None
+            out = y.clone()
+            out[:, index] = replacement.to(out.dtype)
+            return out
+
+        with self._acting(replace):
+            yield
+
+
+class TeacherMLPs:
+    """The identity surrogate: the teacher's own MLPs. Replacing with it must change nothing."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def begin(self) -> None:
+        pass
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher.blocks[layer].mlp(x)
