@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .sparsifiers import SPARSIFIERS, SparseCodes, jumprelu_l0, sparsify
-from .storage import AssetError, check_keys, load_tensors, read_json, save_tensors, write_json
+from .storage import AssetError, check_keys, download_snapshot, is_repo_id, load_tensors, read_json, save_tensors, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -144,21 +142,8 @@ class CrossLayerTranscoder(nn.Module):
     def decode_source(self, source: int, codes: SparseCodes, sparse: bool | None = None) -> torch.Tensor:
         """What source layer s writes to every target l >= s: [..., L - s, d] (no bias)."""
         weight = self.W_dec[source]
-        n_targets, d = weight.shape[1], weight.shape[2]
-        flat = weight.view(self.config.n_features, n_targets * d)
-        if sparse is None:  # gathering the k active rows wins on a CPU, dense matmuls on a GPU
-            sparse = weight.device.type == "cpu"
-        if sparse:
-            indices, values = codes.indices, codes.values
-            lead = indices.shape[:-1]
-            out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), flat,
-                                  per_sample_weights=values.reshape(-1, values.shape[-1]).to(flat.dtype),
-                                  mode="sum")
-        else:
-            z = codes.dense()
-            lead = z.shape[:-1]
-            out = z.to(flat.dtype) @ flat
-        return out.view(*lead, n_targets, d)
+        out = _apply_decoder(weight.view(weight.shape[0], -1), codes, sparse)
+        return out.view(*out.shape[:-1], weight.shape[1], weight.shape[2])
 
     def decode(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
         """yhat [L, ..., d] from dense codes [L, ..., F] or a list of per-layer SparseCodes."""
@@ -186,6 +171,17 @@ class CrossLayerTranscoder(nn.Module):
     def contributions(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
         """C[l, s] = E_t ||u_{s->l}(t)|| / sum_{s' <= l} E_t ||u_{s'->l}(t)||: rows sum to 1."""
         return normalize_contributions(self.contribution_norms(codes, sparse))
+
+    def forward(self, xs: torch.Tensor, sparse: bool | None = None) -> "CLTOutput":
+        """Training pass with teacher forcing: every layer's codes come from the given xs [L, N, d]."""
+        self._check_layers(xs, "xs")
+        pre = [self.preactivations(layer, xs[layer]) for layer in range(self.config.n_layers)]
+        codes = [self.sparsify(layer, p) for layer, p in enumerate(pre)]
+        return CLTOutput(self.decode(codes, sparse), codes, pre)
+
+    def decode_diagonal(self, layer: int, codes: SparseCodes, sparse: bool | None = None) -> torch.Tensor:
+        """z_l @ W_dec[l -> l] (no bias): what a layer's codes write to their own layer."""
+        return _apply_decoder(self.W_dec[layer][:, 0, :], codes, sparse)
 
     def surrogate(self, sparse: bool | None = None) -> "CLTSurrogate":
         """This CLT as the MLP replacement of :meth:`Teacher.replace_mlps`."""
@@ -228,7 +224,7 @@ class CrossLayerTranscoder(nn.Module):
         """Load from a folder, or from a Hugging Face Hub repo id (``owner/name``) through huggingface_hub."""
         directory = Path(path_or_repo)
         if not directory.is_dir():
-            directory = Path(_download_from_hub(str(path_or_repo), revision, cache_dir))
+            directory = _download_from_hub(str(path_or_repo), revision, cache_dir)
         config = CLTConfig.from_dict(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
         tensors = load_tensors(directory / WEIGHTS_FILE, device=device)
         with torch.device("meta"):
@@ -243,14 +239,33 @@ class CrossLayerTranscoder(nn.Module):
         return clt
 
 
-def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
-    """Fetch a CLT's two files from the Hub (or its cache when offline)."""
-    if not _HUB_ID.match(repo_id) or ".." in repo_id:
-        raise AssetError(f"{repo_id!r} is neither a CLT folder nor a Hub repo id of the form owner/name")
-    from huggingface_hub import snapshot_download
+@dataclass
+class CLTOutput:
+    """A training pass: yhat [L, N, d], and per layer the codes and the pre-activations [N, F]."""
 
-    return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                             allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+    yhat: torch.Tensor
+    codes: list[SparseCodes]
+    pre: list[torch.Tensor]
+
+
+def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+    """Fetch a CLT's two files from the Hub (or its cache when offline)."""
+    if not is_repo_id(repo_id):
+        raise AssetError(f"{repo_id!r} is neither a CLT folder nor a Hub repo id of the form owner/name")
+    return download_snapshot(repo_id, revision, cache_dir, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+
+
+def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None) -> torch.Tensor:
+    """codes @ weight for a decoder weight [F, D]: a gather of the active rows (``F.embedding_bag``)
+    or a dense matmul. By default the gather runs on a CPU and the matmul on a GPU (see LEADS.md)."""
+    if sparse is None:
+        sparse = weight.device.type == "cpu"
+    if not sparse:
+        return codes.dense().to(weight.dtype) @ weight
+    indices, values = codes.indices, codes.values
+    out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), weight.contiguous(),
+                          per_sample_weights=values.reshape(-1, values.shape[-1]).to(weight.dtype), mode="sum")
+    return out.view(*indices.shape[:-1], weight.shape[1])
 
 
 def normalize_contributions(norms: torch.Tensor) -> torch.Tensor:
@@ -270,10 +285,10 @@ class CLTSurrogate:
     def begin(self) -> None:
         self.codes, self._partial = [], None
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, index: slice = slice(None)) -> torch.Tensor:
         if layer != len(self.codes):
             raise RuntimeError(f"CLT surrogate called for block {layer} after {len(self.codes)} blocks")
-        codes = self.clt.encode_layer(layer, x)
+        codes = self.clt.encode_layer(layer, x[:, index])
         self.codes.append(codes)
         part = self.clt.decode_source(layer, codes, self.sparse)  # [B, T', L - layer, d]
         if self._partial is None:

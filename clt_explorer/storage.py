@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,6 +14,9 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 class AssetError(ValueError):
@@ -88,3 +92,22 @@ def check_keys(data: dict, required: set[str], optional: set[str], where: str) -
         raise AssetError(f"{where}: missing keys {sorted(missing)}")
     if unknown:
         raise AssetError(f"{where}: unknown keys {sorted(unknown)}")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hugging Face Hub repo id ``owner/name``."""
+    return isinstance(text, str) and bool(_REPO_ID.match(text)) and ".." not in text
+
+
+def download_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                      allow_patterns: list[str] | None = None) -> Path:
+    """A Hub repo's files through huggingface_hub (from its cache when offline); failures become an
+    :class:`AssetError` that names the repo and the reason."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=allow_patterns))
+    except Exception as error:  # the hub raises many types (offline, 404, auth, HTTP)
+        raise AssetError(f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face "
+                         f"Hub: {error}") from error

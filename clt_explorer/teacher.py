@@ -7,6 +7,8 @@ and ``y_l = mlp(x_l)`` (before ``ls_2``). One forward pass with hooks on the MLP
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,9 @@ class MLPSurrogate(Protocol):
     def begin(self) -> None:
         """Forget the previous pass (a new image batch starts)."""
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Return the replacement MLP output of block ``layer`` for its MLP input ``x`` [B, T', d]."""
+    def __call__(self, layer: int, x: torch.Tensor, index: slice) -> torch.Tensor:
+        """The replacement MLP output of block ``layer`` for the tokens ``x[:, index]``, given the
+        block's whole MLP input ``x`` [B, T, d]; shape [B, T', d]."""
 
 
 @dataclass
@@ -49,6 +52,15 @@ class Capture:
     xs: torch.Tensor
     ys: torch.Tensor
     embeddings: torch.Tensor
+
+
+def file_digest(path: Path) -> str:
+    """First 16 hex digits of a file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _check_local_weights(model_name: str, pretrained: str | None) -> None:
@@ -99,7 +111,13 @@ class Teacher:
     def _hook(self, layer: int):
         def run_action(module, inputs, output):
             action = getattr(self._thread, "action", None)
-            return None if action is None else action(layer, inputs[0], output)
+            if action is None:
+                return None
+            self._thread.action = None  # what the action itself runs through an MLP is not hooked
+            try:
+                return action(layer, inputs[0], output)
+            finally:
+                self._thread.action = action
         return run_action
 
     @contextlib.contextmanager
@@ -130,9 +148,15 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
-        """A string naming this teacher (architecture and weights), stored with the CLTs trained on it."""
+        """A string naming this teacher's architecture and weights, stored with the CLTs trained on it.
+        Local weights are named by their content (not their path), so a bundle can move."""
+        if self.name.startswith(LOCAL_DIR):
+            folder = Path(self.name[len(LOCAL_DIR):])
+            return f"local:{file_digest(folder / 'open_clip_model.safetensors')}"
+        if self.pretrained and Path(self.pretrained).is_file():
+            return f"{self.name}@local:{file_digest(Path(self.pretrained))}"
         return f"{self.name}@{self.pretrained}" if self.pretrained else self.name
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -169,7 +193,7 @@ class Teacher:
         def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
             if layer == 0:
                 surrogate.begin()
-            replacement = surrogate(layer, x[:, index])
+            replacement = surrogate(layer, x, index)
             if layer < start:
                 return None
             out = y.clone()
@@ -189,5 +213,5 @@ class TeacherMLPs:
     def begin(self) -> None:
         pass
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher.blocks[layer].mlp(x)
+    def __call__(self, layer: int, x: torch.Tensor, index: slice) -> torch.Tensor:
+        return self.teacher.blocks[layer].mlp(x)[:, index]

@@ -1,0 +1,109 @@
+"""Teacher activations -> shuffled batches of tokens (CLS and patches together) for CLT training.
+
+The stream is deterministic and resumable. Epoch e visits the images in a permutation drawn from
+(seed, e), in chunks of ``chunk_images``; the tokens of a chunk are shuffled together (a shuffle
+buffer of chunk_images x T tokens) and cut into batches. A position is (epoch, chunk, batch):
+resuming there recomputes the teacher only for the current chunk. Under DDP every chunk is split
+evenly across ranks by image, so all ranks see the same number of equally sized batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data import image_batches
+from .teacher import Teacher
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a stream stands: the next batch to yield."""
+
+    epoch: int = 0
+    chunk: int = 0
+    batch: int = 0
+
+
+@dataclass
+class TokenBatch:
+    """One training batch: MLP inputs and outputs [L, N, d] and where it comes from."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    position: Position
+
+
+class ActivationStream:
+    """Deterministic shuffled token batches from a frozen teacher."""
+
+    def __init__(self, teacher: Teacher, dataset: Dataset, batch_tokens: int, chunk_images: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, image_batch_size: int = 64, num_workers: int = 0,
+                 autocast_dtype: torch.dtype | None = None, store_dtype: torch.dtype | None = None):
+        if batch_tokens % world_size:
+            raise ValueError(f"batch_tokens ({batch_tokens}) must be divisible by the world size ({world_size})")
+        self.teacher, self.dataset, self.seed = teacher, dataset, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_tokens // world_size
+        self.chunk_images = math.ceil(chunk_images / world_size) * world_size
+        self.n_images = len(dataset) // world_size * world_size
+        if self.n_images == 0:
+            raise ValueError(f"the dataset has {len(dataset)} images, fewer than the {world_size} ranks")
+        self.image_batch_size, self.num_workers = image_batch_size, num_workers
+        self.autocast_dtype, self.store_dtype = autocast_dtype, store_dtype
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return math.ceil(self.n_images / self.chunk_images)
+
+    def _chunk_images(self, chunk: int) -> int:
+        return min(self.chunk_images, self.n_images - chunk * self.chunk_images)
+
+    def batches_in_chunk(self, chunk: int) -> int:
+        local_tokens = self._chunk_images(chunk) // self.world_size * self.teacher.n_tokens
+        return math.ceil(local_tokens / self.local_batch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(self.batches_in_chunk(c) for c in range(self.chunks_per_epoch))
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        generator = torch.Generator()
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, *keys]).generate_state(1)[0]))
+        return generator
+
+    def _local_indices(self, epoch: int, chunk: int) -> list[int]:
+        order = torch.randperm(len(self.dataset), generator=self._generator(epoch))[: self.n_images]
+        start = chunk * self.chunk_images
+        return order[start:start + self._chunk_images(chunk)][self.rank::self.world_size].tolist()
+
+    @torch.no_grad()
+    def _chunk_tokens(self, epoch: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher activations of this rank's images in a chunk, as [L, tokens, d] each."""
+        xs, ys = [], []
+        device = self.teacher.device
+        for pixels, _, _ in image_batches(self.dataset, self.teacher.preprocess, self.image_batch_size,
+                                          self._local_indices(epoch, chunk), self.num_workers):
+            with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                capture = self.teacher.capture(pixels)
+            dtype = self.store_dtype or capture.xs.dtype
+            xs.append(capture.xs.flatten(1, 2).to(dtype))
+            ys.append(capture.ys.flatten(1, 2).to(dtype))
+        return torch.cat(xs, 1), torch.cat(ys, 1)
+
+    def iterate(self, start: Position = Position()) -> Iterator[TokenBatch]:
+        """Batches of one epoch from ``start`` to the end of that epoch."""
+        for chunk in range(start.chunk, self.chunks_per_epoch):
+            xs, ys = self._chunk_tokens(start.epoch, chunk)
+            order = torch.randperm(xs.shape[1], generator=self._generator(start.epoch, chunk, self.rank))
+            order = order.to(xs.device)
+            first = start.batch if chunk == start.chunk else 0
+            for batch in range(first, self.batches_in_chunk(chunk)):
+                rows = order[batch * self.local_batch:(batch + 1) * self.local_batch]
+                yield TokenBatch(xs[:, rows], ys[:, rows], Position(start.epoch, chunk, batch))

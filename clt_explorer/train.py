@@ -1,0 +1,330 @@
+"""CLT training with teacher forcing: single process, or DDP under torchrun (gloo on CPU, nccl on GPU).
+
+Loss = sum_l MSE(yhat_l, y_l) over all tokens
+     + aux_coef * sum_l MSE(AuxK_l, residual_l)   dead features reconstruct the detached residual
+     + l0_coef * mean_l ((L0_l - k) / k)^2       JumpReLU only: keeps the mean L0 near k
+
+AuxK (Gao et al. 2024): the ``aux_k`` dead features of layer l with the largest pre-activations
+reconstruct the residual y_l - yhat_l (detached; the decoder bias is *not* added back) through the
+diagonal decoder W_dec[l -> l]; this gives dead features a gradient for all three sparsifiers.
+A feature is dead once it has not fired for ``dead_after_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .activations import ActivationStream, Position
+from .checkpointing import load_checkpoint, save_checkpoint
+from .clt import CLTConfig, CLTOutput, CrossLayerTranscoder
+from .sparsifiers import SparseCodes
+from .storage import AssetError, check_keys, read_json, write_json
+from .teacher import Teacher
+
+SUMMARY_FILE = "training.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the defaults are the paper's (AdamW, lr 2e-4, 10 epochs)."""
+
+    epochs: int = 10
+    lr: float = 2e-4
+    batch_tokens: int = 4096
+    chunk_images: int = 256
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    aux_coef: float = 1 / 32
+    aux_k: int = 512
+    dead_after_tokens: int = 10_000_000
+    l0_coef: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    max_steps: int | None = None
+    image_batch_size: int = 64
+    num_workers: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "train config") -> "TrainConfig":
+        check_keys(data, set(), {f.name for f in dataclasses.fields(cls)}, where)
+        return cls(**data)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return world()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    rank, size = world()
+    if size > 1:
+        dist.all_reduce(tensor)
+        tensor /= size
+    return tensor
+
+
+@torch.no_grad()
+def initialize_from_data(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor) -> None:
+    """Data-dependent start: input scales with E||x_l * s_l||^2 = d, b_dec = mean of y, and JumpReLU
+    thresholds at each feature's (1 - k/F) quantile so that the initial L0 is near k."""
+    d = clt.config.d_model
+    scale = (d / xs.float().pow(2).sum(-1).mean(-1)).sqrt()
+    clt.input_scale.copy_(_all_reduce_mean(scale))
+    clt.b_dec.copy_(_all_reduce_mean(ys.float().mean(1)).to(clt.b_dec.dtype))
+    if clt.config.sparsifier == "jumprelu":
+        n_tokens, n_features = xs.shape[1], clt.config.n_features
+        kth = max(1, min(n_tokens, math.ceil(n_tokens * (1 - clt.config.k / n_features))))
+        for layer in range(clt.config.n_layers):
+            pre = clt.preactivations(layer, xs[layer]).float()
+            quantile = pre.kthvalue(kth, dim=0).values.clamp_min(1e-3)
+            clt.log_threshold[layer].copy_(_all_reduce_mean(quantile.log()))
+
+
+class DeadFeatureTracker:
+    """Counts, per layer and feature, the tokens seen since the feature last fired (``!= 0``)."""
+
+    def __init__(self, n_layers: int, n_features: int, dead_after_tokens: int, device: torch.device):
+        self.since_fired = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
+        self.dead_after_tokens = dead_after_tokens
+
+    def update(self, codes: list[SparseCodes], n_tokens: int) -> None:
+        fired = torch.zeros_like(self.since_fired)
+        for layer, c in enumerate(codes):
+            active = c.values.detach() != 0
+            fired[layer].index_add_(0, c.indices[active], torch.ones_like(c.indices[active]))
+        rank, size = world()
+        if size > 1:
+            dist.all_reduce(fired)
+        self.since_fired += n_tokens * size
+        self.since_fired[fired > 0] = 0
+
+    @property
+    def dead(self) -> torch.Tensor:
+        return self.since_fired >= self.dead_after_tokens
+
+
+def aux_k_loss(clt: CrossLayerTranscoder, out: CLTOutput, ys: torch.Tensor, dead: torch.Tensor,
+               aux_k: int) -> torch.Tensor:
+    """Sum over layers of MSE(dead-feature reconstruction, detached residual y - yhat)."""
+    total = out.yhat.new_zeros(())
+    abs_codes = clt.config.sparsifier == "abs_topk"
+    for layer, pre in enumerate(out.pre):
+        n_dead = int(dead[layer].sum())
+        if n_dead == 0:
+            continue
+        scores = (pre.abs() if abs_codes else pre).masked_fill(~dead[layer], float("-inf"))
+        indices = scores.topk(min(aux_k, n_dead), dim=-1).indices
+        values = pre.gather(-1, indices)
+        codes = SparseCodes(values if abs_codes else values.relu(), indices, n_features=pre.shape[-1])
+        residual = (ys[layer] - out.yhat[layer]).detach()
+        total = total + (clt.decode_diagonal(layer, codes).float() - residual.float()).pow(2).mean()
+    return total
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def layer_metrics(out: CLTOutput, ys: torch.Tensor) -> dict[str, list[float]]:
+    """Per-layer MSE, fraction of variance unexplained and mean L0 of one batch."""
+    yhat, y = out.yhat.float(), ys.float()
+    error = (yhat - y).pow(2).sum((1, 2))
+    variance = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+    return {
+        "mse": (error / y[0].numel()).tolist(),
+        "fvu": (error / variance).tolist(),
+        "l0": [float(c.l0().float().mean()) for c in out.codes],
+    }
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only complete log lines up to ``step`` (a resumed run re-logs what came after)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+@dataclass
+class TrainResult:
+    clt: CrossLayerTranscoder
+    steps: int
+    tokens: int
+    seconds: float
+    resumed_from: int
+
+
+def is_trained(out_dir: str | Path) -> bool:
+    """A run is complete once its summary, final config and weights exist."""
+    out_dir = Path(out_dir)
+    return all((out_dir / name).is_file() for name in (SUMMARY_FILE, "config.json", "model.safetensors"))
+
+
+def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: TrainConfig,
+              out_dir: str | Path, progress: bool = True, sparse: bool | None = None) -> TrainResult:
+    """Train a CLT on ``teacher``'s activations over ``dataset``; resumable and DDP-aware.
+
+    ``out_dir`` receives the final CLT (config.json + model.safetensors), ``training.json`` (summary),
+    ``train_log.jsonl`` and ``checkpoints/``. A complete run is loaded, not retrained; an interrupted
+    one resumes from its latest checkpoint with the same data order."""
+    out_dir = Path(out_dir)
+    rank, world_size = world()
+    device = teacher.device
+    if is_trained(out_dir):
+        summary = read_json(out_dir / SUMMARY_FILE)
+        return TrainResult(CrossLayerTranscoder.from_pretrained(out_dir, device=device), summary["steps"],
+                           summary["tokens"], summary["seconds"], summary["steps"])
+    if clt_config.teacher and clt_config.teacher != teacher.identity:
+        raise AssetError(f"CLT config names teacher {clt_config.teacher!r}, training uses {teacher.identity!r}")
+    clt_config = dataclasses.replace(clt_config, teacher=teacher.identity)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    stream = ActivationStream(teacher, dataset, cfg.batch_tokens, cfg.chunk_images, cfg.seed, rank, world_size,
+                              cfg.image_batch_size, cfg.num_workers, autocast_dtype=autocast,
+                              store_dtype=torch.bfloat16 if autocast else None)
+    total_steps = cfg.epochs * stream.batches_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    torch.manual_seed(cfg.seed)
+    clt = CrossLayerTranscoder(clt_config, device=device)
+    optimizer = torch.optim.AdamW(clt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tracker = DeadFeatureTracker(clt_config.n_layers, clt_config.n_features, cfg.dead_after_tokens, device)
+    checkpoints = out_dir / "checkpoints"
+    restored = load_checkpoint(checkpoints, clt, optimizer, device)
+    if restored is None:
+        step, tokens, elapsed, position = 0, 0, 0.0, Position()
+    else:
+        tensors, state = restored
+        tracker.since_fired.copy_(tensors["since_fired"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
+        position = Position(**state["position"])
+    resumed_from = step
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "train_config.json", {"clt": clt_config.to_dict(), "train": cfg.to_dict()})
+        _truncate_log(out_dir / LOG_FILE, step)
+    model = DistributedDataParallel(clt) if world_size > 1 else clt
+    log = open(out_dir / LOG_FILE, "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=step, desc=f"training CLT ({clt_config.sparsifier})",
+               disable=not progress or rank != 0)
+    started = time.time() - elapsed
+
+    def checkpoint(next_position: Position) -> None:
+        if rank == 0:
+            save_checkpoint(checkpoints, clt, optimizer, {"since_fired": tracker.since_fired},
+                            {"step": step, "tokens": tokens, "seconds": time.time() - started,
+                             "position": dataclasses.asdict(next_position)})
+        if world_size > 1:
+            dist.barrier()
+
+    try:
+        while step < total_steps and position.epoch < cfg.epochs:
+            for batch in stream.iterate(position):
+                xs, ys = batch.xs.to(device), batch.ys.to(device)
+                if step == 0:
+                    initialize_from_data(clt, xs, ys)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    out = model(xs, sparse)
+                    loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
+                    if cfg.aux_coef > 0 and bool(tracker.dead.any()):
+                        loss = loss + cfg.aux_coef * aux_k_loss(clt, out, ys, tracker.dead, cfg.aux_k)
+                    if clt_config.sparsifier == "jumprelu" and cfg.l0_coef > 0:
+                        l0 = torch.stack([clt.jumprelu_l0(layer, p) for layer, p in enumerate(out.pre)])
+                        loss = loss + cfg.l0_coef * ((l0 - clt_config.k) / clt_config.k).pow(2).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(clt.parameters(), cfg.grad_clip)
+                optimizer.step()
+                tracker.update(out.codes, xs.shape[1])
+                step += 1
+                tokens += xs.shape[1] * world_size
+                bar.update(1)
+                if log is not None and (step % cfg.log_every == 0 or step == total_steps):
+                    metrics = layer_metrics(out, ys)
+                    record = {"step": step, "epoch": batch.position.epoch, "tokens": tokens,
+                              "seconds": round(time.time() - started, 3), "lr": optimizer.param_groups[0]["lr"],
+                              "loss": float(loss.detach()), **metrics,
+                              "dead_fraction": tracker.dead.float().mean(1).tolist()}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", fvu=f"{sum(metrics['fvu']) / len(metrics['fvu']):.3f}")
+                position = _next_position(stream, batch.position)
+                if step >= total_steps:
+                    break
+                if step % cfg.checkpoint_every == 0 or position.epoch != batch.position.epoch:
+                    checkpoint(position)
+        seconds = time.time() - started
+        if rank == 0:
+            clt.save_pretrained(out_dir)
+            write_json(out_dir / SUMMARY_FILE, {"steps": step, "tokens": tokens, "seconds": seconds,
+                                                "dead_fraction": float(tracker.dead.float().mean()),
+                                                "world_size": world_size})
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the final weights supersede them
+        if world_size > 1:
+            dist.barrier()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return TrainResult(clt, step, tokens, seconds, resumed_from)
+
+
+def _next_position(stream: ActivationStream, position: Position) -> Position:
+    """The position after ``position``: next batch, next chunk or next epoch."""
+    if position.batch + 1 < stream.batches_in_chunk(position.chunk):
+        return Position(position.epoch, position.chunk, position.batch + 1)
+    if position.chunk + 1 < stream.chunks_per_epoch:
+        return Position(position.epoch, position.chunk + 1, 0)
+    return Position(position.epoch + 1, 0, 0)

@@ -1,0 +1,154 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.sparsifiers import SPARSIFIERS
+from clt_explorer.storage import AssetError
+
+
+def make_clt(sparsifier="relu_topk", L=5, d=12, expansion=4, k=6, seed=0):
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(L, d, expansion, sparsifier, k))
+    with torch.no_grad():
+        clt.b_dec.normal_()
+        clt.b_enc.normal_(0, 0.1)
+        if sparsifier == "jumprelu":
+            clt.log_threshold.fill_(-1.0)
+    return clt
+
+
+def reference_decode(clt, codes):
+    """yhat_l = b_dec[l] + sum_{s<=l} z_s @ W_dec[s->l], one pair at a time."""
+    L = clt.config.n_layers
+    return torch.stack([
+        clt.b_dec[l] + sum(codes[s] @ clt.W_dec[s][:, l - s, :] for s in range(l + 1)) for l in range(L)
+    ])
+
+
+@pytest.mark.parametrize("sparsifier", SPARSIFIERS)
+def test_dense_and_sparse_decode_agree_with_the_pairwise_formula(sparsifier):
+    clt = make_clt(sparsifier)
+    xs = torch.randn(5, 3, 7, 12)
+    codes = clt.encode(xs)
+    with torch.no_grad():
+        dense, sparse = clt.decode(codes, sparse=False), clt.decode(codes, sparse=True)
+        reference = reference_decode(clt, codes)
+    assert dense.shape == (5, 3, 7, 12)
+    assert ((dense - sparse).norm() / dense.norm()) < 1e-5
+    assert ((dense - reference).norm() / reference.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])
+def test_codes_have_at_most_k_nonzeros(sparsifier):
+    clt = make_clt(sparsifier)
+    codes = clt.encode(torch.randn(5, 40, 12))
+    assert codes.shape == (5, 40, 48)
+    assert ((codes != 0).sum(-1) <= 6).all()
+    if sparsifier == "relu_topk":
+        assert (codes >= 0).all()
+
+
+def test_changing_a_source_changes_no_earlier_target():
+    clt = make_clt("abs_topk")
+    codes = clt.encode(torch.randn(5, 9, 12))
+    base = clt.decode(codes).detach()
+    for s in range(5):
+        changed = codes.clone()
+        changed[s] += torch.randn_like(changed[s])
+        out = clt.decode(changed).detach()
+        assert torch.equal(out[:s], base[:s])
+        assert not torch.allclose(out[s], base[s])
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_contributions_rows_sum_to_one_and_match_direct_norms(sparse):
+    clt = make_clt("relu_topk")
+    codes = clt.encode(torch.randn(5, 11, 12)).detach()
+    with torch.no_grad():
+        C = clt.contributions(codes, sparse=sparse)
+    assert torch.allclose(C.sum(1), torch.ones(5), atol=1e-6)
+    assert torch.equal(C.triu(1), torch.zeros(5, 5))
+    direct = torch.zeros(5, 5)
+    for l in range(5):
+        for s in range(l + 1):
+            direct[l, s] = (codes[s] @ clt.W_dec[s][:, l - s, :]).detach().norm(dim=-1).mean()
+        direct[l] /= direct[l].sum()
+    assert torch.allclose(C, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsifier", SPARSIFIERS)
+def test_save_load_round_trip_is_bit_exact(tmp_path, sparsifier):
+    clt = make_clt(sparsifier)
+    clt.save_pretrained(tmp_path)
+    loaded = CrossLayerTranscoder.from_pretrained(tmp_path)
+    assert loaded.config == clt.config
+    assert clt.state_dict().keys() == loaded.state_dict().keys()
+    for name, tensor in clt.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]) and tensor.dtype == loaded.state_dict()[name].dtype
+    xs = torch.randn(5, 4, 12)
+    assert torch.equal(clt.decode(clt.encode(xs)), loaded.decode(loaded.encode(xs)))
+
+
+def test_from_pretrained_through_the_hub_cache_offline(tmp_path, monkeypatch):
+    """A Hub repo id resolves through huggingface_hub's cache (HF_HUB_OFFLINE, no network)."""
+    from huggingface_hub import constants
+
+    clt = make_clt("abs_topk")
+    source = tmp_path / "source"
+    clt.save_pretrained(source)
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--someone--tiny-clt" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((source / name).read_bytes())
+    (cache / "models--someone--tiny-clt" / "refs").mkdir()
+    (cache / "models--someone--tiny-clt" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = CrossLayerTranscoder.from_pretrained("someone/tiny-clt", cache_dir=str(cache))
+    for name, tensor in clt.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name])
+    with pytest.raises(AssetError, match="could not fetch 'someone/other-clt'"):
+        CrossLayerTranscoder.from_pretrained("someone/other-clt", cache_dir=str(cache))
+
+
+def test_not_a_folder_nor_a_repo_id_is_rejected(tmp_path):
+    with pytest.raises(AssetError, match="neither a CLT folder nor a Hub repo id"):
+        CrossLayerTranscoder.from_pretrained(str(tmp_path / "missing" / "deep" / "path"))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown sparsifier"):
+        CLTConfig(2, 4, sparsifier="topk")
+    with pytest.raises(ValueError, match="exceeds"):
+        CLTConfig(2, 4, expansion=2, k=9)
+
+
+def test_vit_b_scale_parameter_count():
+    assert CLTConfig(12, 768, 16).n_parameters == 12 * 768 * 12288 + 12 * 12288 + 78 * 12288 * 768 + 12 * 768
+    assert abs(CLTConfig(12, 768, 16).n_parameters / 1e6 - 849) < 1
+
+
+@pytest.mark.slow
+def test_creating_a_vit_b_scale_clt_needs_no_more_than_its_own_size():
+    """Peak resident memory of a fresh process that builds the 849M-parameter CLT (3.4 GB in fp32)."""
+    code = (
+        "import resource, torch, json\n"
+        "from clt_explorer import CLTConfig, CrossLayerTranscoder\n"
+        "torch.set_num_threads(2)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "clt = CrossLayerTranscoder(CLTConfig(12, 768, 16))\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "size = sum(p.numel() * p.element_size() for p in clt.parameters())\n"
+        "print(json.dumps({'grown': (after - before) * 1024, 'size': size}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["size"] == CLTConfig(12, 768, 16).n_parameters * 4
+    assert figures["grown"] <= 1.05 * figures["size"], figures

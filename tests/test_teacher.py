@@ -1,0 +1,143 @@
+import open_clip
+import pytest
+import torch
+
+from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.storage import save_tensors
+from clt_explorer.teacher import Teacher, TeacherMLPs, token_index
+
+
+def random_pixels(teacher, n=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, teacher.image_size[0], teacher.image_size[1], generator=generator)
+
+
+@pytest.fixture(scope="module")
+def clt(random_teacher):
+    torch.manual_seed(1)
+    clt = CrossLayerTranscoder(CLTConfig(random_teacher.n_layers, random_teacher.d_model, 4, "relu_topk", 16))
+    with torch.no_grad():
+        clt.b_dec.normal_(0, 0.1)
+    return clt
+
+
+class Recorder:
+    """Wraps a surrogate and records what it saw and returned."""
+
+    def __init__(self, inner):
+        self.inner, self.inputs, self.outputs = inner, [], []
+
+    def begin(self):
+        self.inner.begin()
+        self.inputs, self.outputs = [], []
+
+    def __call__(self, layer, x, index):
+        out = self.inner(layer, x, index)
+        self.inputs.append(x[:, index].clone())
+        self.outputs.append(out.clone())
+        return out
+
+
+@pytest.mark.parametrize("arch,tokens", [("ViT-B-32-quickgelu", 50), ("ViT-B-16-quickgelu", 197)])
+def test_capture_on_real_vit_b_configs(arch, tokens):
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch)
+    teacher = Teacher(model, preprocess, open_clip.get_tokenizer(arch), arch)
+    assert (teacher.n_layers, teacher.d_model, teacher.n_tokens) == (12, 768, tokens)
+    pixels = random_pixels(teacher, n=2)
+    capture = teacher.capture(pixels)
+    assert capture.xs.shape == capture.ys.shape == (12, 2, tokens, 768)
+    assert torch.equal(capture.embeddings, teacher.encode_images(pixels))
+    block = teacher.blocks[5]
+    assert torch.allclose(capture.ys[5], block.mlp(capture.xs[5]), atol=1e-6)
+
+
+def test_capture_records_ln2_output_and_mlp_output(random_teacher):
+    pixels = random_pixels(random_teacher)
+    capture = random_teacher.capture(pixels)
+    assert capture.xs.shape == (4, 3, 17, 128)
+    for layer, block in enumerate(random_teacher.blocks):
+        assert torch.equal(block.mlp(capture.xs[layer]), capture.ys[layer])
+    # x_0 is ln_2 of (ln_pre(tokens) + attention): recompute it by hand from the first block.
+    visual = random_teacher.model.visual
+    with torch.no_grad():
+        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.expand(x.shape[0], 1, -1)
+        x = visual.ln_pre(torch.cat([cls, x], 1) + visual.positional_embedding)
+        block = random_teacher.blocks[0]
+        x = x + block.ls_1(block.attention(block.ln_1(x)))
+        assert torch.allclose(block.ln_2(x), capture.xs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", ["cls", "patches", "all"])
+@pytest.mark.parametrize("start", [0, 2, 3])
+def test_replacing_every_mlp_by_itself_reproduces_the_embedding_exactly(random_teacher, tokens, start):
+    pixels = random_pixels(random_teacher)
+    baseline = random_teacher.encode_images(pixels)
+    with random_teacher.replace_mlps(TeacherMLPs(random_teacher), start, tokens):
+        replaced = random_teacher.encode_images(pixels)
+    assert torch.equal(baseline, replaced)
+
+
+def test_replacing_last_block_patches_leaves_the_embedding_unchanged(random_teacher, clt):
+    pixels = random_pixels(random_teacher)
+    baseline = random_teacher.encode_images(pixels)
+    with random_teacher.replace_mlps(clt.surrogate(), random_teacher.n_layers - 1, "patches"):
+        patches_replaced = random_teacher.encode_images(pixels)
+    with random_teacher.replace_mlps(clt.surrogate(), random_teacher.n_layers - 1, "cls"):
+        cls_replaced = random_teacher.encode_images(pixels)
+    assert torch.equal(baseline, patches_replaced)
+    assert not torch.allclose(baseline, cls_replaced)
+
+
+@pytest.mark.parametrize("tokens", ["cls", "patches", "all"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_cascade_uses_codes_of_the_modified_pass(random_teacher, clt, tokens, start):
+    """Outputs of the incremental CLT surrogate equal a full decode of the x_i recorded in the modified
+    pass; below the start the pass is the teacher's; the replaced tokens' MLP outputs are the CLT's."""
+    pixels = random_pixels(random_teacher)
+    teacher_capture = random_teacher.capture(pixels)
+    recorder = Recorder(clt.surrogate(sparse=True))
+    with random_teacher.replace_mlps(recorder, start, tokens):
+        random_teacher.encode_images(pixels)
+    index = token_index(tokens)
+    xs = torch.stack(recorder.inputs)
+    with torch.no_grad():
+        full = clt.decode(clt.encode(xs), sparse=False)
+    assert torch.allclose(torch.stack(recorder.outputs), full, atol=1e-5)
+    for layer in range(start + 1):  # the input of block `start` is still the teacher's
+        assert torch.allclose(xs[layer], teacher_capture.xs[layer][:, index], atol=1e-6)
+    if start + 1 < random_teacher.n_layers:
+        assert not torch.allclose(xs[start + 1], teacher_capture.xs[start + 1][:, index], atol=1e-4)
+
+
+def test_replacement_rejects_bad_arguments(random_teacher, clt):
+    with pytest.raises(ValueError, match="start layer"):
+        with random_teacher.replace_mlps(clt.surrogate(), 4, "all"):
+            pass
+    with pytest.raises(ValueError, match="token set"):
+        token_index("register")
+
+
+def test_hooks_are_inactive_outside_a_context(random_teacher, clt):
+    pixels = random_pixels(random_teacher)
+    before = random_teacher.encode_images(pixels)
+    with random_teacher.replace_mlps(clt.surrogate(), 0, "all"):
+        random_teacher.encode_images(pixels)
+    assert torch.equal(before, random_teacher.encode_images(pixels))
+
+
+def test_load_architecture_with_local_safetensors_weights(tmp_path):
+    torch.manual_seed(3)
+    model = open_clip.create_model("ViT-B-32-quickgelu")
+    save_tensors(tmp_path / "weights.safetensors", model.state_dict())
+    teacher = Teacher.load("ViT-B-32-quickgelu", str(tmp_path / "weights.safetensors"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, teacher.model.state_dict()[name])
+    assert teacher.identity.startswith("ViT-B-32-quickgelu@local:")
+
+
+def test_load_refuses_pickled_weights(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        Teacher.load("ViT-B-32-quickgelu", str(tmp_path / "weights.pt"))

@@ -1,0 +1,128 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.clt import CLTOutput
+from clt_explorer.data.synthetic import SyntheticShapes
+from clt_explorer.sparsifiers import SparseCodes
+from clt_explorer.train import (DeadFeatureTracker, TrainConfig, aux_k_loss, initialize_from_data, is_trained,
+                                train_clt)
+from conftest import make_local_teacher
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def run_worker(teacher_dir, out_dir, sparsifier="relu_topk", checkpoint_every=1000, kill_at=None, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env.pop("KILL_AT", None)
+    if kill_at:
+        env["KILL_AT"] = kill_at
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    return subprocess.run([*launcher, str(WORKER), str(teacher_dir), str(out_dir), sparsifier, str(checkpoint_every)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worker_teacher")
+    make_local_teacher(folder, seed=4)
+    return folder
+
+
+def test_training_reduces_error_and_logs_per_layer_metrics(random_teacher, tmp_path):
+    data = SyntheticShapes("train", n_images=64, seed=1)
+    config = CLTConfig(random_teacher.n_layers, random_teacher.d_model, expansion=2, k=8)
+    result = train_clt(random_teacher, data, config, TrainConfig(epochs=3, lr=2e-3, batch_tokens=256, chunk_images=32,
+                                                                 warmup_steps=2, log_every=1), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, result.steps + 1))
+    # per epoch: 2 chunks of 32 images x 17 tokens = 544 tokens -> 3 batches (256, 256, 32) each
+    assert result.steps == 3 * 2 * 3
+    assert result.tokens == 3 * 64 * 17
+    for key in ("loss", "mse", "fvu", "l0", "dead_fraction"):
+        assert key in records[0]
+    assert len(records[0]["fvu"]) == random_teacher.n_layers
+    first, last = records[0], records[-1]
+    assert sum(last["fvu"]) < 0.8 * sum(first["fvu"])
+    assert all(l0 == 8 for l0 in last["l0"])
+    assert result.clt.config.teacher == random_teacher.identity
+    assert is_trained(tmp_path) and not (tmp_path / "checkpoints").exists()
+    again = train_clt(random_teacher, data, config, TrainConfig(epochs=3), tmp_path, progress=False)
+    assert again.steps == result.steps and again.resumed_from == result.steps  # loaded, not retrained
+    for name, tensor in result.clt.state_dict().items():
+        assert torch.equal(tensor, again.clt.state_dict()[name])
+
+
+def test_initialization_from_data_sets_scales_bias_and_thresholds():
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(3, 16, 8, "jumprelu", 10))
+    xs, ys = 3.0 * torch.randn(3, 4000, 16), torch.randn(3, 4000, 16) + 2.0
+    initialize_from_data(clt, xs, ys)
+    scaled = xs * clt.input_scale[:, None, None]
+    assert torch.allclose(scaled.pow(2).sum(-1).mean(-1), torch.full((3,), 16.0), rtol=1e-4)
+    assert torch.allclose(clt.b_dec, ys.mean(1))
+    l0 = torch.stack([c.l0().float().mean() for c in clt.encode_sparse(xs)])
+    assert ((l0 - 10).abs() < 1.5).all(), l0
+
+
+def test_dead_features_are_tracked_and_aux_k_trains_only_them():
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(2, 8, 4, "relu_topk", 4))
+    tracker = DeadFeatureTracker(2, 32, dead_after_tokens=100, device=torch.device("cpu"))
+    codes = [SparseCodes(torch.ones(50, 1), torch.zeros(50, 1, dtype=torch.long), n_features=32) for _ in range(2)]
+    tracker.update(codes, 50)
+    tracker.update(codes, 50)
+    assert tracker.dead[:, 0].sum() == 0 and tracker.dead[:, 1:].all()  # only feature 0 fired
+    xs, ys = torch.randn(2, 50, 8), torch.randn(2, 50, 8)
+    out = clt(xs)
+    dead = torch.zeros(2, 32, dtype=torch.bool)
+    dead[:, 10:20] = True
+    loss = aux_k_loss(clt, out, ys, dead, aux_k=3)
+    # reference: top-3 dead pre-activations (relu) of each layer decode the detached residual, no bias
+    expected = 0.0
+    for layer in range(2):
+        pre = out.pre[layer].detach()
+        masked = pre.masked_fill(~dead[layer], float("-inf"))
+        idx = masked.topk(3, -1).indices
+        z = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx).relu())
+        residual = ys[layer] - out.yhat[layer].detach()
+        expected += (z @ clt.W_dec[layer][:, 0, :].detach() - residual).pow(2).mean()
+    assert torch.isclose(loss, expected, rtol=1e-5)
+    loss.backward()
+    touched = clt.W_enc.grad.abs().sum(1) != 0  # [L, F]
+    assert touched[:, 10:20].any() and not touched[:, :10].any() and not touched[:, 20:].any()
+    assert clt.b_dec.grad is None or clt.b_dec.grad.abs().sum() == 0  # the residual is detached
+
+
+def test_ddp_two_processes_end_with_identical_weights(teacher_dir, tmp_path):
+    done = run_worker(teacher_dir, tmp_path, "jumprelu", torchrun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    assert json.loads((tmp_path / "training.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["step:7", "checkpoint:2"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path, kill_at):
+    reference = run_worker(teacher_dir, tmp_path / "reference", "abs_topk", checkpoint_every=3)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = run_worker(teacher_dir, tmp_path / "run", "abs_topk", checkpoint_every=3, kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    assert not is_trained(tmp_path / "run")
+    resumed = run_worker(teacher_dir, tmp_path / "run", "abs_topk", checkpoint_every=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = load_file(tmp_path / "reference" / "rank0.safetensors"), load_file(tmp_path / "run" / "rank0.safetensors")
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, steps[-1] + 1)), "the log has every step exactly once"
