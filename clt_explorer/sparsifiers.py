@@ -52,6 +52,12 @@ class SparseCodes:
             self._dense = out.scatter(-1, self._indices, self._values)
         return self._dense
 
+    def take_tokens(self, index: slice) -> "SparseCodes":
+        """The codes of some tokens: ``index`` applies to the axis before the feature axis."""
+        if self._dense is not None:
+            return SparseCodes.from_dense(self._dense[..., index, :])
+        return SparseCodes(self._values[..., index, :], self._indices[..., index, :], n_features=self.n_features)
+
     def l0(self) -> torch.Tensor:
         """Number of active codes per token."""
         if self._dense is not None:

@@ -6,20 +6,14 @@ Class embedding = L2-normalise(mean over templates of L2-normalised text embeddi
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .data import image_batches
+from .data.resources import as_format_strings
 from .teacher import Teacher
-
-
-def template_string(template: str | Callable[[str], str]) -> str:
-    """A prompt template as a ``str.format`` string (open_clip ships some as lambdas)."""
-    text = template if isinstance(template, str) else template("{}")
-    if text.count("{}") != 1:
-        raise ValueError(f"a template needs exactly one '{{}}' placeholder: {text!r}")
-    return text
 
 
 class ZeroShotClassifier:
@@ -30,7 +24,7 @@ class ZeroShotClassifier:
         if not classnames or not templates:
             raise ValueError("zero-shot classification needs class names and at least one template")
         self.classnames = list(classnames)
-        self.templates = [template_string(t) for t in templates]
+        self.templates = as_format_strings(templates)
         per_template = []
         with torch.no_grad():
             for template in self.templates:
@@ -56,3 +50,13 @@ class ZeroShotClassifier:
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of rows whose arg-max is the label."""
     return float((logits.argmax(-1) == labels.to(logits.device)).float().mean())
+
+
+@torch.no_grad()
+def zero_shot_accuracy(teacher: Teacher, dataset, batch_size: int = 256) -> float:
+    """Top-1 zero-shot accuracy of the unmodified teacher on a dataset, with its class names and templates."""
+    classifier = ZeroShotClassifier(teacher, dataset.classnames, dataset.templates)
+    correct = 0
+    for pixels, labels, _ in image_batches(dataset, teacher.preprocess, batch_size):
+        correct += int((classifier.logits(teacher.encode_images(pixels)).argmax(-1) == labels.to(teacher.device)).sum())
+    return correct / len(dataset)

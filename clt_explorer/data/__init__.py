@@ -3,11 +3,56 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
+
+from .cifar100 import CIFAR100
+from .coco import coco
+from .errors import DatasetMissing
+from .folder import image_folder
+from .imagenet100 import imagenet100
+from .synthetic import SyntheticShapes
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """How to open one kind of dataset: a factory(split, **options) and its default split names."""
+
+    open: Callable[..., Dataset]
+    train_split: str
+    test_split: str
+
+
+def _synthetic(split: str, n_train: int = 20000, n_test: int = 2000, image_size: int = 64, seed: int = 0):
+    return SyntheticShapes(split, n_train if split == "train" else n_test, image_size, seed)
+
+
+def _coco(split: str, root: str):
+    return coco(Path(root) / split, Path(root) / "annotations" / f"instances_{split}.json")
+
+
+DATASETS: dict[str, DatasetKind] = {
+    "synthetic": DatasetKind(_synthetic, "train", "test"),
+    "cifar100": DatasetKind(lambda split, root, download=True: CIFAR100(root, split, download), "train", "test"),
+    "imagenet100": DatasetKind(lambda split, root: imagenet100(root, split), "train", "val"),
+    "coco": DatasetKind(_coco, "train2017", "val2017"),
+    "folder": DatasetKind(lambda split, root, templates=None: image_folder(root, split, templates), "train", "test"),
+}
+
+
+def load_dataset(name: str, split: str, **options) -> Dataset:
+    """Open split ``split`` of dataset kind ``name`` (see :data:`DATASETS`) with its options."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    try:
+        return DATASETS[name].open(split, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options} for dataset {name!r}: {error}") from error
 
 
 class _Preprocessed(Dataset):
@@ -43,4 +88,4 @@ def preprocess_all(dataset: Dataset, transform: Callable, desc: str = "preproces
     return torch.cat(pixels), torch.cat(labels)
 
 
-__all__ = ["Subset", "image_batches", "preprocess_all"]
+__all__ = ["DATASETS", "DatasetMissing", "Subset", "image_batches", "load_dataset", "preprocess_all"]

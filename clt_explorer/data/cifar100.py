@@ -1,0 +1,41 @@
+"""CIFAR-100 through torchvision: downloaded into ``root`` when online, else read from there.
+
+torchvision checks every file's MD5 against the published archive before it reads the (pickled)
+batches, so nothing but the official files is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .errors import DatasetMissing
+from .resources import cifar100_classnames, cifar_templates
+
+
+class CIFAR100(Dataset):
+    """CIFAR-100 fine labels; ``split`` is ``train`` (50k) or ``test`` (10k)."""
+
+    def __init__(self, root: str | Path, split: str = "test", download: bool = True):
+        from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+
+        if split not in ("train", "test"):
+            raise ValueError(f"CIFAR-100 splits are 'train' and 'test', got {split!r}")
+        try:
+            self.data = TorchvisionCIFAR100(str(root), train=split == "train", download=download)
+        except Exception as error:  # offline download failures and missing files both end here
+            raise DatasetMissing(
+                f"CIFAR-100 ({split}) is not under {Path(root) / 'cifar-100-python'} and could not be downloaded "
+                f"({error}). Download it once with network access (download=True) or copy the extracted "
+                f"'cifar-100-python' folder there."
+            ) from error
+        self.classnames = cifar100_classnames()
+        self.templates = cifar_templates()
+        self.labels = list(self.data.targets)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index]

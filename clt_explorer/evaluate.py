@@ -1,0 +1,105 @@
+"""One pass over held-out images gives every measurement of the paper for one CLT:
+
+- reconstruction per layer (cosine, MSE, R^2) for CLS, patch and all tokens (figures 6-10);
+- cascaded replacement s -> L-1 for every start s and token set: zero-shot accuracy beside the
+  unmodified teacher's (tables 6-23), with the faithfulness metrics of table 5 for every range;
+- dataset-level contribution scores C_{s->l} for CLS and for patch tokens (figures 11-16).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .clt import CrossLayerTranscoder, normalize_contributions
+from .data import image_batches
+from .metrics import FaithfulnessAccumulator, ReconstructionAccumulator
+from .teacher import TOKEN_SETS, MLPSurrogate, Teacher, token_index
+from .zeroshot import ZeroShotClassifier
+
+
+class ReplacementEvaluator:
+    """Accumulates zero-shot faithfulness of a surrogate under cascades s -> L-1 for each token set."""
+
+    def __init__(self, teacher: Teacher, classifier: ZeroShotClassifier, make_surrogate: Callable[[], MLPSurrogate],
+                 token_sets: Sequence[str] = TOKEN_SETS, starts: Sequence[int] | None = None):
+        self.teacher, self.classifier, self.make_surrogate = teacher, classifier, make_surrogate
+        self.token_sets = list(token_sets)
+        self.starts = list(range(teacher.n_layers)) if starts is None else list(starts)
+        n_templates = len(classifier.templates)
+        self.accumulators = {(tokens, start): FaithfulnessAccumulator(n_templates)
+                             for tokens in self.token_sets for start in self.starts}
+
+    @torch.no_grad()
+    def update(self, pixels: torch.Tensor, labels: torch.Tensor, teacher_embeddings: torch.Tensor) -> None:
+        c = self.classifier
+        teacher_logits, teacher_templates = c.logits(teacher_embeddings), c.template_logits(teacher_embeddings)
+        for (tokens, start), accumulator in self.accumulators.items():
+            with self.teacher.replace_mlps(self.make_surrogate(), start, tokens):
+                embeddings = self.teacher.encode_images(pixels)
+            accumulator.update(labels, teacher_embeddings, embeddings, teacher_logits, c.logits(embeddings),
+                               teacher_templates, c.template_logits(embeddings))
+
+    def result(self) -> dict:
+        """{"baseline": teacher accuracy (%), tokens: [per start: metrics]}."""
+        out: dict = {"starts": self.starts}
+        for tokens in self.token_sets:
+            out[tokens] = [{"start": start, **self.accumulators[tokens, start].result()} for start in self.starts]
+        out["baseline"] = out[self.token_sets[0]][0]["teacher_accuracy"]
+        return out
+
+
+class CodeEvaluator:
+    """Accumulates reconstruction quality and contribution norms of a CLT per token set."""
+
+    def __init__(self, clt: CrossLayerTranscoder, token_sets: Sequence[str] = TOKEN_SETS):
+        c = clt.config
+        self.clt = clt
+        self.reconstruction = {tokens: ReconstructionAccumulator(c.n_layers, c.d_model) for tokens in token_sets}
+        self.contribution_norms = {tokens: torch.zeros(c.n_layers, c.n_layers, dtype=torch.float64)
+                                   for tokens in ("cls", "patches")}
+        self.l0 = torch.zeros(c.n_layers, dtype=torch.float64)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
+        """xs, ys: [L, B, T, d] from the unmodified teacher (teacher forcing)."""
+        codes = self.clt.encode_sparse(xs)
+        yhat = self.clt.decode(codes)
+        for tokens, accumulator in self.reconstruction.items():
+            index = token_index(tokens)
+            accumulator.update(ys[:, :, index].flatten(1, 2), yhat[:, :, index].flatten(1, 2))
+        for tokens in self.contribution_norms:
+            index = token_index(tokens)
+            selected = [c.take_tokens(index) for c in codes]
+            self.contribution_norms[tokens] += self.clt.contribution_norms(selected).cpu()
+        self.l0 += torch.stack([c.l0().double().sum().cpu() for c in codes])
+        self.n_tokens += xs.shape[1] * xs.shape[2]
+
+    def result(self) -> dict:
+        return {
+            "reconstruction": {tokens: acc.result() for tokens, acc in self.reconstruction.items()},
+            "contributions": {tokens: normalize_contributions(norms).tolist()
+                              for tokens, norms in self.contribution_norms.items()},
+            "l0": (self.l0 / self.n_tokens).tolist(),
+        }
+
+
+def evaluate_clt(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, classifier: ZeroShotClassifier,
+                 batch_size: int = 64, max_images: int | None = None, token_sets: Sequence[str] = TOKEN_SETS,
+                 starts: Sequence[int] | None = None, num_workers: int = 0, progress: bool = True) -> dict:
+    """Every measurement of one CLT on (the first ``max_images`` of) a held-out dataset, in one pass."""
+    n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
+    codes = CodeEvaluator(clt, token_sets)
+    replacement = ReplacementEvaluator(teacher, classifier, clt.surrogate, token_sets, starts)
+    batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images), num_workers)
+    for pixels, labels, _ in tqdm(batches, desc=f"evaluating {clt.config.sparsifier}", disable=not progress):
+        pixels = pixels.to(teacher.device)
+        capture = teacher.capture(pixels)
+        codes.update(capture.xs, capture.ys)
+        replacement.update(pixels, labels, capture.embeddings)
+    return {"n_images": n_images, "sparsifier": clt.config.sparsifier, "k": clt.config.k,
+            "expansion": clt.config.expansion, **codes.result(), "cascade": replacement.result()}

@@ -1,0 +1,340 @@
+"""Build complete bundles end to end: teacher, CLTs, evaluation, retrieval indexes, thumbnails.
+
+Every step writes its outputs atomically and is skipped when they exist and load; CLT training
+resumes from its latest checkpoint. Under torchrun every rank trains (the data is sharded) and
+rank 0 alone does everything else and writes the bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, validate_name
+from .clt import CLTConfig
+from .data import DATASETS, Subset, load_dataset
+from .data.coco import LABEL_RULE
+from .evaluation_runs import RESULTS, evaluate_bundle
+from .retrieval import MANIFEST as RETRIEVAL_MANIFEST
+from .retrieval import RetrievalIndex, build_retrieval
+from .storage import read_json
+from .teacher import LOCAL_DIR, Teacher
+from .thumbnails import META as THUMBNAIL_META
+from .thumbnails import ThumbnailStore, build_thumbnails
+from .tiny_clip import train_tiny_clip
+from .train import TrainConfig, default_device, train_clt, world
+from .zeroshot import zero_shot_accuracy
+
+TINY_TEACHER = "tiny-clip"
+BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-16-quickgelu", "openai")}
+N_EXAMPLES = 8
+
+
+@dataclass
+class BundleJob:
+    """Everything needed to build one bundle."""
+
+    dataset: str
+    backbone: str
+    sparsifiers: tuple[str, ...] = ("jumprelu", "relu_topk", "abs_topk")
+    dataset_options: dict = field(default_factory=dict)
+    expansion: int = 16
+    k: int = 128
+    train: TrainConfig = TrainConfig()
+    train_images: int | None = None
+    eval_images: int | None = None
+    retrieval_images: int | None = None
+    retrieval_mode: str = "compact"
+    thumbnail_size: int = 96
+    batch_size: int = 64
+    tiny_clip_steps: int = 450
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return validate_name(f"{self.dataset}-{self.backbone.replace('/', '-').replace(':', '-')}".lower(),
+                             "bundle name")
+
+    def teacher_spec(self) -> tuple[str, str | None]:
+        """(open_clip model name, pretrained tag) of the backbone; ``ARCH:TAG`` names any open_clip model."""
+        if self.backbone == TINY_TEACHER:
+            return LOCAL_DIR + "teacher", None
+        if self.backbone in BACKBONES:
+            return BACKBONES[self.backbone]
+        model, _, pretrained = self.backbone.partition(":")
+        return model, pretrained or None
+
+
+@dataclass
+class StepReport:
+    bundle: str
+    step: str
+    status: str  # built | skipped | failed
+    seconds: float = 0.0
+    detail: str = ""
+
+
+class Builder:
+    """Runs the steps of one bundle and records what happened to each."""
+
+    def __init__(self, job: BundleJob, out_root: Path, device: torch.device, progress: bool):
+        self.job, self.device, self.progress = job, device, progress
+        self.root = out_root / job.name
+        self.reports: list[StepReport] = []
+        self.rank, self.world_size = world()
+
+    def step(self, name: str, done: Callable[[], bool], run: Callable[[], str | None]) -> bool:
+        """Run ``run`` unless ``done()``; returns whether the step's outputs exist afterwards."""
+        start = time.time()
+        try:
+            if done():
+                self.reports.append(StepReport(self.job.name, name, "skipped", 0.0, "already complete"))
+                return True
+            detail = run() or ""
+            self.reports.append(StepReport(self.job.name, name, "built", time.time() - start, detail))
+            return True
+        except Exception as error:  # one failed step must not lose the others; the summary says why
+            reason = f"{type(error).__name__}: {error}"
+            self.reports.append(StepReport(self.job.name, name, "failed", time.time() - start, reason))
+            if self.progress:
+                traceback.print_exc()
+            return False
+
+    def build(self) -> list[StepReport]:
+        job = self.job
+        if job.backbone == TINY_TEACHER:
+            ok = self.step("teacher", self._teacher_done, self._train_tiny_teacher)
+            if not ok:
+                return self.reports
+        teacher = self._load_teacher()
+        train_data = self._dataset("train")
+        subset = train_data if job.train_images is None else Subset(train_data, self._subset(train_data, job.train_images))
+        trained = {}
+        for sparsifier in job.sparsifiers:
+            trained[sparsifier] = self.step(f"train {sparsifier}", lambda: False,
+                                            lambda s=sparsifier: self._train(teacher, subset, s))
+        if self.rank != 0:
+            return self.reports
+        bundle = self._bundle()
+        test_data = self._dataset("test")
+        self.step("examples", lambda: (self.root / "examples").is_dir(), lambda: self._examples(test_data))
+        retrieval_indices = self._retrieval_indices(train_data)
+        self.step("thumbnails", self._thumbnails_done(len(retrieval_indices)),
+                  lambda: self._thumbnails(train_data, retrieval_indices))
+        for sparsifier, ok in trained.items():
+            if not ok:
+                continue
+            bundle.add_clt(sparsifier)
+            bundle.save()
+            clt = bundle.load_clt(sparsifier, teacher, self.device)
+            folder = bundle.clt_dir(sparsifier)
+            self.step(f"evaluate {sparsifier}", lambda: (folder / RESULTS).is_file(),
+                      lambda: self._evaluate(bundle, teacher, sparsifier))
+            self.step(f"retrieval {sparsifier}", self._retrieval_done(folder, clt, len(retrieval_indices)),
+                      lambda: self._retrieval(teacher, clt, train_data, retrieval_indices, folder))
+        self._summarise(bundle)
+        return self.reports
+
+    # ---- steps ---------------------------------------------------------------------------------------
+
+    def _teacher_done(self) -> bool:
+        folder = self.root / "teacher"
+        return (folder / "open_clip_config.json").is_file() and (folder / "open_clip_model.safetensors").is_file()
+
+    def _train_tiny_teacher(self) -> str | None:
+        detail = None
+        if self.rank == 0:
+            start = time.time()
+            teacher = train_tiny_clip(self.root / "teacher", steps=self.job.tiny_clip_steps, seed=self.job.seed,
+                                      progress=self.progress)
+            seconds = time.time() - start
+            accuracy = zero_shot_accuracy(teacher, self._dataset("test"), batch_size=4 * self.job.batch_size)
+            detail = f"trained in {seconds:.0f} s; zero-shot top-1 on the test split {100 * accuracy:.1f}%"
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return detail
+
+    def _load_teacher(self) -> Teacher:
+        model, pretrained = self.job.teacher_spec()
+        if model.startswith(LOCAL_DIR):
+            model = LOCAL_DIR + str(self.root / model[len(LOCAL_DIR):])
+        return Teacher.load(model, pretrained, device=self.device)
+
+    def _manifest(self) -> dict:
+        job = self.job
+        model, pretrained = job.teacher_spec()
+        dataset = self._dataset("test")
+        entry = {"name": job.dataset, "options": job.dataset_options, "classnames": list(dataset.classnames),
+                 "templates": list(dataset.templates), "train_split": DATASETS[job.dataset].train_split,
+                 "test_split": DATASETS[job.dataset].test_split}
+        if job.dataset == "coco":
+            entry["label_rule"] = LABEL_RULE
+        teacher = {"model": model, **({"pretrained": pretrained} if pretrained else {})}
+        return {"format": "clt-explorer-bundle", "version": 1, "name": job.name, "teacher": teacher,
+                "dataset": entry, "clts": {}, "settings": _settings(job)}
+
+    def _bundle(self) -> Bundle:
+        """The bundle manifest: read back when present (it keeps its CLTs), else written anew."""
+        if (self.root / "bundle.json").is_file():
+            bundle = Bundle.load(self.root)
+            bundle.manifest["settings"] = _settings(self.job)
+        else:
+            bundle = Bundle(self.root, self._manifest())
+        bundle.save()
+        return bundle
+
+    def _dataset(self, which: str):
+        kind = DATASETS[self.job.dataset]
+        split = kind.train_split if which == "train" else kind.test_split
+        return load_dataset(self.job.dataset, split, **self.job.dataset_options)
+
+    def _train(self, teacher: Teacher, data, sparsifier: str) -> str:
+        job = self.job
+        config = CLTConfig(teacher.n_layers, teacher.d_model, job.expansion, sparsifier, job.k)
+        result = train_clt(teacher, data, config, job.train, self.root / "clts" / sparsifier, self.progress)
+        resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+        return f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s{resumed}"
+
+    def _examples(self, test_data) -> str:
+        folder = self.root / "examples"
+        tmp = self.root / "examples.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        step = max(1, len(test_data) // N_EXAMPLES)
+        for n, index in enumerate(range(0, step * N_EXAMPLES, step)):
+            image, label = test_data[index]
+            name = f"{n:02d}_{test_data.classnames[label].replace(' ', '_').replace('/', '_')}.png"
+            image.convert("RGB").save(tmp / name)
+        tmp.rename(folder)
+        self._update_manifest(lambda m: m.__setitem__("examples", "examples"))
+        return f"{N_EXAMPLES} test images"
+
+    def _subset(self, data, n: int | None) -> list[int]:
+        """A fixed random subset of ``n`` indices (all of them when n is None), in increasing order."""
+        n = len(data) if n is None else min(n, len(data))
+        return sorted(np.random.default_rng(self.job.seed).permutation(len(data))[:n].tolist())
+
+    def _retrieval_indices(self, train_data) -> list[int]:
+        return self._subset(train_data, self.job.retrieval_images)
+
+    def _thumbnails_done(self, count: int) -> Callable[[], bool]:
+        def done() -> bool:
+            folder = self.root / "thumbnails"
+            return (folder / THUMBNAIL_META).is_file() and read_json(folder / THUMBNAIL_META)["count"] == count
+        return done
+
+    def _thumbnails(self, train_data, indices: list[int]) -> str:
+        store = build_thumbnails(train_data, indices, self.root / "thumbnails", self.job.thumbnail_size,
+                                 split=DATASETS[self.job.dataset].train_split, progress=self.progress)
+        self._update_manifest(lambda m: m.__setitem__("thumbnails", "thumbnails"))
+        return f"{len(store)} images, {store.offsets[-1] / 1e6:.1f} MB"
+
+    def _evaluate(self, bundle: Bundle, teacher: Teacher, sparsifier: str) -> str:
+        results = evaluate_bundle(bundle, [sparsifier], self.job.eval_images, self.job.batch_size, self.device,
+                                  force=True, progress=self.progress, teacher=teacher)[sparsifier]
+        return f"{results['n_images']} images, baseline {results['cascade']['baseline']:.2f}%"
+
+    def _retrieval_done(self, folder: Path, clt, count: int) -> Callable[[], bool]:
+        def done() -> bool:
+            if not (folder / "retrieval" / RETRIEVAL_MANIFEST).is_file():
+                return False
+            RetrievalIndex.load(folder / "retrieval", clt.config.n_layers, clt.config.n_features, count)
+            return True
+        return done
+
+    def _retrieval(self, teacher, clt, train_data, indices: list[int], folder: Path) -> str:
+        index = build_retrieval(teacher, clt, train_data, indices, self.job.retrieval_mode,
+                                batch_size=self.job.batch_size, progress=self.progress)
+        index.save(folder / "retrieval")
+        return f"{index.mode}, {index.n_images} images, {index.nbytes / 1e6:.1f} MB"
+
+    def _update_manifest(self, change: Callable[[dict], None]) -> None:
+        bundle = Bundle.load(self.root)
+        change(bundle.manifest)
+        bundle.save()
+
+    def _summarise(self, bundle: Bundle) -> None:
+        """Record the evaluation summary of every CLT in bundle.json."""
+        summary = {}
+        for name in bundle.clt_names:
+            path = bundle.clt_dir(name) / RESULTS
+            if path.is_file():
+                summary[name] = evaluation_summary(read_json(path))
+        bundle = Bundle.load(self.root)
+        bundle.manifest["evaluation"] = summary
+        bundle.save()
+
+
+def evaluation_summary(results: dict) -> dict:
+    """The headline figures of one CLT's evaluation."""
+    cascade = results["cascade"]
+    reconstruction = results["reconstruction"]["all"]
+    return {
+        "n_images": results["n_images"],
+        "baseline_accuracy": cascade["baseline"],
+        "mean_r2": sum(reconstruction["r2"]) / len(reconstruction["r2"]),
+        "mean_l0": sum(results["l0"]) / len(results["l0"]),
+        "accuracy_full_cascade": {tokens: cascade[tokens][0]["accuracy"] for tokens in ("cls", "patches", "all")
+                                  if tokens in cascade},
+    }
+
+
+def _settings(job: BundleJob) -> dict:
+    return {"backbone": job.backbone, "expansion": job.expansion, "k": job.k, "train": job.train.to_dict(), "eval_images": job.eval_images,
+            "retrieval_images": job.retrieval_images, "train_images": job.train_images, "retrieval_mode": job.retrieval_mode,
+            "thumbnail_size": job.thumbnail_size, "seed": job.seed}
+
+
+def build_bundles(jobs: list[BundleJob], out_root: str | Path, device: torch.device | None = None,
+                  progress: bool = True) -> list[StepReport]:
+    """Build every job's bundle under ``out_root``; returns one report per step."""
+    device = device or default_device()
+    reports = []
+    for job in jobs:
+        reports += Builder(job, Path(out_root), device, progress).build()
+    return reports
+
+
+SYNTHETIC_OPTIONS = {"n_train": 20000, "n_test": 2000, "image_size": 64}
+DEFAULT_DATA_ROOT = Path.home() / ".cache" / "clt-explorer" / "data"
+
+PRESETS: dict[str, dict] = {
+    # the offline default: tiny CLIP on synthetic shapes, CPU-sized (minutes on 2 cores)
+    "demo": {"datasets": ["synthetic"], "backbones": [TINY_TEACHER],
+             "job": {"expansion": 8, "k": 32, "eval_images": 2000, "retrieval_images": 10000, "thumbnail_size": 64,
+                     "batch_size": 250,
+                     "train": TrainConfig(epochs=2, lr=2e-3, batch_tokens=2048, chunk_images=512, warmup_steps=20,
+                                          dead_after_tokens=200_000, checkpoint_every=100)}},
+    # real CLIP ViT-B/32 on a CIFAR-100 subset: one consumer GPU, or a patient CPU
+    "quick": {"datasets": ["cifar100"], "backbones": ["ViT-B-32"],
+              "job": {"expansion": 8, "k": 128, "train_images": 10000, "eval_images": 2000,
+                      "retrieval_images": 10000, "train": TrainConfig(epochs=1)}},
+    # the paper's settings and grid
+    "paper": {"datasets": ["cifar100", "coco", "imagenet100"], "backbones": ["ViT-B-32", "ViT-B-16"],
+              "job": {"expansion": 16, "k": 128, "train": TrainConfig(epochs=10, lr=2e-4)}},
+}
+
+
+def dataset_options(dataset: str, data_root: str | Path | None) -> dict:
+    """Options of a dataset kind: the synthetic set's sizes, or the folder real datasets live in."""
+    if dataset == "synthetic":
+        return dict(SYNTHETIC_OPTIONS)
+    return {"root": str(data_root or DEFAULT_DATA_ROOT / dataset)}
+
+
+def preset_jobs(preset: str, datasets: list[str] | None = None, backbones: list[str] | None = None,
+                data_root: str | Path | None = None, train_overrides: dict | None = None, **overrides) -> list[BundleJob]:
+    """The grid of a preset (datasets x backbones), with any setting overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    chosen = PRESETS[preset]
+    settings = {**chosen["job"], **overrides}
+    train = dataclasses.replace(settings.pop("train", TrainConfig()), **(train_overrides or {}))
+    return [BundleJob(dataset=d, backbone=b, train=train, dataset_options=dataset_options(d, data_root), **settings)
+            for d in datasets or chosen["datasets"] for b in backbones or chosen["backbones"]]
