@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .sparsifiers import SPARSIFIERS, SparseCodes, jumprelu_l0, sparsify
-from .storage import AssetError, check_keys, download_snapshot, is_repo_id, load_tensors, read_json, save_tensors, write_json
+from .storage import (
+    AssetError,
+    check_keys,
+    download_snapshot,
+    is_repo_id,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -8,6 +8,7 @@ rank 0 alone does everything else and writes the bundle.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,20 +17,20 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from .bundle import Bundle, validate_name
+from .bundle import MANIFEST, Bundle, validate_name
 from .clt import CLTConfig
 from .data import DATASETS, Subset, load_dataset
 from .data.coco import LABEL_RULE
 from .evaluation_runs import RESULTS, evaluate_bundle
 from .retrieval import MANIFEST as RETRIEVAL_MANIFEST
 from .retrieval import RetrievalIndex, build_retrieval
-from .storage import read_json
+from .storage import atomic_path, read_json
 from .teacher import LOCAL_DIR, Teacher
-from .thumbnails import META as THUMBNAIL_META
 from .thumbnails import ThumbnailStore, build_thumbnails
 from .tiny_clip import train_tiny_clip
-from .train import TrainConfig, default_device, train_clt, world
+from .train import TrainConfig, default_device, is_trained, train_clt, world
 from .zeroshot import zero_shot_accuracy
 
 TINY_TEACHER = "tiny-clip"
@@ -101,48 +102,53 @@ class Builder:
             self.reports.append(StepReport(self.job.name, name, "built", time.time() - start, detail))
             return True
         except Exception as error:  # one failed step must not lose the others; the summary says why
-            reason = f"{type(error).__name__}: {error}"
-            self.reports.append(StepReport(self.job.name, name, "failed", time.time() - start, reason))
-            if self.progress:
-                traceback.print_exc()
+            self._failed(name, error, time.time() - start)
             return False
+
+    def _failed(self, name: str, error: Exception, seconds: float = 0.0) -> None:
+        self.reports.append(StepReport(self.job.name, name, "failed", seconds, f"{type(error).__name__}: {error}"))
+        if self.progress:
+            traceback.print_exc()
 
     def build(self) -> list[StepReport]:
         job = self.job
-        if job.backbone == TINY_TEACHER:
-            ok = self.step("teacher", self._teacher_done, self._train_tiny_teacher)
-            if not ok:
-                return self.reports
-        teacher = self._load_teacher()
-        train_data = self._dataset("train")
-        subset = train_data if job.train_images is None else Subset(train_data, self._subset(train_data, job.train_images))
-        trained = {}
-        for sparsifier in job.sparsifiers:
-            trained[sparsifier] = self.step(f"train {sparsifier}", lambda: False,
-                                            lambda s=sparsifier: self._train(teacher, subset, s))
+        if job.backbone == TINY_TEACHER and not self.step("teacher", self._teacher_done, self._train_tiny_teacher):
+            return self.reports
+        try:
+            teacher, train_data, test_data = self._load()
+        except Exception as error:  # e.g. weights or data that cannot be downloaded: the summary says so
+            self._failed("load teacher and data", error)
+            return self.reports
+        training_set = (train_data if job.train_images is None
+                        else Subset(train_data, self._subset(train_data, job.train_images)))
+        trained = [sparsifier for sparsifier in job.sparsifiers
+                   if self.step(f"train {sparsifier}", lambda s=sparsifier: is_trained(self._clt_folder(s)),
+                                lambda s=sparsifier: self._train(teacher, training_set, s))]
         if self.rank != 0:
             return self.reports
-        bundle = self._bundle()
-        test_data = self._dataset("test")
-        self.step("examples", lambda: (self.root / "examples").is_dir(), lambda: self._examples(test_data))
-        retrieval_indices = self._retrieval_indices(train_data)
-        self.step("thumbnails", self._thumbnails_done(len(retrieval_indices)),
-                  lambda: self._thumbnails(train_data, retrieval_indices))
-        for sparsifier, ok in trained.items():
-            if not ok:
-                continue
+        bundle = self._bundle(test_data)
+        self.step("examples", lambda: "examples" in bundle.manifest, lambda: self._examples(bundle, test_data))
+        indices = self._subset(train_data, job.retrieval_images)
+        self.step("thumbnails", lambda: self._thumbnails_done(bundle, len(indices)),
+                  lambda: self._thumbnails(bundle, train_data, indices))
+        for sparsifier in trained:
             bundle.add_clt(sparsifier)
             bundle.save()
             clt = bundle.load_clt(sparsifier, teacher, self.device)
             folder = bundle.clt_dir(sparsifier)
             self.step(f"evaluate {sparsifier}", lambda: (folder / RESULTS).is_file(),
                       lambda: self._evaluate(bundle, teacher, sparsifier))
-            self.step(f"retrieval {sparsifier}", self._retrieval_done(folder, clt, len(retrieval_indices)),
-                      lambda: self._retrieval(teacher, clt, train_data, retrieval_indices, folder))
-        self._summarise(bundle)
+            self.step(f"retrieval {sparsifier}", lambda: self._retrieval_done(folder, clt, len(indices)),
+                      lambda: self._retrieval(teacher, clt, train_data, indices, folder))
+        bundle.manifest["evaluation"] = {name: evaluation_summary(read_json(bundle.clt_dir(name) / RESULTS))
+                                         for name in bundle.clt_names if (bundle.clt_dir(name) / RESULTS).is_file()}
+        bundle.save()
         return self.reports
 
     # ---- steps ---------------------------------------------------------------------------------------
+
+    def _clt_folder(self, sparsifier: str) -> Path:
+        return self.root / "clts" / sparsifier
 
     def _teacher_done(self) -> bool:
         folder = self.root / "teacher"
@@ -161,78 +167,71 @@ class Builder:
             torch.distributed.barrier()
         return detail
 
-    def _load_teacher(self) -> Teacher:
+    def _load(self) -> tuple[Teacher, Dataset, Dataset]:
+        """The teacher (pretrained weights are downloaded when online) and both splits of the data."""
         model, pretrained = self.job.teacher_spec()
         if model.startswith(LOCAL_DIR):
             model = LOCAL_DIR + str(self.root / model[len(LOCAL_DIR):])
-        return Teacher.load(model, pretrained, device=self.device)
-
-    def _manifest(self) -> dict:
-        job = self.job
-        model, pretrained = job.teacher_spec()
-        dataset = self._dataset("test")
-        entry = {"name": job.dataset, "options": job.dataset_options, "classnames": list(dataset.classnames),
-                 "templates": list(dataset.templates), "train_split": DATASETS[job.dataset].train_split,
-                 "test_split": DATASETS[job.dataset].test_split}
-        if job.dataset == "coco":
-            entry["label_rule"] = LABEL_RULE
-        teacher = {"model": model, **({"pretrained": pretrained} if pretrained else {})}
-        return {"format": "clt-explorer-bundle", "version": 1, "name": job.name, "teacher": teacher,
-                "dataset": entry, "clts": {}, "settings": _settings(job)}
-
-    def _bundle(self) -> Bundle:
-        """The bundle manifest: read back when present (it keeps its CLTs), else written anew."""
-        if (self.root / "bundle.json").is_file():
-            bundle = Bundle.load(self.root)
-            bundle.manifest["settings"] = _settings(self.job)
-        else:
-            bundle = Bundle(self.root, self._manifest())
-        bundle.save()
-        return bundle
+        return Teacher.load(model, pretrained, device=self.device), self._dataset("train"), self._dataset("test")
 
     def _dataset(self, which: str):
         kind = DATASETS[self.job.dataset]
         split = kind.train_split if which == "train" else kind.test_split
         return load_dataset(self.job.dataset, split, **self.job.dataset_options)
 
-    def _train(self, teacher: Teacher, data, sparsifier: str) -> str:
-        job = self.job
-        config = CLTConfig(teacher.n_layers, teacher.d_model, job.expansion, sparsifier, job.k)
-        result = train_clt(teacher, data, config, job.train, self.root / "clts" / sparsifier, self.progress)
-        resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
-        return f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s{resumed}"
-
-    def _examples(self, test_data) -> str:
-        folder = self.root / "examples"
-        tmp = self.root / "examples.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        step = max(1, len(test_data) // N_EXAMPLES)
-        for n, index in enumerate(range(0, step * N_EXAMPLES, step)):
-            image, label = test_data[index]
-            name = f"{n:02d}_{test_data.classnames[label].replace(' ', '_').replace('/', '_')}.png"
-            image.convert("RGB").save(tmp / name)
-        tmp.rename(folder)
-        self._update_manifest(lambda m: m.__setitem__("examples", "examples"))
-        return f"{N_EXAMPLES} test images"
-
     def _subset(self, data, n: int | None) -> list[int]:
         """A fixed random subset of ``n`` indices (all of them when n is None), in increasing order."""
         n = len(data) if n is None else min(n, len(data))
         return sorted(np.random.default_rng(self.job.seed).permutation(len(data))[:n].tolist())
 
-    def _retrieval_indices(self, train_data) -> list[int]:
-        return self._subset(train_data, self.job.retrieval_images)
+    def _bundle(self, test_data) -> Bundle:
+        """The bundle manifest: read back when present (it keeps what earlier runs registered)."""
+        if (self.root / MANIFEST).is_file():
+            bundle = Bundle.load(self.root)
+        else:
+            job = self.job
+            model, pretrained = job.teacher_spec()
+            kind = DATASETS[job.dataset]
+            dataset = {"name": job.dataset, "options": job.dataset_options,
+                       "classnames": list(test_data.classnames), "templates": list(test_data.templates),
+                       "train_split": kind.train_split, "test_split": kind.test_split}
+            if job.dataset == "coco":
+                dataset["label_rule"] = LABEL_RULE
+            bundle = Bundle.create(self.root, job.name, {"model": model, **({"pretrained": pretrained}
+                                                                            if pretrained else {})}, dataset)
+        bundle.manifest["settings"] = _settings(self.job)
+        bundle.save()
+        return bundle
 
-    def _thumbnails_done(self, count: int) -> Callable[[], bool]:
-        def done() -> bool:
-            folder = self.root / "thumbnails"
-            return (folder / THUMBNAIL_META).is_file() and read_json(folder / THUMBNAIL_META)["count"] == count
-        return done
+    def _train(self, teacher: Teacher, data, sparsifier: str) -> str:
+        job = self.job
+        config = CLTConfig(teacher.n_layers, teacher.d_model, job.expansion, sparsifier, job.k)
+        result = train_clt(teacher, data, config, job.train, self._clt_folder(sparsifier), self.progress)
+        resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+        return f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s{resumed}"
 
-    def _thumbnails(self, train_data, indices: list[int]) -> str:
+    def _examples(self, bundle: Bundle, test_data) -> str:
+        """A few test images for the app, spread over the split."""
+        folder = self.root / "examples"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = max(1, len(test_data) // N_EXAMPLES)
+        for n, index in enumerate(range(0, step * N_EXAMPLES, step)):
+            image, label = test_data[index]
+            name = re.sub(r"[^A-Za-z0-9_-]", "_", test_data.classnames[label])
+            with atomic_path(folder / f"{n:02d}_{name}.png") as tmp:
+                image.convert("RGB").save(tmp, format="PNG")
+        bundle.manifest["examples"] = "examples"
+        bundle.save()
+        return f"{N_EXAMPLES} test images"
+
+    def _thumbnails_done(self, bundle: Bundle, count: int) -> bool:
+        return "thumbnails" in bundle.manifest and len(ThumbnailStore(bundle.path("thumbnails"))) == count
+
+    def _thumbnails(self, bundle: Bundle, train_data, indices: list[int]) -> str:
         store = build_thumbnails(train_data, indices, self.root / "thumbnails", self.job.thumbnail_size,
                                  split=DATASETS[self.job.dataset].train_split, progress=self.progress)
-        self._update_manifest(lambda m: m.__setitem__("thumbnails", "thumbnails"))
+        bundle.manifest["thumbnails"] = "thumbnails"
+        bundle.save()
         return f"{len(store)} images, {store.offsets[-1] / 1e6:.1f} MB"
 
     def _evaluate(self, bundle: Bundle, teacher: Teacher, sparsifier: str) -> str:
@@ -240,35 +239,17 @@ class Builder:
                                   force=True, progress=self.progress, teacher=teacher)[sparsifier]
         return f"{results['n_images']} images, baseline {results['cascade']['baseline']:.2f}%"
 
-    def _retrieval_done(self, folder: Path, clt, count: int) -> Callable[[], bool]:
-        def done() -> bool:
-            if not (folder / "retrieval" / RETRIEVAL_MANIFEST).is_file():
-                return False
-            RetrievalIndex.load(folder / "retrieval", clt.config.n_layers, clt.config.n_features, count)
-            return True
-        return done
+    def _retrieval_done(self, folder: Path, clt, count: int) -> bool:
+        if not (folder / "retrieval" / RETRIEVAL_MANIFEST).is_file():
+            return False
+        RetrievalIndex.load(folder / "retrieval", clt.config.n_layers, clt.config.n_features, count)
+        return True
 
     def _retrieval(self, teacher, clt, train_data, indices: list[int], folder: Path) -> str:
         index = build_retrieval(teacher, clt, train_data, indices, self.job.retrieval_mode,
                                 batch_size=self.job.batch_size, progress=self.progress)
         index.save(folder / "retrieval")
         return f"{index.mode}, {index.n_images} images, {index.nbytes / 1e6:.1f} MB"
-
-    def _update_manifest(self, change: Callable[[dict], None]) -> None:
-        bundle = Bundle.load(self.root)
-        change(bundle.manifest)
-        bundle.save()
-
-    def _summarise(self, bundle: Bundle) -> None:
-        """Record the evaluation summary of every CLT in bundle.json."""
-        summary = {}
-        for name in bundle.clt_names:
-            path = bundle.clt_dir(name) / RESULTS
-            if path.is_file():
-                summary[name] = evaluation_summary(read_json(path))
-        bundle = Bundle.load(self.root)
-        bundle.manifest["evaluation"] = summary
-        bundle.save()
 
 
 def evaluation_summary(results: dict) -> dict:
@@ -286,9 +267,9 @@ def evaluation_summary(results: dict) -> dict:
 
 
 def _settings(job: BundleJob) -> dict:
-    return {"backbone": job.backbone, "expansion": job.expansion, "k": job.k, "train": job.train.to_dict(), "eval_images": job.eval_images,
-            "retrieval_images": job.retrieval_images, "train_images": job.train_images, "retrieval_mode": job.retrieval_mode,
-            "thumbnail_size": job.thumbnail_size, "seed": job.seed}
+    return {"backbone": job.backbone, "expansion": job.expansion, "k": job.k, "train": job.train.to_dict(),
+            "train_images": job.train_images, "eval_images": job.eval_images, "retrieval_images": job.retrieval_images,
+            "retrieval_mode": job.retrieval_mode, "thumbnail_size": job.thumbnail_size, "seed": job.seed}
 
 
 def build_bundles(jobs: list[BundleJob], out_root: str | Path, device: torch.device | None = None,
@@ -329,7 +310,8 @@ def dataset_options(dataset: str, data_root: str | Path | None) -> dict:
 
 
 def preset_jobs(preset: str, datasets: list[str] | None = None, backbones: list[str] | None = None,
-                data_root: str | Path | None = None, train_overrides: dict | None = None, **overrides) -> list[BundleJob]:
+                data_root: str | Path | None = None, train_overrides: dict | None = None,
+                **overrides) -> list[BundleJob]:
     """The grid of a preset (datasets x backbones), with any setting overridden."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

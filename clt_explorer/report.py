@@ -111,8 +111,8 @@ def cascade_markdown(results: dict[str, dict]) -> str:
         selected = [r for r in rows if r["tokens"] == tokens]
         if not selected:
             continue
-        table = [{"Range": f"{r['start_layer']}→{n_layers - 1}", **{SHORT[s]: r[s] for s in SPARSIFIERS if s in results}}
-                 for r in selected]
+        table = [{"Range": f"{r['start_layer']}→{n_layers - 1}",
+                  **{SHORT[s]: r[s] for s in SPARSIFIERS if s in results}} for r in selected]
         parts.append(f"**Top-1 accuracy (%) on {dataset}, {backbone}, {tokens} tokens** "
                      f"(baseline {first['cascade']['baseline']:.2f})\n\n"
                      + markdown_table(table, ["Range", *[SHORT[s] for s in SPARSIFIERS if s in results]]))

@@ -299,7 +299,8 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
                               "dead_fraction": tracker.dead.float().mean(1).tolist()}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", fvu=f"{sum(metrics['fvu']) / len(metrics['fvu']):.3f}")
+                    mean_fvu = sum(metrics["fvu"]) / len(metrics["fvu"])
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", fvu=f"{mean_fvu:.3f}")
                 position = _next_position(stream, batch.position)
                 if step >= total_steps:
                     break

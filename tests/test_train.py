@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_local_teacher
 from safetensors.torch import load_file
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.clt import CLTOutput
 from clt_explorer.data.synthetic import SyntheticShapes
 from clt_explorer.sparsifiers import SparseCodes
-from clt_explorer.train import (DeadFeatureTracker, TrainConfig, aux_k_loss, initialize_from_data, is_trained,
-                                train_clt)
-from conftest import make_local_teacher
+from clt_explorer.train import DeadFeatureTracker, TrainConfig, aux_k_loss, initialize_from_data, is_trained, train_clt
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -25,7 +23,8 @@ def run_worker(teacher_dir, out_dir, sparsifier="relu_topk", checkpoint_every=10
     env.pop("KILL_AT", None)
     if kill_at:
         env["KILL_AT"] = kill_at
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [
+        sys.executable]
     return subprocess.run([*launcher, str(WORKER), str(teacher_dir), str(out_dir), sparsifier, str(checkpoint_every)],
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -121,7 +120,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path
     assert not is_trained(tmp_path / "run")
     resumed = run_worker(teacher_dir, tmp_path / "run", "abs_topk", checkpoint_every=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = load_file(tmp_path / "reference" / "rank0.safetensors"), load_file(tmp_path / "run" / "rank0.safetensors")
+    expected = load_file(tmp_path / "reference" / "rank0.safetensors")
+    got = load_file(tmp_path / "run" / "rank0.safetensors")
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

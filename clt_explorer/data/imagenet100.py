@@ -12,7 +12,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 
 from .errors import DatasetMissing
 from .folder import LabelledFiles, list_images
-from .resources import as_format_strings, imagenet100_wnids, imagenet1k_wnids
+from .resources import as_format_strings, imagenet1k_wnids, imagenet100_wnids
 
 
 def imagenet100_classnames() -> list[str]:
