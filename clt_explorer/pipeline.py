@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -60,12 +61,13 @@ class BundleJob:
 
     @property
     def name(self) -> str:
-        return validate_name(f"{self.dataset}-{self.backbone.replace('/', '-').replace(':', '-')}".lower(),
-                             "bundle name")
+        backbone = Path(self.backbone[len(LOCAL_DIR):]).name if self.backbone.startswith(LOCAL_DIR) else self.backbone
+        return validate_name(f"{self.dataset}-{backbone.replace('/', '-').replace(':', '-')}".lower(), "bundle name")
 
     def teacher_spec(self) -> tuple[str, str | None]:
-        """(open_clip model name, pretrained tag) of the backbone; ``ARCH:TAG`` names any open_clip model."""
-        if self.backbone == TINY_TEACHER:
+        """(open_clip model name, pretrained tag) of the backbone; ``ARCH:TAG`` names any open_clip model.
+        The tiny CLIP and a ``local-dir:`` teacher live in the bundle's ``teacher/`` folder."""
+        if self.backbone == TINY_TEACHER or self.backbone.startswith(LOCAL_DIR):
             return LOCAL_DIR + "teacher", None
         if self.backbone in BACKBONES:
             return BACKBONES[self.backbone]
@@ -113,6 +115,8 @@ class Builder:
     def build(self) -> list[StepReport]:
         job = self.job
         if job.backbone == TINY_TEACHER and not self.step("teacher", self._teacher_done, self._train_tiny_teacher):
+            return self.reports
+        if job.backbone.startswith(LOCAL_DIR) and not self.step("teacher", self._teacher_done, self._copy_teacher):
             return self.reports
         try:
             teacher, train_data, test_data = self._load()
@@ -166,6 +170,19 @@ class Builder:
         if self.world_size > 1:
             torch.distributed.barrier()
         return detail
+
+    def _copy_teacher(self) -> str:
+        """A local open_clip folder becomes part of the bundle, which then stands on its own."""
+        source = Path(self.job.backbone[len(LOCAL_DIR):])
+        if self.rank == 0:
+            for name in ("open_clip_model.safetensors", "open_clip_config.json"):  # the config marks completion
+                if not (source / name).is_file():
+                    raise FileNotFoundError(f"{source / name} is missing")
+                with atomic_path(self.root / "teacher" / name) as tmp:
+                    shutil.copyfile(source / name, tmp)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return f"copied from {source}"
 
     def _load(self) -> tuple[Teacher, Dataset, Dataset]:
         """The teacher (pretrained weights are downloaded when online) and both splits of the data."""

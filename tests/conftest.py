@@ -24,3 +24,22 @@ def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> 
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory) -> Teacher:
     return make_local_teacher(tmp_path_factory.mktemp("random_teacher"))
+
+
+TINY_BUNDLE_SETTINGS = dict(tiny_clip_steps=200, eval_images=200, retrieval_images=1500, batch_size=100)
+TINY_BUNDLE_TRAIN = dict(epochs=1, max_steps=60, checkpoint_every=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The demo pipeline at a smaller size: tiny CLIP (200 steps), three CLTs (60 steps each),
+    evaluation on 200 test images, retrieval over 1500 training images (about two minutes)."""
+    from clt_explorer.bundle import Bundle
+    from clt_explorer.pipeline import build_bundles, preset_jobs
+
+    out = tmp_path_factory.mktemp("bundles")
+    jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS)
+    reports = build_bundles(jobs, out, torch.device("cpu"), progress=False)
+    failed = [r for r in reports if r.status == "failed"]
+    assert not failed, failed
+    return Bundle.load(out / jobs[0].name)

@@ -1,0 +1,56 @@
+"""Reproduce the paper's tables and figures for one bundle and lay them beside the paper's numbers.
+
+Writes into --out: cascade_accuracy.csv (the columns of the paper's tables 6-23), faithfulness.csv
+(table 5's columns, for the primary sparsifier) and faithfulness_<sparsifier>.csv, reconstruction.csv,
+tables.md, paper_comparison.csv when the bundle matches a configuration of the paper, results.json,
+and plotly figures (HTML, and PNG when a Chromium is found) of reconstruction and contributions.
+
+    python scripts/reproduce_tables.py --bundle checkpoints/synthetic-tiny-clip --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from clt_explorer.bundle import open_bundle
+from clt_explorer.evaluation_runs import evaluate_bundle
+from clt_explorer.report import markdown_table, paper_comparison, write_report
+from clt_explorer.storage import write_json
+from clt_explorer.train import default_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="bundle folder or hf://owner/repo")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--max-images", type=int, help="evaluate on the first N held-out images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--primary", help="sparsifier of faithfulness.csv (default relu_topk)")
+    parser.add_argument("--force", action="store_true", help="re-evaluate even when the bundle holds results")
+    args = parser.parse_args()
+    start = time.time()
+    bundle = open_bundle(args.bundle)
+    results = evaluate_bundle(bundle, None, args.max_images, args.batch_size, args.device or default_device(),
+                              args.force)
+    out = Path(args.out)
+    write_json(out / "results.json", results)
+    written = write_report(results, out, args.primary)
+    comparison = paper_comparison(results)
+    if comparison:
+        print("Cascade accuracy (%), ours beside the paper's:\n")
+        print(markdown_table(comparison, list(comparison[0])))
+    else:
+        first = next(iter(results.values()))
+        print(f"No configuration of the paper matches ({first.get('dataset')}, {first.get('backbone')}): "
+              f"nothing to compare.")
+    print(f"\n{len(written) + 1} files in {out} in {time.time() - start:.0f} s")
+    print((out / "tables.md").read_text())
+    print(json.dumps({"seconds": round(time.time() - start, 1), "files": len(written) + 1}))
+
+
+if __name__ == "__main__":
+    main()

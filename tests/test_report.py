@@ -1,0 +1,34 @@
+import copy
+
+from clt_explorer.report import (CASCADE_COLUMNS, FAITHFULNESS_COLUMNS, cascade_rows, faithfulness_rows,
+                                 paper_comparison, paper_rows)
+
+
+def fake_results(n_layers=12, dataset="cifar100", backbone="ViT-B-32"):
+    metrics = {"accuracy": 61.0, "teacher_accuracy": 61.65, "delta_acc": -0.65, "flip_pct": 10.0, "kl": 0.03,
+               "top1_agree": 90.0, "top5_agree": 88.0, "cos": 0.98, "cka": 0.95, "spearman": 0.93, "prompt_r": 0.99,
+               "prompt_kl": 0.03}
+    cascade = {tokens: [{"start": s, **metrics} for s in range(n_layers)] for tokens in ("cls", "patches", "all")}
+    cascade.update(baseline=61.65, starts=list(range(n_layers)))
+    return {"dataset": dataset, "backbone": backbone, "l0": [128.0] * n_layers, "cascade": cascade}
+
+
+def test_tables_have_the_paper_columns_and_numbers():
+    result = fake_results()
+    results = {"relu_topk": result, "abs_topk": copy.deepcopy(result)}
+    rows = cascade_rows(results)
+    assert list(rows[0]) == CASCADE_COLUMNS == list(paper_rows("cascade_accuracy")[0])
+    assert rows[0]["table"] == "6" and rows[0]["dataset"] == "CIFAR-100" and rows[0]["backbone"] == "ViT-B/32"
+    assert rows[0]["jumprelu"] == "" and rows[0]["relu_topk"] == "61.00"
+    faithfulness = faithfulness_rows(result)
+    assert list(faithfulness[0]) == FAITHFULNESS_COLUMNS == list(paper_rows("faithfulness_vitb32_cifar100")[0])
+    assert faithfulness[0]["layers"] == "0-11" and faithfulness[11]["layers"] == "11"
+    assert faithfulness[0]["delta_acc"] == "-0.65"
+
+
+def test_paper_comparison_lines_up_matching_rows():
+    comparison = paper_comparison({"relu_topk": fake_results()})
+    first = [r for r in comparison if r["tokens"] == "cls" and r["start_layer"] == "0"][0]
+    assert first["paper"] == "61.74" and first["ours"] == "61.00" and first["difference"] == "-0.74"
+    assert len(comparison) == 36  # 3 token sets x 12 starts, one sparsifier
+    assert paper_comparison({"relu_topk": fake_results(4, "synthetic", "tiny-clip")}) == []
