@@ -1,0 +1,114 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clt_explorer.bundle import Bundle
+from clt_explorer.hub import model_card, push_bundle
+from clt_explorer.pipeline import build_bundles, preset_jobs
+from clt_explorer.retrieval import RetrievalIndex
+from clt_explorer.thumbnails import ThumbnailStore
+from conftest import TINY_BUNDLE_SETTINGS, TINY_BUNDLE_TRAIN
+
+ROOT = Path(__file__).parent.parent
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+
+
+def small_build_args(tiny_bundle, out, extra=()):
+    teacher = tiny_bundle.root / "teacher"
+    return ["--backbones", f"local-dir:{teacher}", "--sparsifiers", "relu_topk", "--max-steps", "40",
+            "--checkpoint-every", "20", "--eval-images", "100", "--retrieval-images", "300", "--batch-size", "100",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def run(args, kill_at=None, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("KILL_AT", None)
+    if kill_at:
+        env["KILL_AT"] = kill_at
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [
+        sys.executable]
+    return subprocess.run([*launcher, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_demo_bundle_is_complete_and_a_rerun_skips_every_step(tiny_bundle):
+    assert tiny_bundle.clt_names == ["jumprelu", "relu_topk", "abs_topk"]
+    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
+    assert len(store) == 1500
+    for name in tiny_bundle.clt_names:
+        clt = tiny_bundle.load_clt(name, tiny_bundle.load_teacher())
+        RetrievalIndex.load(tiny_bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features, 1500)
+        assert name in tiny_bundle.manifest["evaluation"]
+    assert len(list(tiny_bundle.path("examples").glob("*.png"))) == 8
+    jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS)
+    reports = build_bundles(jobs, tiny_bundle.root.parent, torch.device("cpu"), progress=False)
+    assert {r.status for r in reports} == {"skipped"}, [r for r in reports if r.status != "skipped"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_training_resumes_from_its_last_checkpoint(tiny_bundle, tmp_path):
+    killed = run(small_build_args(tiny_bundle, tmp_path), kill_at="step:27")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    folder = tmp_path / "synthetic-teacher" / "clts" / "relu_topk"
+    assert json.loads((folder / "checkpoints" / "latest.json").read_text())["step"] == 20
+    resumed = run(small_build_args(tiny_bundle, tmp_path))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step 20" in resumed.stdout
+    assert json.loads((folder / "training.json").read_text())["steps"] == 40
+    steps = [json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # every logged step once, none lost
+    again = run(small_build_args(tiny_bundle, tmp_path))
+    assert "0 built" in again.stdout and "0 failed" in again.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_build_the_same_bundle(tiny_bundle, tmp_path):
+    single = run(small_build_args(tiny_bundle, tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run(small_build_args(tiny_bundle, tmp_path / "two"), torchrun=True)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = (Bundle.load(tmp_path / n / "synthetic-teacher") for n in ("one", "two"))
+    assert json.loads((two.clt_dir("relu_topk") / "training.json").read_text())["world_size"] == 2
+    a, b = one.manifest["evaluation"]["relu_topk"], two.manifest["evaluation"]["relu_topk"]
+    assert a["baseline_accuracy"] == b["baseline_accuracy"]
+    assert abs(a["mean_r2"] - b["mean_r2"]) < 0.03, (a, b)
+    for tokens in ("cls", "patches", "all"):
+        assert abs(a["accuracy_full_cascade"][tokens] - b["accuracy_full_cascade"][tokens]) < 5.0, (a, b)
+
+
+def test_push_to_hub_uploads_the_folder_with_a_model_card(tiny_bundle, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            calls.append(("upload", repo_id, folder_path))
+            return "https://huggingface.co/me/demo/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = push_bundle(tiny_bundle, "me/demo")
+    assert url.endswith("abc") and calls == [("create", "me/demo"), ("upload", "me/demo", str(tiny_bundle.root))]
+    card = (tiny_bundle.root / "README.md").read_text()
+    assert card == model_card(tiny_bundle)
+    assert "local-dir:teacher" in card and "synthetic" in card and "relu_topk" in card and "mean R^2" in card
+    with pytest.raises(ValueError, match="invalid Hub repo id"):
+        push_bundle(tiny_bundle, "../escape")
+
+
+def test_help_documents_presets_and_overrides():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_all.py"), "--help"], capture_output=True,
+                          text=True, check=True)
+    for word in ("--preset", "demo", "quick", "paper", "--push-to-hub", "--epochs", "torchrun"):
+        assert word in done.stdout

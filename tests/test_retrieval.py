@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+
+from clt_explorer.data import load_dataset
+from clt_explorer.retrieval import (DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, SparseIndex, build_retrieval,
+                                    descriptors, truncate)
+from clt_explorer.sparsifiers import SparseCodes
+from clt_explorer.storage import AssetError
+from clt_explorer.thumbnails import ThumbnailStore, build_thumbnails
+
+
+def random_descriptors(n, f=300, nnz=40, seed=0, signed=False):
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, f), np.float32)
+    for row in out:
+        idx = rng.choice(f, nnz, replace=False)
+        row[idx] = rng.normal(size=nnz) if signed else rng.exponential(size=nnz)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_descriptors_are_normalised_cls_code_and_patch_mean():
+    z = torch.zeros(2, 5, 30)
+    z[0, 0, 3], z[0, 1, 4], z[0, 2, 4], z[0, 3, 7] = 2.0, 1.0, 3.0, -4.0
+    codes = SparseCodes.from_dense(z)
+    d = descriptors([codes])
+    assert torch.allclose(d["cls"][0][0], torch.nn.functional.one_hot(torch.tensor(3), 30).float())
+    patch_mean = z[0, 1:].mean(0)
+    assert torch.allclose(d["patches"][0][0], patch_mean / patch_mean.norm())
+    assert torch.equal(d["cls"][0][1], torch.zeros(30))  # an all-zero code stays zero
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_compact_and_exact_agree_on_small_data(signed):
+    database, queries = random_descriptors(400, signed=signed), random_descriptors(20, seed=1, signed=signed)
+    exact = ExactIndex.build(database)
+    compact = SparseIndex.build(*truncate(database, 40), 300, query_keep=300)  # keeps every non-zero
+    e_scores, e_ids = exact.search(queries, 10)
+    c_scores, c_ids = compact.search(queries, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_ids, c_ids)])
+    assert overlap >= 0.95
+    assert np.allclose(c_scores, e_scores, atol=0.02)  # 8-bit values: scores within quantisation error
+    assert (e_ids[:, 0] == c_ids[:, 0]).mean() >= 0.95
+
+
+def test_every_indexed_vector_finds_itself_first():
+    database = random_descriptors(300)
+    for index in (ExactIndex.build(database), SparseIndex.build(*truncate(database, 40), 300, query_keep=64)):
+        _, ids = index.search(database, 3)
+        assert (ids[:, 0] == np.arange(300)).all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "compact"])
+def test_save_load_round_trip_returns_identical_results(tmp_path, mode):
+    database, queries = random_descriptors(100), torch.from_numpy(random_descriptors(5, seed=2))
+    make = (lambda d: ExactIndex.build(d)) if mode == "exact" else (
+        lambda d: SparseIndex.build(*truncate(d, 20), 300, query_keep=30))
+    index = RetrievalIndex({tokens: [make(database), make(database[::-1].copy())] for tokens in DESCRIPTOR_TOKENS},
+                           mode, {"keep": 20})
+    index.save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path, n_layers=2, n_features=300, n_images=100)
+    queries = {tokens: [queries, queries] for tokens in DESCRIPTOR_TOKENS}
+    assert loaded.search(queries, 7) == index.search(queries, 7)
+    assert loaded.settings == {"keep": 20} and loaded.nbytes == index.nbytes
+    with pytest.raises(AssetError, match="n_features is 300, expected 512"):
+        RetrievalIndex.load(tmp_path, n_features=512)
+
+
+def test_thumbnail_store_round_trip(tmp_path):
+    data = load_dataset("synthetic", "train", n_train=12, image_size=64)
+    store = build_thumbnails(data, [3, 5, 11], tmp_path, size=32, progress=False)
+    again = ThumbnailStore(tmp_path)
+    assert len(again) == 3 and again.labels == [3, 5, 11] and again.dataset_indices == [3, 5, 11]
+    image = again.image(1)
+    assert image.size == (32, 32)
+    original = np.asarray(data[5][0].resize((32, 32)), dtype=float)
+    assert np.abs(np.asarray(image, dtype=float) - original).mean() < 20  # JPEG of the same picture
+    with pytest.raises(IndexError):
+        store.image(3)
+
+
+def same_class_rates(tiny_bundle, name, n_queries=200, k=3):
+    """Per token set and layer: share of the top-k neighbours of held-out images with their class."""
+    teacher = tiny_bundle.load_teacher()
+    clt = tiny_bundle.load_clt(name, teacher)
+    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
+    index = RetrievalIndex.load(tiny_bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features,
+                                len(store))
+    test = load_dataset("synthetic", "test", n_test=n_queries)
+    pixels = teacher.preprocess_images([test[i][0] for i in range(n_queries)])
+    with torch.no_grad():
+        queries = descriptors(clt.encode_sparse(teacher.capture(pixels).xs))
+    found = index.search(queries, k)
+    return {tokens: [float(np.mean([[store.labels[n.image_id] == test.labels[q] for n in neighbours]
+                                    for q, neighbours in enumerate(found[tokens][layer])]))
+                     for layer in range(clt.config.n_layers)] for tokens in DESCRIPTOR_TOKENS}
+
+
+@pytest.mark.slow
+def test_deeper_layers_retrieve_the_same_class_more_often(tiny_bundle):
+    rates = same_class_rates(tiny_bundle, "relu_topk")
+    print("same-class rate of the top-3 per layer:", rates)
+    assert rates["cls"][-1] > rates["cls"][0] + 0.05, rates
+    assert rates["patches"][-1] > rates["patches"][0], rates  # patch means also carry the (random) background
+
+
+@pytest.mark.slow
+def test_bundle_indexes_find_each_indexed_image_and_agree_with_exact(tiny_bundle):
+    teacher = tiny_bundle.load_teacher()
+    clt = tiny_bundle.load_clt("abs_topk", teacher)
+    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
+    compact = RetrievalIndex.load(tiny_bundle.clt_dir("abs_topk") / "retrieval", n_images=len(store))
+    train = load_dataset("synthetic", "train", **{k: v for k, v in tiny_bundle.manifest["dataset"]["options"].items()})
+    sample = store.dataset_indices[:300]
+    exact = build_retrieval(teacher, clt, train, sample, mode="exact", progress=False)
+    pixels = teacher.preprocess_images([train[i][0] for i in sample[:100]])
+    with torch.no_grad():
+        queries = descriptors(clt.encode_sparse(teacher.capture(pixels).xs))
+    found_compact, found_exact = compact.search(queries, 1), exact.search(queries, 10)
+    for tokens in DESCRIPTOR_TOKENS:
+        for layer in range(clt.config.n_layers):
+            assert [r[0].image_id for r in found_compact[tokens][layer]] == list(range(100)), (tokens, layer)
+            assert [r[0].image_id for r in found_exact[tokens][layer]] == list(range(100)), (tokens, layer)
