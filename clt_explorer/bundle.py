@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .clt import CrossLayerTranscoder
+from .clt import CONFIG_FILE, CLTConfig, CrossLayerTranscoder
 from .storage import AssetError, check_keys, download_snapshot, is_repo_id, read_json, write_json
 from .teacher import LOCAL_DIR, Teacher
 
@@ -162,19 +162,28 @@ class Bundle:
     def load_teacher(self, device: str | torch.device = "cpu") -> Teacher:
         return Teacher.load(self.teacher_model_name(), self.manifest["teacher"].get("pretrained"), device=device)
 
-    def load_clt(self, name: str, teacher: Teacher | None = None,
-                 device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+    def clt_config(self, name: str) -> CLTConfig:
+        """The config of CLT ``name`` (without loading its weights)."""
+        path = self.clt_dir(name) / CONFIG_FILE
+        return CLTConfig.from_dict(read_json(path), str(path))
+
+    def load_clt(self, name: str, teacher: Teacher | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> CrossLayerTranscoder:
         """Load CLT ``name``, refusing one trained on another teacher than ``teacher``."""
         folder = self.clt_dir(name)
-        clt = CrossLayerTranscoder.from_pretrained(folder, device=device)
-        if teacher is not None:
-            c = clt.config
-            if c.teacher and c.teacher != teacher.identity:
-                raise AssetError(f"{folder / 'config.json'}: CLT was trained on teacher {c.teacher!r}, "
-                                 f"but the bundle's teacher is {teacher.identity!r}")
-            if (c.n_layers, c.d_model) != (teacher.n_layers, teacher.d_model):
-                raise AssetError(f"{folder / 'config.json'}: CLT shape {c.n_layers} layers x {c.d_model} does not "
-                                 f"match the teacher's {teacher.n_layers} x {teacher.d_model}")
+        clt = CrossLayerTranscoder.from_pretrained(folder, device=device, dtype=dtype)
+        return clt if teacher is None else self.check_clt(clt, teacher, folder)
+
+    @staticmethod
+    def check_clt(clt: CrossLayerTranscoder, teacher: Teacher, folder: Path) -> CrossLayerTranscoder:
+        """Refuse a CLT trained on another teacher, or shaped for another one."""
+        c = clt.config
+        if c.teacher and c.teacher != teacher.identity:
+            raise AssetError(f"{folder / CONFIG_FILE}: CLT was trained on teacher {c.teacher!r}, "
+                             f"but the bundle's teacher is {teacher.identity!r}")
+        if (c.n_layers, c.d_model) != (teacher.n_layers, teacher.d_model):
+            raise AssetError(f"{folder / CONFIG_FILE}: CLT shape {c.n_layers} layers x {c.d_model} does not "
+                             f"match the teacher's {teacher.n_layers} x {teacher.d_model}")
         return clt
 
 

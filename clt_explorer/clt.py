@@ -213,11 +213,10 @@ class CrossLayerTranscoder(nn.Module):
 
     # ---- precision --------------------------------------------------------------------------
 
-    def to_inference_dtype(self, dtype: torch.dtype) -> "CrossLayerTranscoder":
-        """Cast encoder and decoder weights (not the fp32 thresholds and input scales) to ``dtype``."""
-        for param in (self.W_enc, self.b_enc, self.b_dec, *self.W_dec):
-            param.data = param.data.to(dtype)
-        return self
+    @staticmethod
+    def keeps_fp32(name: str) -> bool:
+        """Thresholds and input scales stay fp32 whatever the weights' dtype."""
+        return name in ("log_threshold", "input_scale")
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -229,13 +228,16 @@ class CrossLayerTranscoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, revision: str | None = None,
-                        device: torch.device | str = "cpu", cache_dir: str | None = None) -> "CrossLayerTranscoder":
-        """Load from a folder, or from a Hugging Face Hub repo id (``owner/name``) through huggingface_hub."""
+                        device: torch.device | str = "cpu", cache_dir: str | None = None,
+                        dtype: torch.dtype | None = None) -> "CrossLayerTranscoder":
+        """Load from a folder, or from a Hugging Face Hub repo id (``owner/name``) through huggingface_hub.
+        ``dtype`` casts the weights (not thresholds and input scales) while loading, one tensor at a time."""
         directory = Path(path_or_repo)
         if not directory.is_dir():
             directory = _download_from_hub(str(path_or_repo), revision, cache_dir)
         config = CLTConfig.from_dict(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
-        tensors = load_tensors(directory / WEIGHTS_FILE, device=device)
+        cast = None if dtype is None else (lambda name, t: t if cls.keeps_fp32(name) else t.to(dtype))
+        tensors = load_tensors(directory / WEIGHTS_FILE, device=device, cast=cast)
         with torch.device("meta"):
             clt = cls(config)
         expected = {name: tuple(t.shape) for name, t in clt.state_dict().items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .bundle import Bundle, validate_repo_id
+from .report import evaluation_summary_markdown
 from .storage import write_bytes
 
 CARD = "README.md"
@@ -41,14 +42,8 @@ def model_card(bundle: Bundle) -> str:
         "",
         "## Evaluation",
         "",
-        "| CLT | images | baseline top-1 % | mean R^2 | mean L0 | top-1 %, full cascade cls / patches / all |",
-        "|---|---|---|---|---|---|",
+        *evaluation_summary_markdown(m.get("evaluation", {})),
     ]
-    for name, s in m.get("evaluation", {}).items():
-        full = s["accuracy_full_cascade"]
-        cascade = " / ".join(f"{full[t]:.2f}" for t in ("cls", "patches", "all") if t in full)
-        lines.append(f"| {name} | {s['n_images']} | {s['baseline_accuracy']:.2f} | {s['mean_r2']:.3f} | "
-                     f"{s['mean_l0']:.1f} | {cascade} |")
     return "\n".join(lines) + "\n"
 
 

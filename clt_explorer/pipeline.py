@@ -228,18 +228,22 @@ class Builder:
         return f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s{resumed}"
 
     def _examples(self, bundle: Bundle, test_data) -> str:
-        """A few test images for the app, spread over the split."""
+        """A few test images for the app: the first image of classes spread evenly over the class list."""
         folder = self.root / "examples"
         folder.mkdir(parents=True, exist_ok=True)
-        step = max(1, len(test_data) // N_EXAMPLES)
-        for n, index in enumerate(range(0, step * N_EXAMPLES, step)):
-            image, label = test_data[index]
+        first = {}
+        for index, label in enumerate(test_data.labels):
+            first.setdefault(label, index)
+        present = sorted(first)
+        wanted = [present[i * len(present) // N_EXAMPLES] for i in range(min(N_EXAMPLES, len(present)))]
+        for n, label in enumerate(wanted):
+            image, label = test_data[first[label]]
             name = re.sub(r"[^A-Za-z0-9_-]", "_", test_data.classnames[label])
             with atomic_path(folder / f"{n:02d}_{name}.png") as tmp:
                 image.convert("RGB").save(tmp, format="PNG")
         bundle.manifest["examples"] = "examples"
         bundle.save()
-        return f"{N_EXAMPLES} test images"
+        return f"{len(wanted)} test images"
 
     def _thumbnails_done(self, bundle: Bundle, count: int) -> bool:
         return "thumbnails" in bundle.manifest and len(ThumbnailStore(bundle.path("thumbnails"))) == count
@@ -337,3 +341,18 @@ def preset_jobs(preset: str, datasets: list[str] | None = None, backbones: list[
     train = dataclasses.replace(settings.pop("train", TrainConfig()), **(train_overrides or {}))
     return [BundleJob(dataset=d, backbone=b, train=train, dataset_options=dataset_options(d, data_root), **settings)
             for d in datasets or chosen["datasets"] for b in backbones or chosen["backbones"]]
+
+
+def default_bundle(checkpoints: str | Path, progress: bool = True) -> Bundle:
+    """The first bundle under ``checkpoints/`` (by name), else the demo bundle built there (cached for the
+    next start)."""
+    checkpoints = Path(checkpoints)
+    found = sorted(checkpoints.glob(f"*/{MANIFEST}"))
+    if found:
+        return Bundle.load(found[0].parent)
+    jobs = preset_jobs("demo")
+    reports = build_bundles(jobs, checkpoints, progress=progress)
+    failed = [r for r in reports if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"building the offline demo bundle failed: {failed}")
+    return Bundle.load(checkpoints / jobs[0].name)

@@ -178,6 +178,18 @@ def contributions_figure(results: dict[str, dict]) -> go.Figure:
     return figure
 
 
+def evaluation_summary_markdown(summary: dict[str, dict]) -> list[str]:
+    """Markdown table lines of a bundle's evaluation summary (one row per CLT)."""
+    lines = ["| CLT | images | teacher top-1 % | mean R² | mean L0 | top-1 % with the CLT in every block: "
+             "cls / patches / all |", "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        full = s["accuracy_full_cascade"]
+        cascade = " / ".join(f"{full[t]:.2f}" for t in ("cls", "patches", "all") if t in full)
+        lines.append(f"| {name} | {s['n_images']} | {s['baseline_accuracy']:.2f} | {s['mean_r2']:.3f} | "
+                     f"{s['mean_l0']:.1f} | {cascade} |")
+    return lines
+
+
 def write_figure(figure: go.Figure, path_without_suffix: Path) -> list[Path]:
     """Write ``.html`` always and ``.png`` when kaleido finds a Chrome/Chromium; returns what was written."""
     html = path_without_suffix.with_suffix(".html")

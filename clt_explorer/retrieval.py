@@ -184,7 +184,9 @@ INDEX_TYPES = {"exact": ExactIndex, "compact": SparseIndex}
 
 
 @dataclass
-class Neighbour:
+class Hit:
+    """One retrieved image: its row (= thumbnail id) and cosine similarity."""
+
     image_id: int
     score: float
 
@@ -208,16 +210,16 @@ class RetrievalIndex:
         return sum(index.nbytes for per_layer in self.indexes.values() for index in per_layer)
 
     def search(self, queries: dict[str, list[torch.Tensor]], k: int, layers: Sequence[int] | None = None
-               ) -> dict[str, dict[int, list[list[Neighbour]]]]:
+               ) -> dict[str, dict[int, list[list[Hit]]]]:
         """Top-k per token set and layer, for query descriptors as made by :func:`descriptors`:
-        result[tokens][layer][query] is a list of neighbours, best first."""
+        result[tokens][layer][query] is a list of hits, best first."""
         layers = range(self.n_layers) if layers is None else layers
-        out: dict[str, dict[int, list[list[Neighbour]]]] = {}
+        out: dict[str, dict[int, list[list[Hit]]]] = {}
         for tokens, per_layer in queries.items():
             out[tokens] = {}
             for layer in layers:
                 scores, ids = self.indexes[tokens][layer].search(per_layer[layer].cpu().numpy(), k)
-                out[tokens][layer] = [[Neighbour(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0]
+                out[tokens][layer] = [[Hit(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0]
                                       for row_s, row_i in zip(scores, ids)]
         return out
 

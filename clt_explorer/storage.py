@@ -9,10 +9,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -70,13 +70,24 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file, raising :class:`AssetError` naming the file when it is missing or corrupt."""
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, raising :class:`AssetError` naming the file when it is missing or corrupt.
+    With ``cast`` (name, tensor -> tensor), tensors are read and converted one at a time, each through
+    its own memory map, so that peak memory is the converted total plus one tensor."""
     path = Path(path)
     if not path.is_file():
         raise AssetError(f"{path}: file is missing")
     try:
-        return load_file(str(path), device=str(device))
+        if cast is None:
+            return load_file(str(path), device=str(device))
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+        tensors = {}
+        for name in names:
+            with safe_open(str(path), "pt") as f:
+                tensors[name] = cast(name, f.get_tensor(name)).to(device)
+        return tensors
     except (SafetensorError, OSError, ValueError) as error:
         raise AssetError(f"{path}: not a readable safetensors file ({error})") from error
 

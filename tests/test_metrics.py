@@ -4,8 +4,15 @@ import scipy.special
 import scipy.stats
 import torch
 
-from clt_explorer.metrics import (CKAAccumulator, FaithfulnessAccumulator, ReconstructionAccumulator, kl_divergence,
-                                  linear_cka, spearman_rows, top_k_overlap)
+from clt_explorer.metrics import (
+    CKAAccumulator,
+    FaithfulnessAccumulator,
+    ReconstructionAccumulator,
+    kl_divergence,
+    linear_cka,
+    spearman_rows,
+    top_k_overlap,
+)
 
 
 def numpy_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_BUNDLE_SETTINGS, TINY_BUNDLE_TRAIN
 
 from clt_explorer.bundle import Bundle
 from clt_explorer.hub import model_card, push_bundle
 from clt_explorer.pipeline import build_bundles, preset_jobs
 from clt_explorer.retrieval import RetrievalIndex
 from clt_explorer.thumbnails import ThumbnailStore
-from conftest import TINY_BUNDLE_SETTINGS, TINY_BUNDLE_TRAIN
 
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).with_name("pipeline_worker.py")
@@ -44,7 +44,8 @@ def test_demo_bundle_is_complete_and_a_rerun_skips_every_step(tiny_bundle):
         clt = tiny_bundle.load_clt(name, tiny_bundle.load_teacher())
         RetrievalIndex.load(tiny_bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features, 1500)
         assert name in tiny_bundle.manifest["evaluation"]
-    assert len(list(tiny_bundle.path("examples").glob("*.png"))) == 8
+    examples = sorted(p.name for p in tiny_bundle.path("examples").glob("*.png"))
+    assert len(examples) == 8 and len({name.split("_", 1)[1] for name in examples}) == 8  # 8 classes
     jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS)
     reports = build_bundles(jobs, tiny_bundle.root.parent, torch.device("cpu"), progress=False)
     assert {r.status for r in reports} == {"skipped"}, [r for r in reports if r.status != "skipped"]
@@ -102,7 +103,7 @@ def test_push_to_hub_uploads_the_folder_with_a_model_card(tiny_bundle, monkeypat
     assert url.endswith("abc") and calls == [("create", "me/demo"), ("upload", "me/demo", str(tiny_bundle.root))]
     card = (tiny_bundle.root / "README.md").read_text()
     assert card == model_card(tiny_bundle)
-    assert "local-dir:teacher" in card and "synthetic" in card and "relu_topk" in card and "mean R^2" in card
+    assert "local-dir:teacher" in card and "synthetic" in card and "relu_topk" in card and "mean R²" in card
     with pytest.raises(ValueError, match="invalid Hub repo id"):
         push_bundle(tiny_bundle, "../escape")
 

@@ -1,7 +1,13 @@
 import copy
 
-from clt_explorer.report import (CASCADE_COLUMNS, FAITHFULNESS_COLUMNS, cascade_rows, faithfulness_rows,
-                                 paper_comparison, paper_rows)
+from clt_explorer.report import (
+    CASCADE_COLUMNS,
+    FAITHFULNESS_COLUMNS,
+    cascade_rows,
+    faithfulness_rows,
+    paper_comparison,
+    paper_rows,
+)
 
 
 def fake_results(n_layers=12, dataset="cifar100", backbone="ViT-B-32"):

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from clt_explorer.data import load_dataset
-from clt_explorer.retrieval import (DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, SparseIndex, build_retrieval,
-                                    descriptors, truncate)
+from clt_explorer.retrieval import (
+    DESCRIPTOR_TOKENS,
+    ExactIndex,
+    RetrievalIndex,
+    SparseIndex,
+    build_retrieval,
+    descriptors,
+    truncate,
+)
 from clt_explorer.sparsifiers import SparseCodes
 from clt_explorer.storage import AssetError
 from clt_explorer.thumbnails import ThumbnailStore, build_thumbnails

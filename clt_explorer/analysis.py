@@ -1,0 +1,222 @@
+"""One image -> everything the app shows, as plain data.
+
+    image -> teacher forward with hooks (x_l, y_l for all l) -> CLT codes z_l
+      (a) contributions C_{s->l} of this image (CLS and patch tokens), beside the dataset's
+      (b) descriptors -> per-layer indexes -> the top-K training images of every layer i <= l
+      (c) teacher forward with the CLT replacing blocks s..L-1 for a token set -> zero-shot top-5,
+          beside the unmodified teacher's, with flip and KL
+      (d) per-layer reconstruction quality of this image
+
+The app, its API, the benchmarks and the tests all call :meth:`Explorer.analyze`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .bundle import Bundle
+from .clt import CrossLayerTranscoder
+from .evaluation_runs import RESULTS
+from .metrics import kl_divergence
+from .retrieval import RetrievalIndex, descriptors
+from .storage import read_json
+from .teacher import TOKEN_SETS
+from .thumbnails import ThumbnailStore
+from .zeroshot import ZeroShotClassifier
+
+BF16_ABOVE_BYTES = 2**30  # CLTs larger than this run in bfloat16 on a CPU by default
+
+
+@dataclass
+class Prediction:
+    classname: str
+    probability: float
+
+
+@dataclass
+class Neighbour:
+    thumbnail_id: int
+    classname: str
+    similarity: float
+
+
+@dataclass
+class Predictions:
+    """Zero-shot top-5 of the teacher and of the CLT replacement of blocks start..L-1 for a token set."""
+
+    teacher: list[Prediction]
+    surrogate: list[Prediction]
+    flip: bool
+    kl: float
+
+
+@dataclass
+class LayerQuality:
+    """How well the CLT reconstructs this image's MLP outputs at one layer (all tokens)."""
+
+    layer: int
+    r2: float
+    cosine: float
+    l0: float
+
+
+@dataclass
+class Analysis:
+    sparsifier: str
+    tokens: str
+    start: int
+    target: int
+    top_k: int
+    predictions: Predictions
+    contributions: dict[str, list[list[float]]]
+    dataset_contributions: dict[str, list[list[float]]] | None
+    retrievals: dict[str, list[list[Neighbour]]]
+    reconstruction: list[LayerQuality]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _top(logits: torch.Tensor, classnames: list[str], k: int = 5) -> list[Prediction]:
+    probabilities = logits.double().softmax(-1)
+    values, indices = probabilities.topk(min(k, len(classnames)))
+    return [Prediction(classnames[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
+
+
+class Explorer:
+    """A bundle opened for analysis: teacher, zero-shot classifier, and (loaded on first use) the CLTs,
+    their retrieval indexes and the thumbnails. Safe to share between the threads of a web server."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", clt_dtype: torch.dtype | None = None):
+        self.bundle, self.device, self.clt_dtype = bundle, torch.device(device), clt_dtype
+        self.teacher = bundle.load_teacher(self.device)
+        self.classifier = ZeroShotClassifier(self.teacher, bundle.classnames, bundle.templates)
+        self.thumbnails = ThumbnailStore(bundle.path("thumbnails")) if "thumbnails" in bundle.manifest else None
+        self._clts: dict[str, CrossLayerTranscoder] = {}
+        self._indexes: dict[str, RetrievalIndex | None] = {}
+        self._lock = threading.Lock()
+        if not bundle.clt_names:
+            raise ValueError(f"bundle {bundle.name!r} holds no CLT")
+
+    @property
+    def n_layers(self) -> int:
+        return self.teacher.n_layers
+
+    @property
+    def clt_names(self) -> list[str]:
+        return self.bundle.clt_names
+
+    def examples(self) -> list[Path]:
+        """The bundle's example images."""
+        if "examples" not in self.bundle.manifest:
+            return []
+        return sorted(self.bundle.path(self.bundle.manifest["examples"], "examples").glob("*.png"))
+
+    def clt(self, name: str) -> CrossLayerTranscoder:
+        """CLT ``name``, loaded once (bfloat16 on a CPU when it is larger than 1 GiB, unless told otherwise)."""
+        with self._lock:
+            if name not in self._clts:
+                folder = self.bundle.clt_dir(name)
+                dtype = self.clt_dtype
+                if dtype is None and self.device.type == "cpu":
+                    weights = (folder / "model.safetensors").stat().st_size
+                    dtype = torch.bfloat16 if weights > BF16_ABOVE_BYTES else None
+                clt = CrossLayerTranscoder.from_pretrained(folder, device=self.device, dtype=dtype)
+                self._clts[name] = self.bundle.check_clt(clt, self.teacher, folder)
+            return self._clts[name]
+
+    def index(self, name: str) -> RetrievalIndex | None:
+        """The retrieval indexes of CLT ``name`` (None when the bundle has none)."""
+        with self._lock:
+            if name not in self._indexes:
+                folder = self.bundle.clt_dir(name) / "retrieval"
+                if folder.is_dir() and self.thumbnails is not None:
+                    c = self.bundle.clt_config(name)
+                    self._indexes[name] = RetrievalIndex.load(folder, c.n_layers, c.n_features, len(self.thumbnails))
+                else:
+                    self._indexes[name] = None
+            return self._indexes[name]
+
+    def dataset_contributions(self, name: str) -> dict[str, list[list[float]]] | None:
+        """Dataset-level C_{s->l} of CLT ``name`` from its evaluation, when the bundle has one."""
+        path = self.bundle.clt_dir(name) / RESULTS
+        return read_json(path)["contributions"] if path.is_file() else None
+
+    def _check(self, sparsifier: str, tokens: str, start: int, target: int | None, top_k: int) -> int:
+        if sparsifier not in self.clt_names:
+            raise ValueError(f"unknown CLT {sparsifier!r}; this bundle has {self.clt_names}")
+        if tokens not in TOKEN_SETS:
+            raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
+        target = self.n_layers - 1 if target is None else target
+        for name, value in (("start", start), ("target", target)):
+            if not 0 <= value < self.n_layers:
+                raise ValueError(f"{name} layer must be in [0, {self.n_layers - 1}], got {value}")
+        if not 1 <= top_k <= 50:
+            raise ValueError(f"top-K must be in [1, 50], got {top_k}")
+        return target
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image, sparsifier: str, tokens: str = "cls", start: int = 0,
+                teacher_embedding: torch.Tensor | None = None) -> Predictions:
+        """Zero-shot top-5 of the teacher and of the CLT replacing blocks start..L-1 for ``tokens``."""
+        self._check(sparsifier, tokens, start, None, 1)
+        pixels = self.teacher.preprocess_images([image]).to(self.device)
+        if teacher_embedding is None:
+            teacher_embedding = self.teacher.encode_images(pixels)
+        with self.teacher.replace_mlps(self.clt(sparsifier).surrogate(), start, tokens):
+            surrogate_embedding = self.teacher.encode_images(pixels)
+        teacher_logits = self.classifier.logits(teacher_embedding)
+        surrogate_logits = self.classifier.logits(surrogate_embedding)
+        names = self.classifier.classnames
+        return Predictions(_top(teacher_logits[0], names), _top(surrogate_logits[0], names),
+                           bool(teacher_logits.argmax() != surrogate_logits.argmax()),
+                           float(kl_divergence(teacher_logits, surrogate_logits)[0]))
+
+    @torch.no_grad()
+    def analyze(self, image: Image.Image, sparsifier: str, tokens: str = "cls", start: int = 0,
+                target: int | None = None, top_k: int = 3) -> Analysis:
+        """Everything the app shows for one image."""
+        began = time.perf_counter()
+        target = self._check(sparsifier, tokens, start, target, top_k)
+        clt = self.clt(sparsifier)
+        pixels = self.teacher.preprocess_images([image]).to(self.device)
+        capture = self.teacher.capture(pixels)
+        codes = clt.encode_sparse(capture.xs)
+        yhat = clt.decode(codes).float()
+        contributions = {tokens_: clt.contributions([c.take_tokens(index) for c in codes]).tolist()
+                         for tokens_, index in (("cls", slice(0, 1)), ("patches", slice(1, None)))}
+        retrievals = self._retrieve(sparsifier, codes, target, top_k)
+        predictions = self.predict(image, sparsifier, tokens, start, capture.embeddings)
+        return Analysis(sparsifier, tokens, start, target, top_k, predictions, contributions,
+                        self.dataset_contributions(sparsifier), retrievals,
+                        _quality(capture.ys.float(), yhat, codes), time.perf_counter() - began)
+
+    def _retrieve(self, sparsifier: str, codes, target: int, top_k: int) -> dict[str, list[list[Neighbour]]]:
+        index = self.index(sparsifier)
+        if index is None:
+            return {}
+        found = index.search(descriptors(codes), top_k, range(target + 1))
+        names = self.classifier.classnames
+        return {tokens: [[Neighbour(n.image_id, names[self.thumbnails.labels[n.image_id]], n.score)
+                          for n in per_layer[layer][0]] for layer in range(target + 1)]
+                for tokens, per_layer in found.items()}
+
+
+def _quality(ys: torch.Tensor, yhat: torch.Tensor, codes) -> list[LayerQuality]:
+    """Per layer, over this image's tokens: R^2, mean cosine and mean L0."""
+    out = []
+    for layer in range(ys.shape[0]):
+        y, y_hat = ys[layer].flatten(0, -2), yhat[layer].flatten(0, -2)
+        sst = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        out.append(LayerQuality(layer, float(1 - (y - y_hat).pow(2).sum() / sst),
+                                float(torch.nn.functional.cosine_similarity(y, y_hat, dim=-1).mean()),
+                                float(codes[layer].l0().float().mean())))
+    return out

@@ -1,0 +1,125 @@
+"""The running app, driven through gradio_client and through a real browser (Playwright + Debian chromium)."""
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from clt_explorer.analysis import Explorer
+from clt_explorer.ui import CSS, THEME, UploadLimits, build_ui
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def explorer(tiny_bundle):
+    return Explorer(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def app_url(explorer):
+    demo = build_ui(explorer, UploadLimits(max_bytes=2 * 2**20, max_pixels=4_000_000))
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            show_error=True, max_file_size=2 * 2**20, theme=THEME, css=CSS)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def analyze(client, path, sparsifier="relu_topk", tokens="all", start=1, target=3, top_k=3, heatmap="cls"):
+    return client.predict(handle_file(str(path)), sparsifier, tokens, start, target, top_k, heatmap,
+                          api_name="/analyze")
+
+
+def test_upload_returns_every_output_consistent_with_the_library(client, explorer):
+    path = explorer.examples()[2]
+    outputs = analyze(client, path)
+    preview, teacher, surrogate, summary, image_heatmap, dataset_heatmap, quality, data = outputs[:8]
+    galleries = outputs[8:8 + 2 * explorer.n_layers]
+    direct = explorer.analyze(Image.open(path).convert("RGB"), "relu_topk", "all", 1, 3, 3)
+    assert Path(preview).is_file()
+    assert teacher["label"] == direct.predictions.teacher[0].classname
+    assert surrogate["label"] == direct.predictions.surrogate[0].classname
+    expected = {p.classname: p.probability for p in direct.predictions.surrogate}
+    got = {c["label"]: c["confidence"] for c in surrogate["confidences"]}
+    assert got.keys() == expected.keys() and all(abs(got[k] - expected[k]) < 1e-6 for k in got)
+    assert "blocks 1→3" in summary and f"{direct.predictions.kl:.4f}" in summary
+    assert np.allclose(data["contributions"]["cls"], direct.contributions["cls"])
+    assert data["retrievals"] == direct.to_dict()["retrievals"]
+    assert image_heatmap is not None and dataset_heatmap is not None
+    assert [row[0] for row in quality["data"]] == list(range(explorer.n_layers))
+    assert np.allclose([row[1] for row in quality["data"]], [q.r2 for q in direct.reconstruction], atol=1e-4)
+    for layer in range(explorer.n_layers):
+        for tokens, gallery in zip(("cls", "patches"), galleries[2 * layer:2 * layer + 2]):
+            hits = direct.retrievals[tokens][layer]
+            assert [item["caption"] for item in gallery] == [f"{h.classname} · {h.similarity:.2f}" for h in hits]
+
+
+def test_predict_endpoint_matches_the_library(client, explorer):
+    path = explorer.examples()[0]
+    teacher, surrogate, summary = client.predict(handle_file(str(path)), "abs_topk", "patches", 2,
+                                                 api_name="/predict")
+    direct = explorer.predict(Image.open(path).convert("RGB"), "abs_topk", "patches", 2)
+    assert surrogate["label"] == direct.surrogate[0].classname and "blocks 2→3" in summary
+
+
+def test_empty_submit_gets_a_clear_message_and_the_server_keeps_serving(client, explorer):
+    with pytest.raises(Exception, match="upload an image"):
+        client.predict(None, "relu_topk", "cls", 0, 3, 3, "cls", api_name="/analyze")
+    assert analyze(client, explorer.examples()[1])[1]["label"]
+
+
+@pytest.mark.browser
+def test_browser_upload_renders_everything_and_range_changes_update_predictions(app_url, explorer):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CLT_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1800})
+            page = browser.new_page()
+            page.goto(app_url)
+            page.locator("#upload input[type=file]").set_input_files(str(explorer.examples()[3]))
+            last = explorer.n_layers - 1
+            expect(page.locator(f"#gallery_{last}_cls img").first).to_be_visible(timeout=60_000)
+            expect(page.locator(f"#gallery_{last}_patches img").first).to_be_visible()
+            expect(page.locator("#image_heatmap .js-plotly-plot")).to_be_visible()
+            expect(page.locator("#dataset_heatmap .js-plotly-plot")).to_be_visible()
+            expect(page.locator("#summary")).to_contain_text(f"blocks 0→{last}")
+            expect(page.locator("#teacher")).to_contain_text("%")
+            number = page.locator("#start input[type=number]")
+            number.fill("2")
+            number.press("Enter")
+            expect(page.locator("#summary")).to_contain_text(f"blocks 2→{last}", timeout=30_000)
+            page.locator("#tokens").get_by_text("patches", exact=True).click()
+            expect(page.locator("#summary")).to_contain_text("the patches tokens", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+            browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
