@@ -19,6 +19,7 @@ On disk (a folder per CLT):  manifest.json + ``{tokens}_{layer:02d}.safetensors`
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from .clt import CrossLayerTranscoder
 from .data import image_batches
 from .sparsifiers import SparseCodes
-from .storage import AssetError, atomic_path, check_keys, load_tensors, read_json, save_tensors, write_json
+from .storage import AssetError, atomic_path, check_keys, read_json, write_json
 from .teacher import Teacher, token_index
 
 DESCRIPTOR_TOKENS = ("cls", "patches")
@@ -111,7 +112,8 @@ class SparseIndex:
     (int8 when descriptors can be negative, else uint8) with one float32 scale per image row, so that
     score_r = scale_r * sum_f q_f * value_rf. A query touches only the columns of its active features."""
 
-    suffix = ".safetensors"
+    suffix = ".sparse"  # a folder of .npy arrays, memory-mapped when loaded
+    ARRAYS = ("data", "indices", "indptr", "row_scale")
 
     def __init__(self, matrix: scipy.sparse.csc_matrix, row_scale: np.ndarray, query_keep: int):
         self.matrix, self.row_scale, self.query_keep = matrix, row_scale, query_keep
@@ -156,28 +158,38 @@ class SparseIndex:
         return np.stack(scores_out), np.stack(ids_out)
 
     def save(self, path: Path) -> None:
+        """Write the arrays (numpy's format, no pickles) and meta.json into folder ``path``, atomically."""
         m = self.matrix
-        save_tensors(path, {"data": torch.from_numpy(m.data), "indices": torch.from_numpy(m.indices.astype(np.int32)),
-                            "indptr": torch.from_numpy(m.indptr.astype(np.int64)),
-                            "row_scale": torch.from_numpy(self.row_scale),
-                            "shape": torch.tensor(m.shape, dtype=torch.long),
-                            "query_keep": torch.tensor(self.query_keep)})
+        arrays = {"data": m.data, "indices": m.indices.astype(np.int32), "indptr": m.indptr.astype(np.int32),
+                  "row_scale": self.row_scale}
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+        write_json(tmp / "meta.json", {"shape": list(m.shape), "query_keep": self.query_keep})
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
 
     @classmethod
     def load(cls, path: Path) -> "SparseIndex":
-        t = load_tensors(path)
-        if set(t) != {"data", "indices", "indptr", "row_scale", "shape", "query_keep"}:
-            raise AssetError(f"{path}: not a sparse retrieval index (tensors {sorted(t)})")
-        n, n_features = t["shape"].tolist()
+        """Memory-map the arrays: only the pages that queries touch become resident."""
+        meta = read_json(path / "meta.json")
+        check_keys(meta, {"shape", "query_keep"}, set(), str(path / "meta.json"))
         try:
-            matrix = scipy.sparse.csc_matrix((t["data"].numpy(), t["indices"].numpy(), t["indptr"].numpy()),
-                                             shape=(n, n_features))
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in cls.ARRAYS}
+        except (OSError, ValueError) as error:
+            raise AssetError(f"{path}: unreadable index array ({error})") from error
+        n, n_features = meta["shape"]
+        try:
+            matrix = scipy.sparse.csc_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
+                                             shape=(n, n_features), copy=False)
             matrix.check_format(full_check=False)
         except ValueError as error:
             raise AssetError(f"{path}: inconsistent sparse index ({error})") from error
-        if t["row_scale"].shape != (n,):
-            raise AssetError(f"{path}: {t['row_scale'].shape[0]} row scales for {n} rows")
-        return cls(matrix, t["row_scale"].numpy(), int(t["query_keep"]))
+        if arrays["row_scale"].shape != (n,):
+            raise AssetError(f"{path}: {arrays['row_scale'].shape[0]} row scales for {n} rows")
+        return cls(matrix, arrays["row_scale"], int(meta["query_keep"]))
 
 
 INDEX_TYPES = {"exact": ExactIndex, "compact": SparseIndex}

@@ -159,6 +159,28 @@ def aux_k_loss(clt: CrossLayerTranscoder, out: CLTOutput, ys: torch.Tensor, dead
     return total
 
 
+def training_step(model: torch.nn.Module, clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
+                  tracker: DeadFeatureTracker, xs: torch.Tensor, ys: torch.Tensor, cfg: TrainConfig,
+                  autocast: torch.dtype | None, sparse: bool | None) -> tuple[torch.Tensor, CLTOutput]:
+    """One optimisation step on a token batch (``model`` is the CLT or its DDP wrapper)."""
+    c = clt.config
+    with torch.autocast(xs.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        out = model(xs, sparse)
+        loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
+        if cfg.aux_coef > 0 and bool(tracker.dead.any()):
+            loss = loss + cfg.aux_coef * aux_k_loss(clt, out, ys, tracker.dead, cfg.aux_k)
+        if c.sparsifier == "jumprelu" and cfg.l0_coef > 0:
+            l0 = torch.stack([clt.jumprelu_l0(layer, p) for layer, p in enumerate(out.pre)])
+            loss = loss + cfg.l0_coef * ((l0 - c.k) / c.k).pow(2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(clt.parameters(), cfg.grad_clip)
+    optimizer.step()
+    tracker.update(out.codes, xs.shape[1])
+    return loss.detach(), out
+
+
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
@@ -274,20 +296,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
                     initialize_from_data(clt, xs, ys)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    out = model(xs, sparse)
-                    loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
-                    if cfg.aux_coef > 0 and bool(tracker.dead.any()):
-                        loss = loss + cfg.aux_coef * aux_k_loss(clt, out, ys, tracker.dead, cfg.aux_k)
-                    if clt_config.sparsifier == "jumprelu" and cfg.l0_coef > 0:
-                        l0 = torch.stack([clt.jumprelu_l0(layer, p) for layer, p in enumerate(out.pre)])
-                        loss = loss + cfg.l0_coef * ((l0 - clt_config.k) / clt_config.k).pow(2).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(clt.parameters(), cfg.grad_clip)
-                optimizer.step()
-                tracker.update(out.codes, xs.shape[1])
+                loss, out = training_step(model, clt, optimizer, tracker, xs, ys, cfg, autocast, sparse)
                 step += 1
                 tokens += xs.shape[1] * world_size
                 bar.update(1)
@@ -295,12 +304,12 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
                     metrics = layer_metrics(out, ys)
                     record = {"step": step, "epoch": batch.position.epoch, "tokens": tokens,
                               "seconds": round(time.time() - started, 3), "lr": optimizer.param_groups[0]["lr"],
-                              "loss": float(loss.detach()), **metrics,
+                              "loss": float(loss), **metrics,
                               "dead_fraction": tracker.dead.float().mean(1).tolist()}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     mean_fvu = sum(metrics["fvu"]) / len(metrics["fvu"])
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", fvu=f"{mean_fvu:.3f}")
+                    bar.set_postfix(loss=f"{float(loss):.4g}", fvu=f"{mean_fvu:.3f}")
                 position = _next_position(stream, batch.position)
                 if step >= total_steps:
                     break

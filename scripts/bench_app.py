@@ -1,0 +1,148 @@
+"""Time one full analysis as the app does it (all panels: predictions with and without replacement,
+contributions, retrieval at every layer, reconstruction, and the rendering of galleries and heatmaps)
+and the peak resident memory, for the tiny-CLIP bundle and for a bundle of the true ViT-B/32 size.
+
+The true-size bundle has random weights: an open_clip ViT-B-32-quickgelu teacher, a CLT with
+F = 12288 and k = 128 (849M parameters), compact retrieval indexes of 50k images for all 12 layers
+(synthetic codes of the true sparsity, from bench_retrieval.py) and 50k thumbnails. It is built once
+into --cache (about 6 GB, a few minutes). Each bundle is measured in a fresh process (clean peak RSS).
+
+    python scripts/bench_app.py [--tiny-bundle DIR] [--cache DIR] [--repeats 5] [--skip-true-size]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from bench_retrieval import synthetic_descriptors
+from PIL import Image
+
+from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.analysis import Explorer
+from clt_explorer.bundle import Bundle
+from clt_explorer.data.resources import cifar100_classnames, cifar_templates
+from clt_explorer.pipeline import default_bundle
+from clt_explorer.retrieval import SparseIndex, truncate
+from clt_explorer.storage import atomic_path, save_tensors, write_json
+from clt_explorer.teacher import LOCAL_DIR, Teacher
+from clt_explorer.thumbnails import INDEX, META
+from clt_explorer.tiny_clip import save_open_clip_folder
+from clt_explorer.ui import App, UploadLimits
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path.home() / ".cache" / "clt-explorer" / "bench-true-size"
+N_IMAGES = 50_000
+
+
+def build_true_size_bundle(folder: Path) -> Path:
+    """A random-weight bundle with the sizes of a real ViT-B/32 one (skipped when present)."""
+    if (folder / "bundle.json").is_file():
+        return folder
+    start = time.time()
+    torch.manual_seed(0)
+    arch = "ViT-B-32-quickgelu"
+    model = open_clip.create_model(arch)
+    preprocess = {"size": 224, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    save_open_clip_folder(model, open_clip.get_model_config(arch), preprocess, folder / "teacher")
+    teacher = Teacher.load(LOCAL_DIR + str(folder / "teacher"))
+    clt = CrossLayerTranscoder(CLTConfig(12, 768, 16, "relu_topk", 128, teacher=teacher.identity))
+    clt.save_pretrained(folder / "clts" / "relu_topk")
+    del clt
+    print(f"teacher and CLT written ({time.time() - start:.0f} s); generating {N_IMAGES} synthetic descriptors")
+    descriptors = synthetic_descriptors(N_IMAGES, 12288, 128, 49, seed=0)
+    retrieval = folder / "clts" / "relu_topk" / "retrieval"
+    keep = {"cls": 128, "patches": 448}
+    for tokens in ("cls", "patches"):
+        SparseIndex.build(*truncate(descriptors[tokens], keep[tokens]), 12288, 1024).save(retrieval / f"{tokens}.sparse")
+    del descriptors
+    # every layer names the same index: the same bytes, mapped once per layer as real ones would be
+    write_json(retrieval / "manifest.json", {"mode": "compact", "n_images": N_IMAGES, "n_layers": 12,
+                                             "n_features": 12288, "settings": {"keep": keep, "query_keep": 1024},
+                                             "files": {t: [f"{t}.sparse"] * 12 for t in ("cls", "patches")}})
+    offsets, rng = [0], np.random.default_rng(0)
+    with atomic_path(folder / "thumbnails" / "images.bin") as tmp, open(tmp, "wb") as out:
+        for _ in range(N_IMAGES):
+            buffer = io.BytesIO()
+            Image.new("RGB", (96, 96), tuple(int(c) for c in rng.integers(0, 255, 3))).save(buffer, format="JPEG")
+            out.write(buffer.getvalue())
+            offsets.append(offsets[-1] + buffer.tell())
+    labels = torch.from_numpy(rng.integers(0, 100, N_IMAGES))
+    save_tensors(folder / "thumbnails" / INDEX, {"offsets": torch.tensor(offsets), "labels": labels,
+                                                   "dataset_indices": torch.arange(N_IMAGES)})
+    write_json(folder / "thumbnails" / META, {"count": N_IMAGES, "size": 96, "split": "train"})
+    bundle = Bundle.create(folder, "true-size-random", {"model": "local-dir:teacher"},
+                           {"name": "cifar100", "classnames": cifar100_classnames(), "templates": cifar_templates()},
+                           thumbnails="thumbnails")
+    bundle.add_clt("relu_topk")
+    bundle.save()
+    print(f"true-size bundle built in {time.time() - start:.0f} s")
+    return folder
+
+
+def measure(bundle_path: str, repeats: int) -> dict:
+    """In this process: open the bundle as the app does, then time full analyses and rendering."""
+    torch.set_num_threads(2)
+    start = time.time()
+    explorer = Explorer(Bundle.load(bundle_path))
+    app = App(explorer, UploadLimits())
+    name = explorer.clt_names[0]
+    explorer.clt(name), explorer.index(name)
+    load_s = time.time() - start
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+              for i in range(repeats + 1)]
+    times = []
+    for i, image in enumerate(images):
+        began = time.perf_counter()
+        analysis = explorer.analyze(image, name, "all", 0, explorer.n_layers - 1, 3)
+        app.render(image, analysis, "cls")
+        if i:  # the first one warms up
+            times.append(time.perf_counter() - began)
+    return {"load_s": load_s, "analysis_s": float(np.median(times)), "analysis_max_s": max(times),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "clt_dtype": str(explorer.clt(name).W_enc.dtype).replace("torch.", "")}
+
+
+def measure_in_subprocess(bundle: Path, repeats: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--measure", str(bundle), "--repeats", str(repeats)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny-bundle", help="default: the app's default bundle under checkpoints/ (built if absent)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the true-size bundle is built once")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-true-size", action="store_true")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.repeats)))
+        return
+    tiny = Path(args.tiny_bundle) if args.tiny_bundle else default_bundle(ROOT / "checkpoints").root
+    rows = {"tiny CLIP": measure_in_subprocess(tiny, args.repeats)}
+    if not args.skip_true_size:
+        rows["ViT-B/32 size"] = measure_in_subprocess(build_true_size_bundle(Path(args.cache)), args.repeats)
+    print(f"\n{'bundle':14} {'load s':>7} {'analysis s':>11} {'max s':>7} {'peak RSS GB':>12} {'CLT dtype':>10}")
+    for name, r in rows.items():
+        print(f"{name:14} {r['load_s']:7.1f} {r['analysis_s']:11.3f} {r['analysis_max_s']:7.3f} "
+              f"{r['peak_rss_gb']:12.2f} {r['clt_dtype']:>10}")
+    true = rows.get("ViT-B/32 size", {})
+    print(json.dumps({"analysis_s_tiny": rows["tiny CLIP"]["analysis_s"], "analysis_s_true_size": true.get("analysis_s"),
+                      "peak_rss_gb": true.get("peak_rss_gb"), "peak_rss_gb_tiny": rows["tiny CLIP"]["peak_rss_gb"],
+                      "details": rows}))
+
+
+if __name__ == "__main__":
+    main()
