@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationStream, Position
 from .checkpointing import load_checkpoint, save_checkpoint
-from .clt import CLTConfig, CLTOutput, CrossLayerTranscoder
+from .clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CLTOutput, CrossLayerTranscoder
 from .sparsifiers import SparseCodes
-from .storage import AssetError, check_keys, read_json, write_json
+from .storage import AssetError, check_keys, read_json, write_bytes, write_json
 from .teacher import Teacher
 
 SUMMARY_FILE = "training.json"
@@ -213,7 +213,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             break
-    path.write_text("".join(f"{line}\n" for line in kept))
+    write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 @dataclass
@@ -228,7 +228,7 @@ class TrainResult:
 def is_trained(out_dir: str | Path) -> bool:
     """A run is complete once its summary, final config and weights exist."""
     out_dir = Path(out_dir)
-    return all((out_dir / name).is_file() for name in (SUMMARY_FILE, "config.json", "model.safetensors"))
+    return all((out_dir / name).is_file() for name in (SUMMARY_FILE, CONFIG_FILE, WEIGHTS_FILE))
 
 
 def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: TrainConfig,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import socket
 
 import open_clip
 import pytest
 import torch
+from gradio_client import Client
 
+from clt_explorer.analysis import Explorer
 from clt_explorer.teacher import LOCAL_DIR, Teacher
 from clt_explorer.tiny_clip import PREPROCESS_CONFIG, TINY_CLIP_CONFIG, save_open_clip_folder
+from clt_explorer.ui import CSS, THEME, UploadLimits, build_ui
 
 
 def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> Teacher:
@@ -43,3 +47,30 @@ def tiny_bundle(tmp_path_factory):
     failed = [r for r in reports if r.status == "failed"]
     assert not failed, failed
     return Bundle.load(out / jobs[0].name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def explorer(tiny_bundle):
+    return Explorer(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def app_url(explorer):
+    """The app on the tiny bundle, with 2 MB and 4 million pixel upload limits."""
+    demo = build_ui(explorer, UploadLimits(max_bytes=2 * 2**20, max_pixels=4_000_000))
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            show_error=True, max_file_size=2 * 2**20, theme=THEME, css=CSS)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(app_url):
+    return Client(app_url, verbose=False)

@@ -2,48 +2,18 @@
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
-
-from clt_explorer.analysis import Explorer
-from clt_explorer.ui import CSS, THEME, UploadLimits, build_ui
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def explorer(tiny_bundle):
-    return Explorer(tiny_bundle)
-
-
-@pytest.fixture(scope="session")
-def app_url(explorer):
-    demo = build_ui(explorer, UploadLimits(max_bytes=2 * 2**20, max_pixels=4_000_000))
-    demo.queue(default_concurrency_limit=2, max_size=32)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            show_error=True, max_file_size=2 * 2**20, theme=THEME, css=CSS)
-    yield url
-    demo.close()
-
-
-@pytest.fixture(scope="session")
-def client(app_url):
-    return Client(app_url, verbose=False)
 
 
 def analyze(client, path, sparsifier="relu_topk", tokens="all", start=1, target=3, top_k=3, heatmap="cls"):
@@ -101,8 +71,9 @@ def test_browser_upload_renders_everything_and_range_changes_update_predictions(
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                           args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1800})
+            browser = p.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+                viewport={"width": 1400, "height": 1800})
             page = browser.new_page()
             page.goto(app_url)
             page.locator("#upload input[type=file]").set_input_files(str(explorer.examples()[3]))

@@ -111,7 +111,7 @@ def test_ddp_two_processes_end_with_identical_weights(teacher_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["step:7", "checkpoint:2"])
+@pytest.mark.parametrize("kill_at", ["step:2", "step:7", "checkpoint:1", "checkpoint:2", "final:1"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path, kill_at):
     reference = run_worker(teacher_dir, tmp_path / "reference", "abs_topk", checkpoint_every=3)
     assert reference.returncode == 0, reference.stderr[-3000:]

@@ -4,7 +4,8 @@ usage: python tests/train_worker.py TEACHER_DIR OUT_DIR SPARSIFIER [checkpoint_e
 (or under torchrun). Every rank saves its final weights as OUT_DIR/rank{r}.safetensors.
 With KILL_AT=step:N the process SIGKILLs itself after optimizer step N; with
 KILL_AT=checkpoint:N it dies halfway through writing its N-th checkpoint (weights written,
-optimizer state and pointer not).
+optimizer state and pointer not); with KILL_AT=final:1 it dies after writing the final weights,
+before the run's summary.
 """
 
 import os
@@ -46,12 +47,12 @@ def install_kill_switch() -> None:
             return original_lr(step, total, cfg)
 
         train._lr_factor = lr_factor
-    elif where == "checkpoint":
+    elif where in ("checkpoint", "final"):
         original_save = clt_module.save_tensors
 
         def save_tensors_then_die(path, tensors, metadata=None):
             original_save(path, tensors, metadata)
-            if "checkpoints" in str(path):
+            if ("checkpoints" in str(path)) == (where == "checkpoint"):
                 die_after(int(count))
 
         clt_module.save_tensors = save_tensors_then_die
