@@ -98,7 +98,8 @@ class Explorer:
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", clt_dtype: torch.dtype | None = None):
         self.bundle, self.device, self.clt_dtype = bundle, torch.device(device), clt_dtype
         self.teacher = bundle.load_teacher(self.device)
-        self.classifier = ZeroShotClassifier(self.teacher, bundle.classnames, bundle.templates)
+        self.classifier = ZeroShotClassifier.load_or_build(self.teacher, bundle.classnames, bundle.templates,
+                                                           bundle.zeroshot_path())
         self.thumbnails = ThumbnailStore(bundle.path("thumbnails")) if "thumbnails" in bundle.manifest else None
         self._clts: dict[str, CrossLayerTranscoder] = {}
         self._indexes: dict[str, RetrievalIndex | None] = {}

@@ -7,6 +7,7 @@
     clts/<sparsifier>/retrieval/     per-layer retrieval indexes
     thumbnails/                      training-image thumbnails
     examples/                        a few test images for the app
+    zeroshot.safetensors             cached class text embeddings (saves the app minutes at start-up)
 
 bundle.json names the teacher (open_clip architecture + pretrained tag, or ``local-dir:teacher``
 relative to the bundle), the dataset (adapter name, options, class names, templates) and, per
@@ -32,7 +33,7 @@ HF_PREFIX = "hf://"
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
 
 _TOP_KEYS = {"format", "version", "name", "teacher", "dataset", "clts"}
-_OPTIONAL_KEYS = {"created", "description", "retrieval", "thumbnails", "examples", "evaluation", "settings"}
+_OPTIONAL_KEYS = {"created", "description", "thumbnails", "examples", "zeroshot", "evaluation", "settings"}
 _TEACHER_KEYS = {"model"}
 _TEACHER_OPTIONAL = {"pretrained", "identity"}
 _DATASET_KEYS = {"name", "classnames", "templates"}
@@ -151,6 +152,10 @@ class Bundle:
         """Register (and return) the folder of CLT ``name``; call :meth:`save` to persist."""
         self.manifest["clts"][validate_name(name, "CLT name")] = folder or f"clts/{name}"
         return self.clt_dir(name)
+
+    def zeroshot_path(self) -> Path | None:
+        """The cached zero-shot text embeddings, when the bundle has them."""
+        return self.path(self.manifest["zeroshot"], "zeroshot") if "zeroshot" in self.manifest else None
 
     def teacher_model_name(self) -> str:
         """The open_clip model name, with a bundle-relative ``local-dir:`` resolved to an absolute path."""

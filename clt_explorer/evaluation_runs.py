@@ -44,7 +44,8 @@ def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_im
             results[clt.config.sparsifier] = read_json(cached)
             continue
         if classifier is None:
-            classifier = ZeroShotClassifier(teacher, bundle.classnames, bundle.templates)
+            classifier = ZeroShotClassifier.load_or_build(teacher, bundle.classnames, bundle.templates,
+                                                          bundle.zeroshot_path())
             test_data = bundle_test_split(bundle)
         result = evaluate_clt(teacher, clt, test_data, classifier, batch_size, max_images, progress=progress)
         result.update(dataset_labels(bundle))

@@ -32,11 +32,12 @@ from .teacher import LOCAL_DIR, Teacher
 from .thumbnails import ThumbnailStore, build_thumbnails
 from .tiny_clip import train_tiny_clip
 from .train import TrainConfig, default_device, is_trained, train_clt, world
-from .zeroshot import zero_shot_accuracy
+from .zeroshot import ZeroShotClassifier, zero_shot_accuracy
 
 TINY_TEACHER = "tiny-clip"
 BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-16-quickgelu", "openai")}
 N_EXAMPLES = 8
+ZEROSHOT_FILE = "zeroshot.safetensors"
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Builder:
         if self.rank != 0:
             return self.reports
         bundle = self._bundle(test_data)
+        self.step("zero-shot classifier", lambda: "zeroshot" in bundle.manifest,
+                  lambda: self._zeroshot(bundle, teacher))
         self.step("examples", lambda: "examples" in bundle.manifest, lambda: self._examples(bundle, test_data))
         indices = self._subset(train_data, job.retrieval_images)
         self.step("thumbnails", lambda: self._thumbnails_done(bundle, len(indices)),
@@ -219,6 +222,14 @@ class Builder:
         bundle.manifest["settings"] = _settings(self.job)
         bundle.save()
         return bundle
+
+    def _zeroshot(self, bundle: Bundle, teacher: Teacher) -> str:
+        """Cache the class text embeddings in the bundle (the app then starts without the text tower's work)."""
+        classifier = ZeroShotClassifier.build(teacher, bundle.classnames, bundle.templates)
+        classifier.save(self.root / ZEROSHOT_FILE, teacher)
+        bundle.manifest["zeroshot"] = ZEROSHOT_FILE
+        bundle.save()
+        return f"{len(classifier.templates)} templates x {len(classifier.classnames)} classes"
 
     def _train(self, teacher: Teacher, data, sparsifier: str) -> str:
         job = self.job

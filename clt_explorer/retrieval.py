@@ -19,6 +19,7 @@ On disk (a folder per CLT):  manifest.json + ``{tokens}_{layer:02d}.safetensors`
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -115,8 +116,18 @@ class SparseIndex:
     suffix = ".sparse"  # a folder of .npy arrays, memory-mapped when loaded
     ARRAYS = ("data", "indices", "indptr", "row_scale")
 
-    def __init__(self, matrix: scipy.sparse.csc_matrix, row_scale: np.ndarray, query_keep: int):
+    def __init__(self, matrix: scipy.sparse.csc_matrix, row_scale: np.ndarray, query_keep: int,
+                 maps: Sequence[np.memmap] = ()):
         self.matrix, self.row_scale, self.query_keep = matrix, row_scale, query_keep
+        self._maps = maps
+
+    def _release_pages(self) -> None:
+        """Unmap the file pages the last search touched (they stay in the OS page cache): the process's
+        resident memory then holds one query's pages at a time, not every page any query ever touched."""
+        for array in self._maps:
+            handle = getattr(array, "_mmap", None)  # numpy keeps the mmap object of a memmap here
+            if handle is not None:
+                handle.madvise(mmap.MADV_DONTNEED)
 
     @classmethod
     def build(cls, indices: np.ndarray, values: np.ndarray, n_features: int, query_keep: int) -> "SparseIndex":
@@ -155,6 +166,7 @@ class SparseIndex:
             top = top[np.argsort(-scores[top], kind="stable")]
             scores_out.append(scores[top])
             ids_out.append(top)
+        self._release_pages()
         return np.stack(scores_out), np.stack(ids_out)
 
     def save(self, path: Path) -> None:
@@ -189,7 +201,7 @@ class SparseIndex:
             raise AssetError(f"{path}: inconsistent sparse index ({error})") from error
         if arrays["row_scale"].shape != (n,):
             raise AssetError(f"{path}: {arrays['row_scale'].shape[0]} row scales for {n} rows")
-        return cls(matrix, arrays["row_scale"], int(meta["query_keep"]))
+        return cls(matrix, arrays["row_scale"], int(meta["query_keep"]), [arrays["data"], arrays["indices"]])
 
 
 INDEX_TYPES = {"exact": ExactIndex, "compact": SparseIndex}
@@ -332,3 +344,19 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
         indexes = {tokens: [spool.index(c.n_features, query_keep) for spool in per_layer]
                    for tokens, per_layer in spools.items()}
     return RetrievalIndex(indexes, mode, {"keep": keep, "query_keep": query_keep})
+
+
+@torch.no_grad()
+def same_class_rates(teacher: Teacher, clt: CrossLayerTranscoder, index: RetrievalIndex, labels: Sequence[int],
+                     queries: Dataset, n_queries: int, k: int = 3, batch_size: int = 64) -> dict[str, list[float]]:
+    """Per token set and layer: the share of the top-k retrieved images (labels[row]) that have the class of
+    the query, over the first ``n_queries`` images of a held-out dataset."""
+    hits = {tokens: np.zeros(index.n_layers) for tokens in DESCRIPTOR_TOKENS}
+    n_queries = min(n_queries, len(queries))
+    for pixels, query_labels, _ in image_batches(queries, teacher.preprocess, batch_size, range(n_queries)):
+        found = index.search(descriptors(clt.encode_sparse(teacher.capture(pixels.to(teacher.device)).xs)), k)
+        for tokens, per_layer in found.items():
+            for layer, results in per_layer.items():
+                hits[tokens][layer] += sum(labels[h.image_id] == int(q) for q, row in zip(query_labels, results)
+                                           for h in row)
+    return {tokens: (counts / (n_queries * k)).tolist() for tokens, counts in hits.items()}

@@ -74,10 +74,13 @@ class ThumbnailStore:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def image(self, thumbnail_id: int) -> Image.Image:
+    def jpeg(self, thumbnail_id: int) -> bytes:
+        """The JPEG file of one thumbnail."""
         if not 0 <= thumbnail_id < len(self):
             raise IndexError(f"thumbnail id {thumbnail_id} out of range [0, {len(self)})")
-        data = self._bytes[self.offsets[thumbnail_id]:self.offsets[thumbnail_id + 1]]
-        image = Image.open(io.BytesIO(data))
+        return self._bytes[self.offsets[thumbnail_id]:self.offsets[thumbnail_id + 1]]
+
+    def image(self, thumbnail_id: int) -> Image.Image:
+        image = Image.open(io.BytesIO(self.jpeg(thumbnail_id)))
         image.load()
         return image

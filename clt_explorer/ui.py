@@ -8,8 +8,9 @@ Every event has an ``api_name``, so the app is also a documented API (``/analyze
 from __future__ import annotations
 
 import json
-import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -18,6 +19,7 @@ from PIL import Image
 from .analysis import Analysis, Explorer, Predictions
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
 from .report import contribution_heatmap, evaluation_summary_markdown
+from .storage import write_bytes
 from .teacher import TOKEN_SETS
 
 try:  # on Hugging Face ZeroGPU Spaces, GPU work runs inside functions decorated with spaces.GPU
@@ -28,7 +30,6 @@ except ImportError:  # anywhere else the decorator does nothing
     def gpu(fn):
         return fn
 
-log = logging.getLogger(__name__)
 THEME = gr.themes.Soft()
 CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600}"
 
@@ -86,6 +87,7 @@ class App:
     def __init__(self, explorer: Explorer, limits: UploadLimits):
         self.explorer, self.limits = explorer, limits
         self.n_layers = explorer.n_layers
+        self._thumbnail_dir = Path(tempfile.mkdtemp(prefix="clt-explorer-thumbnails-"))
 
     def _image(self, path: str | None) -> Image.Image:
         try:
@@ -93,8 +95,12 @@ class App:
         except ImageError as error:
             raise gr.Error(str(error)) from error
 
-    def _thumbnail(self, thumbnail_id: int) -> Image.Image:
-        return self.explorer.thumbnails.image(thumbnail_id)
+    def _thumbnail(self, thumbnail_id: int) -> str:
+        """A thumbnail as a JPEG file (written once, served as is: no re-encoding per request)."""
+        path = self._thumbnail_dir / f"{thumbnail_id}.jpg"
+        if not path.is_file():
+            write_bytes(path, self.explorer.thumbnails.jpeg(thumbnail_id))
+        return str(path)
 
     def render(self, image: Image.Image, analysis: Analysis, heatmap_tokens: str) -> list:
         data = json.loads(json.dumps(analysis.to_dict()))
@@ -118,7 +124,8 @@ class App:
                 *[gr.Row(visible=layer == 0) for layer in range(self.n_layers)]]
 
     @gpu
-    def analyze(self, path, sparsifier, tokens, start, target, top_k, heatmap_tokens, progress=gr.Progress()):
+    def analyze(self, path, sparsifier, tokens, start, target, top_k, heatmap_tokens,
+                progress=gr.Progress(track_tqdm=True)):
         """Full analysis of an uploaded image (error when there is none)."""
         image = self._image(path)
         progress(0.1, desc="analysing")

@@ -38,6 +38,7 @@ from clt_explorer.teacher import LOCAL_DIR, Teacher
 from clt_explorer.thumbnails import INDEX, META
 from clt_explorer.tiny_clip import save_open_clip_folder
 from clt_explorer.ui import App, UploadLimits
+from clt_explorer.zeroshot import ZeroShotClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path.home() / ".cache" / "clt-explorer" / "bench-true-size"
@@ -48,6 +49,7 @@ def build_true_size_bundle(folder: Path) -> Path:
     """A random-weight bundle with the sizes of a real ViT-B/32 one (skipped when present)."""
     if (folder / "bundle.json").is_file():
         return folder
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(0)
     arch = "ViT-B-32-quickgelu"
@@ -86,6 +88,9 @@ def build_true_size_bundle(folder: Path) -> Path:
                            {"name": "cifar100", "classnames": cifar100_classnames(), "templates": cifar_templates()},
                            thumbnails="thumbnails")
     bundle.add_clt("relu_topk")
+    classifier = ZeroShotClassifier.build(teacher, bundle.classnames, bundle.templates)
+    classifier.save(folder / "zeroshot.safetensors", teacher)
+    bundle.manifest["zeroshot"] = "zeroshot.safetensors"
     bundle.save()
     print(f"true-size bundle built in {time.time() - start:.0f} s")
     return folder

@@ -57,7 +57,7 @@ def peak_rss_gb(pid: int) -> float:
 def user(url: str, images: list[Path], clt: str, n_layers: int, requests: int, offset: int, latencies: list,
          errors: list) -> None:
     """One user: ``requests`` full analyses, one after the other, cycling over images and start layers."""
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=False)  # the server's work, not this machine's downloads
     for i in range(requests):
         image = images[(offset + i) % len(images)]
         began = time.perf_counter()

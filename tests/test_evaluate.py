@@ -19,7 +19,7 @@ ROOT = Path(__file__).parent.parent
 def setup(random_teacher):
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(random_teacher.n_layers, random_teacher.d_model, 2, "abs_topk", 8))
-    classifier = ZeroShotClassifier(random_teacher, CLASSNAMES[:20], TEMPLATES)
+    classifier = ZeroShotClassifier.build(random_teacher, CLASSNAMES[:20], TEMPLATES)
     images = SyntheticShapes("test", n_images=40)
     pixels = random_teacher.preprocess_images([images[i][0] for i in range(40)])
     labels = torch.tensor([images.labels[i] % 20 for i in range(40)])

@@ -10,6 +10,7 @@ from clt_explorer.retrieval import (
     SparseIndex,
     build_retrieval,
     descriptors,
+    same_class_rates,
     truncate,
 )
 from clt_explorer.sparsifiers import SparseCodes
@@ -86,26 +87,14 @@ def test_thumbnail_store_round_trip(tmp_path):
         store.image(3)
 
 
-def same_class_rates(tiny_bundle, name, n_queries=200, k=3):
-    """Per token set and layer: share of the top-k neighbours of held-out images with their class."""
-    teacher = tiny_bundle.load_teacher()
-    clt = tiny_bundle.load_clt(name, teacher)
-    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
-    index = RetrievalIndex.load(tiny_bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features,
-                                len(store))
-    test = load_dataset("synthetic", "test", n_test=n_queries)
-    pixels = teacher.preprocess_images([test[i][0] for i in range(n_queries)])
-    with torch.no_grad():
-        queries = descriptors(clt.encode_sparse(teacher.capture(pixels).xs))
-    found = index.search(queries, k)
-    return {tokens: [float(np.mean([[store.labels[n.image_id] == test.labels[q] for n in neighbours]
-                                    for q, neighbours in enumerate(found[tokens][layer])]))
-                     for layer in range(clt.config.n_layers)] for tokens in DESCRIPTOR_TOKENS}
-
-
 @pytest.mark.slow
 def test_deeper_layers_retrieve_the_same_class_more_often(tiny_bundle):
-    rates = same_class_rates(tiny_bundle, "relu_topk")
+    teacher = tiny_bundle.load_teacher()
+    clt = tiny_bundle.load_clt("relu_topk", teacher)
+    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
+    index = RetrievalIndex.load(tiny_bundle.clt_dir("relu_topk") / "retrieval", n_images=len(store))
+    test = load_dataset("synthetic", "test", n_test=200)
+    rates = same_class_rates(teacher, clt, index, store.labels, test, n_queries=200, k=3)
     print("same-class rate of the top-3 per layer:", rates)
     assert rates["cls"][-1] > rates["cls"][0] + 0.05, rates
     assert rates["patches"][-1] > rates["patches"][0], rates  # patch means also carry the (random) background
