@@ -54,6 +54,7 @@ class TrainConfig:
     aux_k: int = 512
     dead_after_tokens: int = 10_000_000
     l0_coef: float = 1.0
+    threshold_lr_scale: float = 10.0
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -159,6 +160,18 @@ def aux_k_loss(clt: CrossLayerTranscoder, out: CLTOutput, ys: torch.Tensor, dead
     return total
 
 
+def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; JumpReLU thresholds get ``threshold_lr_scale`` x the learning rate: Adam moves each parameter by
+    about its learning rate per step, and thresholds must keep up with the encoder to hold L0 near k."""
+    thresholds = [p for name, p in clt.named_parameters() if name == "log_threshold"]
+    others = [p for name, p in clt.named_parameters() if name != "log_threshold"]
+    groups = [{"params": others, "base_lr": cfg.lr, "lr": cfg.lr}]
+    if thresholds:
+        lr = cfg.lr * cfg.threshold_lr_scale
+        groups.append({"params": thresholds, "base_lr": lr, "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def training_step(model: torch.nn.Module, clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
                   tracker: DeadFeatureTracker, xs: torch.Tensor, ys: torch.Tensor, cfg: TrainConfig,
                   autocast: torch.dtype | None, sparse: bool | None) -> tuple[torch.Tensor, CLTOutput]:
@@ -258,7 +271,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
 
     torch.manual_seed(cfg.seed)
     clt = CrossLayerTranscoder(clt_config, device=device)
-    optimizer = torch.optim.AdamW(clt.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(clt, cfg)
     tracker = DeadFeatureTracker(clt_config.n_layers, clt_config.n_features, cfg.dead_after_tokens, device)
     checkpoints = out_dir / "checkpoints"
     restored = load_checkpoint(checkpoints, clt, optimizer, device)
@@ -295,7 +308,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
                 if step == 0:
                     initialize_from_data(clt, xs, ys)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
+                    group["lr"] = group["base_lr"] * _lr_factor(step, total_steps, cfg)
                 loss, out = training_step(model, clt, optimizer, tracker, xs, ys, cfg, autocast, sparse)
                 step += 1
                 tokens += xs.shape[1] * world_size

@@ -20,7 +20,7 @@ import time
 import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.train import DeadFeatureTracker, TrainConfig, training_step
+from clt_explorer.train import DeadFeatureTracker, TrainConfig, make_optimizer, training_step
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,9 +53,9 @@ def tokens_per_second(config: CLTConfig, device: torch.device, batch_tokens: int
                       autocast: torch.dtype | None) -> float:
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(config, device=device)
-    optimizer = torch.optim.AdamW(clt.parameters(), lr=2e-4)
-    tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
     cfg = TrainConfig()
+    optimizer = make_optimizer(clt, cfg)
+    tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
     xs = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
     ys = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
     for _ in range(2):  # warm-up
