@@ -56,8 +56,8 @@ def open_upload(path: str | os.PathLike | None, max_bytes: int = DEFAULT_MAX_BYT
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageError(f"The image is {width} x {height} = {width * height / 1e6:.0f} million pixels; "
-                                     f"the limit is {max_pixels / 1e6:.0f} million.")
+                    raise ImageError(f"The image is too large: {width} x {height} = {width * height / 1e6:.0f} "
+                                     f"million pixels; the limit is {max_pixels / 1e6:.0f} million.")
                 image.seek(0)  # the first frame of an animation
                 image.load()
                 image = ImageOps.exif_transpose(image)
