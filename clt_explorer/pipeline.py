@@ -168,7 +168,7 @@ class Builder:
             teacher = train_tiny_clip(self.root / "teacher", steps=self.job.tiny_clip_steps, seed=self.job.seed,
                                       progress=self.progress)
             seconds = time.time() - start
-            accuracy = zero_shot_accuracy(teacher, self._dataset("test"), batch_size=4 * self.job.batch_size)
+            accuracy = zero_shot_accuracy(teacher, self._dataset("test"), 4 * self.job.batch_size, self.progress)
             detail = f"trained in {seconds:.0f} s; zero-shot top-1 on the test split {100 * accuracy:.1f}%"
         if self.world_size > 1:
             torch.distributed.barrier()

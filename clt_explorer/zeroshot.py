@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from .data import image_batches
 from .data.resources import as_format_strings
@@ -89,10 +90,11 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(teacher: Teacher, dataset, batch_size: int = 256) -> float:
+def zero_shot_accuracy(teacher: Teacher, dataset, batch_size: int = 256, progress: bool = True) -> float:
     """Top-1 zero-shot accuracy of the unmodified teacher on a dataset, with its class names and templates."""
     classifier = ZeroShotClassifier.build(teacher, dataset.classnames, dataset.templates)
     correct = 0
-    for pixels, labels, _ in image_batches(dataset, teacher.preprocess, batch_size):
+    batches = image_batches(dataset, teacher.preprocess, batch_size)
+    for pixels, labels, _ in tqdm(batches, desc="zero-shot accuracy", disable=not progress):
         correct += int((classifier.logits(teacher.encode_images(pixels)).argmax(-1) == labels.to(teacher.device)).sum())
     return correct / len(dataset)

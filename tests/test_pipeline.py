@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,26 @@ def test_push_to_hub_uploads_the_folder_with_a_model_card(tiny_bundle, monkeypat
     assert "local-dir:teacher" in card and "synthetic" in card and "relu_topk" in card and "mean R²" in card
     with pytest.raises(ValueError, match="invalid Hub repo id"):
         push_bundle(tiny_bundle, "../escape")
+
+
+def test_a_pushed_bundle_opens_from_the_hub_cache_offline(tiny_bundle, tmp_path, monkeypatch):
+    """hf://owner/repo resolves through huggingface_hub's cache (HF_HUB_OFFLINE: no network here)."""
+    from huggingface_hub import constants
+
+    from clt_explorer.bundle import open_bundle
+
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--me--clt-demo"
+    shutil.copytree(tiny_bundle.root, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    bundle = open_bundle("hf://me/clt-demo", cache_dir=str(tmp_path / "hub"))
+    assert bundle.name == tiny_bundle.name and bundle.clt_names == tiny_bundle.clt_names
+    teacher = bundle.load_teacher()
+    assert bundle.load_clt("relu_topk", teacher).config.teacher == teacher.identity
+    pinned = open_bundle("hf://me/clt-demo", revision=revision, cache_dir=str(tmp_path / "hub"))
+    assert pinned.root == bundle.root
 
 
 def test_help_documents_presets_and_overrides():
