@@ -23,9 +23,8 @@ def model_card(bundle: Bundle) -> str:
         "---",
         f"# {bundle.name}",
         "",
-        "Cross-Layer Transcoders (CLTs) trained on a frozen CLIP image tower with "
-        "[clt-explorer](https://github.com/). Open it in the app with "
-        "`python app.py --bundle hf://OWNER/REPO`.",
+        "Cross-Layer Transcoders (CLTs) trained on a frozen CLIP image tower with clt-explorer. "
+        "Open it in the app with `python app.py --bundle hf://OWNER/REPO`.",
         "",
         f"- **Teacher**: `{teacher['model']}`" + (f" with pretrained weights `{teacher['pretrained']}`"
                                                   if teacher.get("pretrained") else ""),

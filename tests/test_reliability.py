@@ -220,7 +220,7 @@ def test_nothing_can_unpickle_or_run_remote_code():
     sources = [*(ROOT / "clt_explorer").rglob("*.py"), ROOT / "app.py", *(ROOT / "scripts").glob("*.py")]
     for path in sources:
         text = path.read_text()
-        assert "import pickle" not in text and "pickle.load" not in text, path
+        assert not re.search(r"import pickle|\bpickle\.(load|loads)\(", text), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
         for call in re.findall(r"np\.load\([^)]*\)", text):

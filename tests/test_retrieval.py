@@ -87,12 +87,19 @@ def test_thumbnail_store_round_trip(tmp_path):
         store.image(3)
 
 
+def bundle_retrieval(bundle, name):
+    """Teacher, CLT, thumbnails and compact retrieval index of one CLT of a bundle."""
+    teacher = bundle.load_teacher()
+    clt = bundle.load_clt(name, teacher)
+    store = ThumbnailStore(bundle.path("thumbnails"))
+    index = RetrievalIndex.load(bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features,
+                                len(store))
+    return teacher, clt, store, index
+
+
 @pytest.mark.slow
 def test_deeper_layers_retrieve_the_same_class_more_often(tiny_bundle):
-    teacher = tiny_bundle.load_teacher()
-    clt = tiny_bundle.load_clt("relu_topk", teacher)
-    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
-    index = RetrievalIndex.load(tiny_bundle.clt_dir("relu_topk") / "retrieval", n_images=len(store))
+    teacher, clt, store, index = bundle_retrieval(tiny_bundle, "relu_topk")
     test = load_dataset("synthetic", "test", n_test=200)
     rates = same_class_rates(teacher, clt, index, store.labels, test, n_queries=200, k=3)
     print("same-class rate of the top-3 per layer:", rates)
@@ -102,11 +109,8 @@ def test_deeper_layers_retrieve_the_same_class_more_often(tiny_bundle):
 
 @pytest.mark.slow
 def test_bundle_indexes_find_each_indexed_image_and_agree_with_exact(tiny_bundle):
-    teacher = tiny_bundle.load_teacher()
-    clt = tiny_bundle.load_clt("abs_topk", teacher)
-    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
-    compact = RetrievalIndex.load(tiny_bundle.clt_dir("abs_topk") / "retrieval", n_images=len(store))
-    train = load_dataset("synthetic", "train", **{k: v for k, v in tiny_bundle.manifest["dataset"]["options"].items()})
+    teacher, clt, store, compact = bundle_retrieval(tiny_bundle, "abs_topk")
+    train = load_dataset("synthetic", "train", **tiny_bundle.manifest["dataset"]["options"])
     sample = store.dataset_indices[:300]
     exact = build_retrieval(teacher, clt, train, sample, mode="exact", progress=False)
     pixels = teacher.preprocess_images([train[i][0] for i in sample[:100]])
