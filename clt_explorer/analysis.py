@@ -24,10 +24,10 @@ from PIL import Image
 from .bundle import Bundle
 from .clt import CrossLayerTranscoder
 from .evaluation_runs import RESULTS
-from .metrics import kl_divergence
+from .metrics import ReconstructionAccumulator, kl_divergence
 from .retrieval import RetrievalIndex, descriptors
 from .storage import read_json
-from .teacher import TOKEN_SETS
+from .teacher import TOKEN_SETS, token_index
 from .thumbnails import ThumbnailStore
 from .zeroshot import ZeroShotClassifier
 
@@ -103,6 +103,7 @@ class Explorer:
         self.thumbnails = ThumbnailStore(bundle.path("thumbnails")) if "thumbnails" in bundle.manifest else None
         self._clts: dict[str, CrossLayerTranscoder] = {}
         self._indexes: dict[str, RetrievalIndex | None] = {}
+        self._dataset_contributions: dict[str, dict | None] = {}
         self._lock = threading.Lock()
         if not bundle.clt_names:
             raise ValueError(f"bundle {bundle.name!r} holds no CLT")
@@ -147,9 +148,12 @@ class Explorer:
             return self._indexes[name]
 
     def dataset_contributions(self, name: str) -> dict[str, list[list[float]]] | None:
-        """Dataset-level C_{s->l} of CLT ``name`` from its evaluation, when the bundle has one."""
-        path = self.bundle.clt_dir(name) / RESULTS
-        return read_json(path)["contributions"] if path.is_file() else None
+        """Dataset-level C_{s->l} of CLT ``name`` from its evaluation, when the bundle has one (read once)."""
+        with self._lock:
+            if name not in self._dataset_contributions:
+                path = self.bundle.clt_dir(name) / RESULTS
+                self._dataset_contributions[name] = read_json(path)["contributions"] if path.is_file() else None
+            return self._dataset_contributions[name]
 
     def _check(self, sparsifier: str, tokens: str, start: int, target: int | None, top_k: int) -> int:
         if sparsifier not in self.clt_names:
@@ -165,13 +169,14 @@ class Explorer:
         return target
 
     @torch.no_grad()
-    def predict(self, image: Image.Image, sparsifier: str, tokens: str = "cls", start: int = 0,
-                teacher_embedding: torch.Tensor | None = None) -> Predictions:
+    def predict(self, image: Image.Image, sparsifier: str, tokens: str = "cls", start: int = 0) -> Predictions:
         """Zero-shot top-5 of the teacher and of the CLT replacing blocks start..L-1 for ``tokens``."""
         self._check(sparsifier, tokens, start, None, 1)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
-        if teacher_embedding is None:
-            teacher_embedding = self.teacher.encode_images(pixels)
+        return self._predict(pixels, sparsifier, tokens, start, self.teacher.encode_images(pixels))
+
+    def _predict(self, pixels: torch.Tensor, sparsifier: str, tokens: str, start: int,
+                 teacher_embedding: torch.Tensor) -> Predictions:
         with self.teacher.replace_mlps(self.clt(sparsifier).surrogate(), start, tokens):
             surrogate_embedding = self.teacher.encode_images(pixels)
         teacher_logits = self.classifier.logits(teacher_embedding)
@@ -192,10 +197,10 @@ class Explorer:
         capture = self.teacher.capture(pixels)
         codes = clt.encode_sparse(capture.xs)
         yhat = clt.decode(codes).float()
-        contributions = {tokens_: clt.contributions([c.take_tokens(index) for c in codes]).tolist()
-                         for tokens_, index in (("cls", slice(0, 1)), ("patches", slice(1, None)))}
+        contributions = {tokens_: clt.contributions([c.take_tokens(token_index(tokens_)) for c in codes]).tolist()
+                         for tokens_ in ("cls", "patches")}
         retrievals = self._retrieve(sparsifier, codes, target, top_k)
-        predictions = self.predict(image, sparsifier, tokens, start, capture.embeddings)
+        predictions = self._predict(pixels, sparsifier, tokens, start, capture.embeddings)
         return Analysis(sparsifier, tokens, start, target, top_k, predictions, contributions,
                         self.dataset_contributions(sparsifier), retrievals,
                         _quality(capture.ys.float(), yhat, codes), time.perf_counter() - began)
@@ -213,11 +218,8 @@ class Explorer:
 
 def _quality(ys: torch.Tensor, yhat: torch.Tensor, codes) -> list[LayerQuality]:
     """Per layer, over this image's tokens: R^2, mean cosine and mean L0."""
-    out = []
-    for layer in range(ys.shape[0]):
-        y, y_hat = ys[layer].flatten(0, -2), yhat[layer].flatten(0, -2)
-        sst = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
-        out.append(LayerQuality(layer, float(1 - (y - y_hat).pow(2).sum() / sst),
-                                float(torch.nn.functional.cosine_similarity(y, y_hat, dim=-1).mean()),
-                                float(codes[layer].l0().float().mean())))
-    return out
+    accumulator = ReconstructionAccumulator(ys.shape[0], ys.shape[-1])
+    accumulator.update(ys.flatten(1, -2), yhat.flatten(1, -2))
+    r = accumulator.result()
+    return [LayerQuality(layer, r["r2"][layer], r["cosine"][layer], float(codes[layer].l0().float().mean()))
+            for layer in range(ys.shape[0])]

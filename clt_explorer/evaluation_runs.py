@@ -8,7 +8,7 @@ import torch
 
 from .bundle import Bundle
 from .clt import CrossLayerTranscoder
-from .data import DATASETS, load_dataset
+from .data import load_dataset, split_name
 from .evaluate import evaluate_clt
 from .storage import read_json, write_json
 from .teacher import Teacher
@@ -20,7 +20,7 @@ RESULTS = "evaluation/results.json"
 def bundle_test_split(bundle: Bundle):
     """The held-out split of the bundle's dataset."""
     dataset = bundle.manifest["dataset"]
-    split = dataset.get("test_split") or DATASETS[dataset["name"]].test_split
+    split = dataset.get("test_split") or split_name(dataset["name"], "test")
     return load_dataset(dataset["name"], split, **dataset.get("options", {}))
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from .bundle import MANIFEST, Bundle, validate_name
 from .clt import CLTConfig
-from .data import DATASETS, Subset, load_dataset
+from .data import Subset, load_dataset, split_name
 from .data.coco import LABEL_RULE
 from .evaluation_runs import RESULTS, evaluate_bundle
 from .retrieval import MANIFEST as RETRIEVAL_MANIFEST
@@ -138,15 +138,16 @@ class Builder:
         indices = self._subset(train_data, job.retrieval_images)
         self.step("thumbnails", lambda: self._thumbnails_done(bundle, len(indices)),
                   lambda: self._thumbnails(bundle, train_data, indices))
-        for sparsifier in trained:
+        for sparsifier in trained:  # a CLT is loaded only by a step that runs, not to find a step complete
             bundle.add_clt(sparsifier)
             bundle.save()
-            clt = bundle.load_clt(sparsifier, teacher, self.device)
             folder = bundle.clt_dir(sparsifier)
             self.step(f"evaluate {sparsifier}", lambda: (folder / RESULTS).is_file(),
                       lambda: self._evaluate(bundle, teacher, sparsifier))
-            self.step(f"retrieval {sparsifier}", lambda: self._retrieval_done(folder, clt, len(indices)),
-                      lambda: self._retrieval(teacher, clt, train_data, indices, folder))
+            self.step(f"retrieval {sparsifier}",
+                      lambda: self._retrieval_done(folder, bundle.clt_config(sparsifier), len(indices)),
+                      lambda: self._retrieval(teacher, bundle.load_clt(sparsifier, teacher, self.device), train_data,
+                                              indices, folder))
         bundle.manifest["evaluation"] = {name: evaluation_summary(read_json(bundle.clt_dir(name) / RESULTS))
                                          for name in bundle.clt_names if (bundle.clt_dir(name) / RESULTS).is_file()}
         bundle.save()
@@ -195,9 +196,7 @@ class Builder:
         return Teacher.load(model, pretrained, device=self.device), self._dataset("train"), self._dataset("test")
 
     def _dataset(self, which: str):
-        kind = DATASETS[self.job.dataset]
-        split = kind.train_split if which == "train" else kind.test_split
-        return load_dataset(self.job.dataset, split, **self.job.dataset_options)
+        return load_dataset(self.job.dataset, split_name(self.job.dataset, which), **self.job.dataset_options)
 
     def _subset(self, data, n: int | None) -> list[int]:
         """A fixed random subset of ``n`` indices (all of them when n is None), in increasing order."""
@@ -211,10 +210,9 @@ class Builder:
         else:
             job = self.job
             model, pretrained = job.teacher_spec()
-            kind = DATASETS[job.dataset]
             dataset = {"name": job.dataset, "options": job.dataset_options,
                        "classnames": list(test_data.classnames), "templates": list(test_data.templates),
-                       "train_split": kind.train_split, "test_split": kind.test_split}
+                       "train_split": split_name(job.dataset, "train"), "test_split": split_name(job.dataset, "test")}
             if job.dataset == "coco":
                 dataset["label_rule"] = LABEL_RULE
             bundle = Bundle.create(self.root, job.name, {"model": model, **({"pretrained": pretrained}
@@ -261,7 +259,7 @@ class Builder:
 
     def _thumbnails(self, bundle: Bundle, train_data, indices: list[int]) -> str:
         store = build_thumbnails(train_data, indices, self.root / "thumbnails", self.job.thumbnail_size,
-                                 split=DATASETS[self.job.dataset].train_split, progress=self.progress)
+                                 split=split_name(self.job.dataset, "train"), progress=self.progress)
         bundle.manifest["thumbnails"] = "thumbnails"
         bundle.save()
         return f"{len(store)} images, {store.offsets[-1] / 1e6:.1f} MB"
@@ -271,10 +269,10 @@ class Builder:
                                   force=True, progress=self.progress, teacher=teacher)[sparsifier]
         return f"{results['n_images']} images, baseline {results['cascade']['baseline']:.2f}%"
 
-    def _retrieval_done(self, folder: Path, clt, count: int) -> bool:
+    def _retrieval_done(self, folder: Path, config: CLTConfig, count: int) -> bool:
         if not (folder / "retrieval" / RETRIEVAL_MANIFEST).is_file():
             return False
-        RetrievalIndex.load(folder / "retrieval", clt.config.n_layers, clt.config.n_features, count)
+        RetrievalIndex.load(folder / "retrieval", config.n_layers, config.n_features, count)
         return True
 
     def _retrieval(self, teacher, clt, train_data, indices: list[int], folder: Path) -> str:

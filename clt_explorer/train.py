@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .activations import ActivationStream, Position
 from .checkpointing import load_checkpoint, save_checkpoint
 from .clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CLTOutput, CrossLayerTranscoder
+from .metrics import ReconstructionAccumulator
 from .sparsifiers import SparseCodes
 from .storage import AssetError, check_keys, read_json, write_bytes, write_json
 from .teacher import Teacher
@@ -204,13 +205,13 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def layer_metrics(out: CLTOutput, ys: torch.Tensor) -> dict[str, list[float]]:
-    """Per-layer MSE, fraction of variance unexplained and mean L0 of one batch."""
-    yhat, y = out.yhat.float(), ys.float()
-    error = (yhat - y).pow(2).sum((1, 2))
-    variance = (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+    """Per-layer MSE, fraction of variance unexplained (1 - R^2) and mean L0 of one batch."""
+    accumulator = ReconstructionAccumulator(ys.shape[0], ys.shape[-1])
+    accumulator.update(ys, out.yhat)
+    reconstruction = accumulator.result()
     return {
-        "mse": (error / y[0].numel()).tolist(),
-        "fvu": (error / variance).tolist(),
+        "mse": reconstruction["mse"],
+        "fvu": [1 - r2 for r2 in reconstruction["r2"]],
         "l0": [float(c.l0().float().mean()) for c in out.codes],
     }
 

@@ -45,6 +45,12 @@ DATASETS: dict[str, DatasetKind] = {
 }
 
 
+def split_name(name: str, which: str) -> str:
+    """The split a dataset kind calls ``train`` or ``test`` (e.g. ImageNet's held-out split is ``val``)."""
+    kind = DATASETS[name]
+    return kind.train_split if which == "train" else kind.test_split
+
+
 def load_dataset(name: str, split: str, **options) -> Dataset:
     """Open split ``split`` of dataset kind ``name`` (see :data:`DATASETS`) with its options."""
     if name not in DATASETS:
@@ -88,4 +94,4 @@ def preprocess_all(dataset: Dataset, transform: Callable, desc: str = "preproces
     return torch.cat(pixels), torch.cat(labels)
 
 
-__all__ = ["DATASETS", "DatasetMissing", "Subset", "image_batches", "load_dataset", "preprocess_all"]
+__all__ = ["DATASETS", "DatasetMissing", "Subset", "image_batches", "load_dataset", "preprocess_all", "split_name"]
