@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from clt_explorer.analysis import Explorer
-from clt_explorer.bundle import HF_PREFIX, open_bundle, validate_name
-from clt_explorer.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from clt_explorer.pipeline import default_bundle
-from clt_explorer.ui import CSS, THEME, UploadLimits, build_ui
+from clt_explorer.app.analysis import Explorer
+from clt_explorer.app.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from clt_explorer.app.ui import CSS, THEME, UploadLimits, build_ui
+from clt_explorer.assets.bundle import HF_PREFIX, open_bundle, validate_name
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
@@ -49,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_bundle(spec: str | None, revision: str | None):
     """--bundle as a folder, a name under checkpoints/ or hf://owner/repo; else the default bundle."""
     if not spec:
+        from clt_explorer.assets.pipeline import default_bundle  # the training stack, only when building
+
         return default_bundle(CHECKPOINTS)
     if spec.startswith(HF_PREFIX) or Path(spec).is_dir():
         return open_bundle(spec, revision)

@@ -1,6 +1,13 @@
-"""clt-explorer: Cross-Layer Transcoders on CLIP vision transformers."""
+"""clt-explorer: Cross-Layer Transcoders on CLIP vision transformers.
 
-from .clt import CLTConfig, CrossLayerTranscoder
+The package mirrors the data path, each subpackage importing only the ones listed before it:
+``storage``, ``cli`` and ``data`` (ground floor); ``model`` (teacher, sparsifiers, CLT, surrogate,
+zero-shot); ``evaluation.metrics``; ``training``; ``evaluation``; ``retrieval``; ``assets`` (bundle,
+pipeline, hub); ``app`` (analysis, feature drill-down, uploads, UI).
+"""
 
-__all__ = ["CLTConfig", "CrossLayerTranscoder"]
+from .model.clt import CLTConfig, CrossLayerTranscoder
+from .model.teacher import Teacher
+
+__all__ = ["CLTConfig", "CrossLayerTranscoder", "Teacher"]
 __version__ = "0.1.0"

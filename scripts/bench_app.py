@@ -13,7 +13,6 @@ into --cache (about 6 GB, a few minutes). Each bundle is measured in a fresh pro
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import subprocess
@@ -28,42 +27,56 @@ from bench_retrieval import synthetic_descriptors
 from PIL import Image
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.analysis import Explorer
-from clt_explorer.bundle import Bundle
+from clt_explorer.app.analysis import Explorer
+from clt_explorer.app.ui import App, UploadLimits
+from clt_explorer.assets.bundle import LOCAL_TEACHER, Bundle
+from clt_explorer.assets.pipeline import default_bundle
 from clt_explorer.data.resources import cifar100_classnames, cifar_templates
-from clt_explorer.pipeline import default_bundle
-from clt_explorer.retrieval import SparseIndex, truncate
-from clt_explorer.storage import atomic_path, save_tensors, write_json
-from clt_explorer.teacher import LOCAL_DIR, Teacher
-from clt_explorer.thumbnails import INDEX, META
-from clt_explorer.tiny_clip import save_open_clip_folder
-from clt_explorer.ui import App, UploadLimits
-from clt_explorer.zeroshot import ZeroShotClassifier
+from clt_explorer.model.zeroshot import ZeroShotClassifier
+from clt_explorer.retrieval.index import SparseIndex, truncate
+from clt_explorer.retrieval.thumbnails import build_thumbnails
+from clt_explorer.storage import write_json
+from clt_explorer.training.tiny_clip import save_open_clip_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path.home() / ".cache" / "clt-explorer" / "bench-true-size"
 N_IMAGES = 50_000
 
 
+class RandomColours(torch.utils.data.Dataset):
+    """Plain images of random colours with random labels: the thumbnails of the true-size bundle."""
+
+    def __init__(self, n: int):
+        rng = np.random.default_rng(0)
+        self.colours, self.labels = rng.integers(0, 255, (n, 3)), rng.integers(0, 100, n).tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return Image.new("RGB", (96, 96), tuple(int(c) for c in self.colours[i])), self.labels[i]
+
+
 def build_true_size_bundle(folder: Path) -> Path:
     """A random-weight bundle with the sizes of a real ViT-B/32 one (skipped when present)."""
-    if (folder / "bundle.json").is_file():
+    if Bundle.exists(folder):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(0)
+    bundle = Bundle.create(folder, "true-size-random", {"model": LOCAL_TEACHER},
+                           {"name": "cifar100", "classnames": cifar100_classnames(), "templates": cifar_templates()})
     arch = "ViT-B-32-quickgelu"
     model = open_clip.create_model(arch)
     preprocess = {"size": 224, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest"}
-    save_open_clip_folder(model, open_clip.get_model_config(arch), preprocess, folder / "teacher")
-    teacher = Teacher.load(LOCAL_DIR + str(folder / "teacher"))
+    save_open_clip_folder(model, open_clip.get_model_config(arch), preprocess, bundle.teacher_dir)
+    teacher = bundle.load_teacher()
     clt = CrossLayerTranscoder(CLTConfig(12, 768, 16, "relu_topk", 128, teacher=teacher.identity))
-    clt.save_pretrained(folder / "clts" / "relu_topk")
+    clt.save_pretrained(bundle.clt_dir("relu_topk"))
     del clt
     print(f"teacher and CLT written ({time.time() - start:.0f} s); generating {N_IMAGES} synthetic descriptors")
     descriptors = synthetic_descriptors(N_IMAGES, 12288, 128, 49, seed=0)
-    retrieval = folder / "clts" / "relu_topk" / "retrieval"
+    retrieval = bundle.retrieval_dir("relu_topk")
     keep = {"cls": 128, "patches": 448}
     for tokens in ("cls", "patches"):
         index = SparseIndex.build(*truncate(descriptors[tokens], keep[tokens]), 12288, 1024)
@@ -73,25 +86,11 @@ def build_true_size_bundle(folder: Path) -> Path:
     write_json(retrieval / "manifest.json", {"mode": "compact", "n_images": N_IMAGES, "n_layers": 12,
                                              "n_features": 12288, "settings": {"keep": keep, "query_keep": 1024},
                                              "files": {t: [f"{t}.sparse"] * 12 for t in ("cls", "patches")}})
-    offsets, rng = [0], np.random.default_rng(0)
-    with atomic_path(folder / "thumbnails" / "images.bin") as tmp, open(tmp, "wb") as out:
-        for _ in range(N_IMAGES):
-            buffer = io.BytesIO()
-            Image.new("RGB", (96, 96), tuple(int(c) for c in rng.integers(0, 255, 3))).save(buffer, format="JPEG")
-            out.write(buffer.getvalue())
-            offsets.append(offsets[-1] + buffer.tell())
-    labels = torch.from_numpy(rng.integers(0, 100, N_IMAGES))
-    save_tensors(folder / "thumbnails" / INDEX, {"offsets": torch.tensor(offsets), "labels": labels,
-                                                   "dataset_indices": torch.arange(N_IMAGES)})
-    write_json(folder / "thumbnails" / META, {"count": N_IMAGES, "size": 96, "split": "train"})
-    bundle = Bundle.create(folder, "true-size-random", {"model": "local-dir:teacher"},
-                           {"name": "cifar100", "classnames": cifar100_classnames(), "templates": cifar_templates()},
-                           thumbnails="thumbnails")
+    build_thumbnails(RandomColours(N_IMAGES), range(N_IMAGES), bundle.thumbnails_dir, size=96, progress=True)
+    bundle.set_thumbnails()
+    ZeroShotClassifier.build(teacher, bundle.classnames, bundle.templates).save(bundle.zeroshot_file, teacher)
+    bundle.set_zeroshot()
     bundle.add_clt("relu_topk")
-    classifier = ZeroShotClassifier.build(teacher, bundle.classnames, bundle.templates)
-    classifier.save(folder / "zeroshot.safetensors", teacher)
-    bundle.manifest["zeroshot"] = "zeroshot.safetensors"
-    bundle.save()
     print(f"true-size bundle built in {time.time() - start:.0f} s")
     return folder
 

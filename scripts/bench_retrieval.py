@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from clt_explorer.retrieval import ExactIndex, SparseIndex, truncate
+from clt_explorer.retrieval.index import ExactIndex, SparseIndex, truncate
 
 
 def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int, seed: int,

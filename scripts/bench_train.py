@@ -20,7 +20,7 @@ import time
 import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.train import DeadFeatureTracker, TrainConfig, make_optimizer, training_step
+from clt_explorer.training.train import DeadFeatureTracker, TrainConfig, make_optimizer, training_step
 
 
 def synchronize(device: torch.device) -> None:

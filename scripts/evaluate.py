@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clt_explorer.bundle import open_bundle
-from clt_explorer.evaluation_runs import evaluate_bundle
-from clt_explorer.report import write_report
-from clt_explorer.train import default_device
+from clt_explorer.assets.bundle import open_bundle
+from clt_explorer.assets.evaluation_runs import evaluate_bundle
+from clt_explorer.evaluation.report import write_report
+from clt_explorer.training.train import default_device
 
 
 def main() -> None:

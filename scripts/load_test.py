@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from gradio_client import Client, handle_file
 
-from clt_explorer.bundle import Bundle
-from clt_explorer.pipeline import default_bundle
+from clt_explorer.assets.bundle import Bundle
+from clt_explorer.assets.pipeline import default_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=64, help="the app's --queue-size")
     args = parser.parse_args()
     bundle = Bundle.load(args.bundle) if args.bundle else default_bundle(ROOT / "checkpoints")
-    images = sorted((bundle.root / "examples").glob("*.png"))
+    images = bundle.examples()
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--bundle", str(bundle.root), "--port", str(port),

@@ -1,7 +1,7 @@
 """Reproduce the paper's tables and figures for one bundle and lay them beside the paper's numbers.
 
 Writes into --out: cascade_accuracy.csv (the columns of the paper's tables 6-23), faithfulness.csv
-(table 5's columns, for the primary sparsifier) and faithfulness_<sparsifier>.csv, reconstruction.csv,
+(table 5's columns, for the primary CLT) and faithfulness_<clt>.csv, reconstruction.csv,
 tables.md, paper_comparison.csv when the bundle matches a configuration of the paper, results.json,
 and plotly figures (HTML, and PNG when a Chromium is found) of reconstruction and contributions.
 
@@ -15,11 +15,11 @@ import json
 import time
 from pathlib import Path
 
-from clt_explorer.bundle import open_bundle
-from clt_explorer.evaluation_runs import evaluate_bundle
-from clt_explorer.report import markdown_table, paper_comparison, write_report
+from clt_explorer.assets.bundle import open_bundle
+from clt_explorer.assets.evaluation_runs import evaluate_bundle
+from clt_explorer.evaluation.report import markdown_table, paper_comparison, write_report
 from clt_explorer.storage import write_json
-from clt_explorer.train import default_device
+from clt_explorer.training.train import default_device
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, help="evaluate on the first N held-out images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="default: cuda when available")
-    parser.add_argument("--primary", help="sparsifier of faithfulness.csv (default relu_topk)")
+    parser.add_argument("--primary", help="CLT name of faithfulness.csv (default: the bundle's first)")
     parser.add_argument("--force", action="store_true", help="re-evaluate even when the bundle holds results")
     args = parser.parse_args()
     start = time.time()

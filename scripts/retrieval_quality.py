@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from clt_explorer.bundle import open_bundle
-from clt_explorer.evaluation_runs import bundle_test_split
-from clt_explorer.retrieval import RetrievalIndex, same_class_rates
-from clt_explorer.thumbnails import ThumbnailStore
+from clt_explorer.assets.bundle import open_bundle
+from clt_explorer.assets.evaluation_runs import bundle_test_split
+from clt_explorer.retrieval.index import same_class_rates
 
 
 def main() -> None:
@@ -23,13 +22,12 @@ def main() -> None:
     args = parser.parse_args()
     bundle = open_bundle(args.bundle)
     teacher = bundle.load_teacher()
-    store = ThumbnailStore(bundle.path(bundle.manifest["thumbnails"], "thumbnails"))
+    store = bundle.load_thumbnails()
     test = bundle_test_split(bundle)
     results = {}
     for name in bundle.clt_names:
         clt = bundle.load_clt(name, teacher)
-        index = RetrievalIndex.load(bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features,
-                                    len(store))
+        index = bundle.load_index(name, len(store))
         results[name] = same_class_rates(teacher, clt, index, store.labels, test, args.queries, args.k)
     layers = len(next(iter(results.values()))["cls"])
     print(f"same-class rate of the top-{args.k} over {min(args.queries, len(test))} held-out images "

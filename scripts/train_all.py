@@ -23,16 +23,15 @@ from pathlib import Path
 
 import torch
 
-from clt_explorer.bundle import Bundle
+from clt_explorer.assets.bundle import Bundle
+from clt_explorer.assets.hub import push_bundle
+from clt_explorer.assets.pipeline import BACKBONES, PRESETS, TINY_TEACHER, BundleJob, build_bundles, preset_jobs
+from clt_explorer.cli import add_dataclass_arguments, given
 from clt_explorer.data import DATASETS
-from clt_explorer.hub import push_bundle
-from clt_explorer.pipeline import BACKBONES, PRESETS, TINY_TEACHER, build_bundles, preset_jobs
-from clt_explorer.retrieval import MODES
-from clt_explorer.sparsifiers import SPARSIFIERS
-from clt_explorer.train import TrainConfig, init_distributed
+from clt_explorer.model.sparsifiers import SPARSIFIERS
+from clt_explorer.training.train import TrainConfig, init_distributed
 
-TRAIN_FIELDS = {"epochs": int, "lr": float, "batch_tokens": int, "chunk_images": int, "max_steps": int,
-                "checkpoint_every": int, "warmup_steps": int, "num_workers": int, "seed": int}
+JOB_FIELDS_HANDLED_HERE = ("dataset", "backbone", "seed")  # plural --datasets/--backbones; the seed is training's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,35 +41,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), help="override the preset's datasets")
     parser.add_argument("--backbones", nargs="+",
                         help=f"{', '.join(BACKBONES)}, {TINY_TEACHER} or any open_clip ARCH:PRETRAINED_TAG")
-    parser.add_argument("--sparsifiers", nargs="+", choices=SPARSIFIERS, help="default: all three")
+    parser.add_argument("--sparsifiers", nargs="+", choices=list(SPARSIFIERS),
+                        help=f"one CLT per sparsifier (default: {' '.join(SPARSIFIERS)})")
     parser.add_argument("--data-root", help="folder of the dataset (see above)")
-    parser.add_argument("--expansion", type=int, help="features per layer = expansion x d_model")
-    parser.add_argument("--k", type=int, help="sparsity: active features per token (TopK) or L0 target (JumpReLU)")
-    for name, kind in TRAIN_FIELDS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"training: {name} "
-                            f"(default {getattr(TrainConfig(), name)}, or the preset's)")
-    parser.add_argument("--train-images", type=int, help="train on a random subset of this many images")
-    parser.add_argument("--eval-images", type=int, help="evaluate on the first N test images")
-    parser.add_argument("--retrieval-images", type=int, help="index a random subset of N training images")
-    parser.add_argument("--retrieval-mode", choices=MODES, help="compact (default, for the app) or exact")
-    parser.add_argument("--thumbnail-size", type=int)
-    parser.add_argument("--batch-size", type=int, help="images per teacher forward pass")
-    parser.add_argument("--tiny-clip-steps", type=int, help="training steps of the offline tiny CLIP")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--push-to-hub", metavar="OWNER/REPO", help="upload the finished bundle (one bundle only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(job_fields=add_dataclass_arguments(parser, BundleJob, JOB_FIELDS_HANDLED_HERE, "bundle"),
+                        train_fields=add_dataclass_arguments(parser, TrainConfig, (), "training"))
     return parser.parse_args(argv)
 
 
 def jobs_from_args(args: argparse.Namespace):
-    overrides = {name: getattr(args, name) for name in ("expansion", "k", "train_images", "eval_images",
-                                                        "retrieval_images", "retrieval_mode", "thumbnail_size",
-                                                        "batch_size", "tiny_clip_steps")
-                 if getattr(args, name) is not None}
+    overrides = given(args, args.job_fields)
     if args.sparsifiers:
         overrides["sparsifiers"] = tuple(args.sparsifiers)
-    train = {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
-    return preset_jobs(args.preset, args.datasets, args.backbones, args.data_root, train, **overrides)
+    return preset_jobs(args.preset, args.datasets, args.backbones, args.data_root, given(args, args.train_fields),
+                       **overrides)
 
 
 def print_summary(reports, seconds: float) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from gradio_client import Client
 
-from clt_explorer.analysis import Explorer
-from clt_explorer.teacher import LOCAL_DIR, Teacher
-from clt_explorer.tiny_clip import PREPROCESS_CONFIG, TINY_CLIP_CONFIG, save_open_clip_folder
-from clt_explorer.ui import CSS, THEME, UploadLimits, build_ui
+from clt_explorer.app.analysis import Explorer
+from clt_explorer.app.ui import CSS, THEME, UploadLimits, build_ui
+from clt_explorer.model.teacher import LOCAL_DIR, Teacher
+from clt_explorer.training.tiny_clip import PREPROCESS_CONFIG, TINY_CLIP_CONFIG, save_open_clip_folder
 
 
 def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> Teacher:
@@ -23,6 +23,28 @@ def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> 
     model = open_clip.CLIP(**cfg)
     save_open_clip_folder(model, cfg, PREPROCESS_CONFIG, folder)
     return Teacher.load(LOCAL_DIR + str(folder))
+
+
+def random_pixels(teacher, n=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, teacher.image_size[0], teacher.image_size[1], generator=generator)
+
+
+class Recorder:
+    """Wraps a surrogate and records what it saw and returned."""
+
+    def __init__(self, inner):
+        self.inner, self.inputs, self.outputs = inner, [], []
+
+    def begin(self):
+        self.inner.begin()
+        self.inputs, self.outputs = [], []
+
+    def __call__(self, layer, x, index, y):
+        out = self.inner(layer, x, index, y)
+        self.inputs.append(x[:, index].clone())
+        self.outputs.append(out.clone())
+        return out
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +60,8 @@ TINY_BUNDLE_TRAIN = dict(epochs=1, max_steps=60, checkpoint_every=20)
 def tiny_bundle(tmp_path_factory):
     """The demo pipeline at a smaller size: tiny CLIP (200 steps), three CLTs (60 steps each),
     evaluation on 200 test images, retrieval over 1500 training images (about two minutes)."""
-    from clt_explorer.bundle import Bundle
-    from clt_explorer.pipeline import build_bundles, preset_jobs
+    from clt_explorer.assets.bundle import Bundle
+    from clt_explorer.assets.pipeline import build_bundles, preset_jobs
 
     out = tmp_path_factory.mktemp("bundles")
     jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS)

@@ -16,16 +16,28 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--disable-component-update", "--disable-sync", "--disable-quic"]
 
 
-def analyze(client, path, sparsifier="relu_topk", tokens="all", start=1, target=3, top_k=3, heatmap="cls"):
-    return client.predict(handle_file(str(path)), sparsifier, tokens, start, target, top_k, heatmap,
-                          api_name="/analyze")
+def named(client, api_name, outputs):
+    """An endpoint's outputs keyed by their components' labels (the API's own description of its returns)."""
+    returns = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["returns"]
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    assert len(returns) == len(outputs)
+    return {r["label"]: value for r, value in zip(returns, outputs)}
+
+
+def analyze(client, path, clt="relu_topk", tokens="all", start=1, target=3, top_k=3, heatmap="cls"):
+    outputs = client.predict(handle_file(str(path)), clt, tokens, start, target, top_k, heatmap, api_name="/analyze")
+    return named(client, "/analyze", outputs)
 
 
 def test_upload_returns_every_output_consistent_with_the_library(client, explorer):
     path = explorer.examples()[2]
-    outputs = analyze(client, path)
-    preview, teacher, surrogate, summary, image_heatmap, dataset_heatmap, quality, data = outputs[:8]
-    galleries = outputs[8:8 + 2 * explorer.n_layers]
+    out = analyze(client, path)
+    preview, teacher, surrogate = out["Uploaded image"], out["Teacher (unmodified)"], out["With the CLT replacing MLPs"]
+    summary, data = out["Summary"], out["Analysis data"]
+    quality = out["Reconstruction of this image per layer (all tokens)"]
+    image_heatmap, dataset_heatmap = out["C(s→l), this image"], out["C(s→l), dataset"]
+    galleries = [out[f"layer {layer}, {kind}"] for layer in range(explorer.n_layers)
+                 for kind in ("CLS code", "patch-mean code")]
     direct = explorer.analyze(Image.open(path).convert("RGB"), "relu_topk", "all", 1, 3, 3)
     assert Path(preview).is_file()
     assert teacher["label"] == direct.predictions.teacher[0].classname
@@ -47,8 +59,9 @@ def test_upload_returns_every_output_consistent_with_the_library(client, explore
 
 def test_predict_endpoint_matches_the_library(client, explorer):
     path = explorer.examples()[0]
-    teacher, surrogate, summary = client.predict(handle_file(str(path)), "abs_topk", "patches", 2,
-                                                 api_name="/predict")
+    out = named(client, "/predict", client.predict(handle_file(str(path)), "abs_topk", "patches", 2,
+                                                  api_name="/predict"))
+    surrogate, summary = out["With the CLT replacing MLPs"], out["Summary"]
     direct = explorer.predict(Image.open(path).convert("RGB"), "abs_topk", "patches", 2)
     assert surrogate["label"] == direct.surrogate[0].classname and "blocks 2→3" in summary
 
@@ -56,7 +69,7 @@ def test_predict_endpoint_matches_the_library(client, explorer):
 def test_empty_submit_gets_a_clear_message_and_the_server_keeps_serving(client, explorer):
     with pytest.raises(Exception, match="upload an image"):
         client.predict(None, "relu_topk", "cls", 0, 3, 3, "cls", api_name="/analyze")
-    assert analyze(client, explorer.examples()[1])[1]["label"]
+    assert analyze(client, explorer.examples()[1])["Teacher (unmodified)"]["label"]
 
 
 @pytest.mark.browser

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.sparsifiers import SPARSIFIERS
+from clt_explorer.model.sparsifiers import SPARSIFIERS
 from clt_explorer.storage import AssetError
 
 
@@ -18,7 +18,7 @@ def make_clt(sparsifier="relu_topk", L=5, d=12, expansion=4, k=6, seed=0):
         clt.b_dec.normal_()
         clt.b_enc.normal_(0, 0.1)
         if sparsifier == "jumprelu":
-            clt.log_threshold.fill_(-1.0)
+            clt.sparsifier.log_threshold.fill_(-1.0)
     return clt
 
 
@@ -130,8 +130,26 @@ def test_config_validation():
 
 
 def test_vit_b_scale_parameter_count():
-    assert CLTConfig(12, 768, 16).n_parameters == 12 * 768 * 12288 + 12 * 12288 + 78 * 12288 * 768 + 12 * 768
+    topk = 12 * 768 * 12288 + 12 * 12288 + 78 * 12288 * 768 + 12 * 768
+    assert CLTConfig(12, 768, 16).n_parameters == topk
     assert abs(CLTConfig(12, 768, 16).n_parameters / 1e6 - 849) < 1
+    assert CLTConfig(12, 768, 16, "jumprelu").n_parameters == topk + 12 * 12288  # one threshold per feature
+
+
+def test_first_release_files_with_a_top_level_threshold_still_load(tmp_path):
+    """Files of the first release named the JumpReLU thresholds ``log_threshold``; they now belong to the
+    sparsifier (``sparsifier.log_threshold``) and old files load into it."""
+    from safetensors.torch import load_file, save_file
+
+    clt = make_clt("jumprelu")
+    clt.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["log_threshold"] = tensors.pop("sparsifier.log_threshold")
+    save_file(tensors, tmp_path / "model.safetensors")
+    loaded = CrossLayerTranscoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded.sparsifier.log_threshold, clt.sparsifier.log_threshold)
+    xs = torch.randn(5, 4, 12)
+    assert torch.equal(clt.encode(xs), loaded.encode(xs))
 
 
 @pytest.mark.slow

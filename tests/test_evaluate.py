@@ -8,9 +8,9 @@ import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.data.synthetic import CLASSNAMES, TEMPLATES, SyntheticShapes
-from clt_explorer.evaluate import CodeEvaluator, ReplacementEvaluator, evaluate_clt
-from clt_explorer.teacher import TeacherMLPs
-from clt_explorer.zeroshot import ZeroShotClassifier
+from clt_explorer.evaluation.evaluate import CodeEvaluator, ReplacementEvaluator, evaluate_clt
+from clt_explorer.model.teacher import TeacherMLPs
+from clt_explorer.model.zeroshot import ZeroShotClassifier
 
 ROOT = Path(__file__).parent.parent
 

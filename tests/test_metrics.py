@@ -4,7 +4,7 @@ import scipy.special
 import scipy.stats
 import torch
 
-from clt_explorer.metrics import (
+from clt_explorer.evaluation.metrics import (
     CKAAccumulator,
     FaithfulnessAccumulator,
     ReconstructionAccumulator,

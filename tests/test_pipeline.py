@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import TINY_BUNDLE_SETTINGS, TINY_BUNDLE_TRAIN
 
-from clt_explorer.bundle import Bundle
-from clt_explorer.hub import model_card, push_bundle
-from clt_explorer.pipeline import build_bundles, preset_jobs
-from clt_explorer.retrieval import RetrievalIndex
-from clt_explorer.thumbnails import ThumbnailStore
+from clt_explorer.assets.bundle import Bundle
+from clt_explorer.assets.hub import model_card, push_bundle
+from clt_explorer.assets.pipeline import build_bundles, preset_jobs
+from clt_explorer.retrieval.index import RetrievalIndex
+from clt_explorer.retrieval.thumbnails import ThumbnailStore
 
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).with_name("pipeline_worker.py")
@@ -38,14 +38,14 @@ def run(args, kill_at=None, torchrun=False):
 
 
 def test_demo_bundle_is_complete_and_a_rerun_skips_every_step(tiny_bundle):
-    assert tiny_bundle.clt_names == ["jumprelu", "relu_topk", "abs_topk"]
-    store = ThumbnailStore(tiny_bundle.path("thumbnails"))
+    assert tiny_bundle.clt_names == ["relu_topk", "abs_topk", "jumprelu"]
+    store = ThumbnailStore(tiny_bundle.thumbnails_dir)
     assert len(store) == 1500
     for name in tiny_bundle.clt_names:
         clt = tiny_bundle.load_clt(name, tiny_bundle.load_teacher())
-        RetrievalIndex.load(tiny_bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features, 1500)
+        RetrievalIndex.load(tiny_bundle.retrieval_dir(name), clt.config.n_layers, clt.config.n_features, 1500)
         assert name in tiny_bundle.manifest["evaluation"]
-    examples = sorted(p.name for p in tiny_bundle.path("examples").glob("*.png"))
+    examples = [p.name for p in tiny_bundle.examples()]
     assert len(examples) == 8 and len({name.split("_", 1)[1] for name in examples}) == 8  # 8 classes
     jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS)
     reports = build_bundles(jobs, tiny_bundle.root.parent, torch.device("cpu"), progress=False)
@@ -113,7 +113,7 @@ def test_a_pushed_bundle_opens_from_the_hub_cache_offline(tiny_bundle, tmp_path,
     """hf://owner/repo resolves through huggingface_hub's cache (HF_HUB_OFFLINE: no network here)."""
     from huggingface_hub import constants
 
-    from clt_explorer.bundle import open_bundle
+    from clt_explorer.assets.bundle import open_bundle
 
     revision = "89abcdef0123456789abcdef0123456789abcdef"
     repo = tmp_path / "hub" / "models--me--clt-demo"

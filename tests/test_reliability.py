@@ -17,11 +17,11 @@ from gradio_client import handle_file
 from PIL import Image
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.bundle import Bundle, open_bundle, validate_name
-from clt_explorer.images import ImageError, open_upload
-from clt_explorer.retrieval import ExactIndex, RetrievalIndex
+from clt_explorer.app.images import ImageError, open_upload
+from clt_explorer.assets.bundle import Bundle, open_bundle, validate_name
+from clt_explorer.retrieval.index import ExactIndex, RetrievalIndex
+from clt_explorer.retrieval.thumbnails import ThumbnailStore
 from clt_explorer.storage import AssetError, atomic_path, write_json
-from clt_explorer.thumbnails import ThumbnailStore
 
 ROOT = Path(__file__).parent.parent
 LIMITS = dict(max_bytes=2 * 2**20, max_pixels=4_000_000)
@@ -118,7 +118,7 @@ def bundle_copy(tiny_bundle, tmp_path):
 
 
 def test_missing_and_truncated_weights_name_the_file(bundle_copy):
-    weights = bundle_copy.clt_dir("relu_topk") / "model.safetensors"
+    weights = bundle_copy.clt_weights_path("relu_topk")
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(AssetError, match=re.escape(str(weights)) + ".*not a readable safetensors"):
@@ -189,7 +189,7 @@ def test_paths_cannot_leave_the_bundle(bundle_copy, field, value, message):
     write_json(path, manifest)
     with pytest.raises(AssetError, match=message):
         bundle = Bundle.load(bundle_copy.root)
-        bundle.path(bundle.manifest["thumbnails"], "thumbnails")
+        bundle.thumbnails_dir
 
 
 def test_names_and_hub_ids_are_validated():
@@ -208,7 +208,7 @@ def test_names_and_hub_ids_are_validated():
 
 def test_truncated_thumbnails_are_detected(tiny_bundle, tmp_path):
     target = tmp_path / "thumbnails"
-    shutil.copytree(tiny_bundle.path("thumbnails"), target)
+    shutil.copytree(tiny_bundle.thumbnails_dir, target)
     data = (target / "images.bin").read_bytes()
     (target / "images.bin").write_bytes(data[:-10])
     with pytest.raises(AssetError, match="images.bin: missing or truncated"):

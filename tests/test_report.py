@@ -1,8 +1,9 @@
 import copy
 
-from clt_explorer.report import (
-    CASCADE_COLUMNS,
+from clt_explorer.evaluation.report import (
     FAITHFULNESS_COLUMNS,
+    cascade_columns,
+    cascade_markdown,
     cascade_rows,
     faithfulness_rows,
     paper_comparison,
@@ -10,20 +11,21 @@ from clt_explorer.report import (
 )
 
 
-def fake_results(n_layers=12, dataset="cifar100", backbone="ViT-B-32"):
+def fake_results(n_layers=12, dataset="cifar100", backbone="ViT-B-32", sparsifier="relu_topk"):
     metrics = {"accuracy": 61.0, "teacher_accuracy": 61.65, "delta_acc": -0.65, "flip_pct": 10.0, "kl": 0.03,
                "top1_agree": 90.0, "top5_agree": 88.0, "cos": 0.98, "cka": 0.95, "spearman": 0.93, "prompt_r": 0.99,
                "prompt_kl": 0.03}
     cascade = {tokens: [{"start": s, **metrics} for s in range(n_layers)] for tokens in ("cls", "patches", "all")}
     cascade.update(baseline=61.65, starts=list(range(n_layers)))
-    return {"dataset": dataset, "backbone": backbone, "l0": [128.0] * n_layers, "cascade": cascade}
+    return {"dataset": dataset, "backbone": backbone, "sparsifier": sparsifier, "l0": [128.0] * n_layers,
+            "cascade": cascade}
 
 
 def test_tables_have_the_paper_columns_and_numbers():
     result = fake_results()
-    results = {"relu_topk": result, "abs_topk": copy.deepcopy(result)}
+    results = {"relu_topk": result, "abs_topk": {**copy.deepcopy(result), "sparsifier": "abs_topk"}}
     rows = cascade_rows(results)
-    assert list(rows[0]) == CASCADE_COLUMNS == list(paper_rows("cascade_accuracy")[0])
+    assert list(rows[0]) == cascade_columns(results) == list(paper_rows("cascade_accuracy")[0])
     assert rows[0]["table"] == "6" and rows[0]["dataset"] == "CIFAR-100" and rows[0]["backbone"] == "ViT-B/32"
     assert rows[0]["jumprelu"] == "" and rows[0]["relu_topk"] == "61.00"
     faithfulness = faithfulness_rows(result)
@@ -38,3 +40,18 @@ def test_paper_comparison_lines_up_matching_rows():
     assert first["paper"] == "61.74" and first["ours"] == "61.00" and first["difference"] == "-0.74"
     assert len(comparison) == 36  # 3 token sets x 12 starts, one sparsifier
     assert paper_comparison({"relu_topk": fake_results(4, "synthetic", "tiny-clip")}) == []
+
+
+def test_clts_are_keyed_by_name_not_by_sparsifier():
+    """Two relu_topk CLTs with different names get a column each and are both compared with the paper's RTK."""
+    other = fake_results()
+    other["cascade"]["cls"][0]["accuracy"] = 55.0
+    results = {"relu_topk": fake_results(), "rtk_k64": other}
+    columns = cascade_columns(results)
+    assert columns[-2:] == ["rtk_k64", "baseline"] and "relu_topk" in columns
+    first = cascade_rows(results)[0]
+    assert first["relu_topk"] == "61.00" and first["rtk_k64"] == "55.00"
+    assert "| Range | RTK | rtk_k64 |" in cascade_markdown(results)
+    compared = [r for r in paper_comparison(results) if r["tokens"] == "cls" and r["start_layer"] == "0"]
+    assert {(r["clt"], r["sparsifier"], r["ours"], r["paper"]) for r in compared} == {
+        ("relu_topk", "relu_topk", "61.00", "61.74"), ("rtk_k64", "relu_topk", "55.00", "61.74")}

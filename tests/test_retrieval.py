@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from clt_explorer.data import load_dataset
-from clt_explorer.retrieval import (
+from clt_explorer.model.sparsifiers import SparseCodes
+from clt_explorer.retrieval.index import (
     DESCRIPTOR_TOKENS,
     ExactIndex,
     RetrievalIndex,
@@ -13,9 +14,8 @@ from clt_explorer.retrieval import (
     same_class_rates,
     truncate,
 )
-from clt_explorer.sparsifiers import SparseCodes
+from clt_explorer.retrieval.thumbnails import ThumbnailStore, build_thumbnails
 from clt_explorer.storage import AssetError
-from clt_explorer.thumbnails import ThumbnailStore, build_thumbnails
 
 
 def random_descriptors(n, f=300, nnz=40, seed=0, signed=False):
@@ -90,11 +90,8 @@ def test_thumbnail_store_round_trip(tmp_path):
 def bundle_retrieval(bundle, name):
     """Teacher, CLT, thumbnails and compact retrieval index of one CLT of a bundle."""
     teacher = bundle.load_teacher()
-    clt = bundle.load_clt(name, teacher)
-    store = ThumbnailStore(bundle.path("thumbnails"))
-    index = RetrievalIndex.load(bundle.clt_dir(name) / "retrieval", clt.config.n_layers, clt.config.n_features,
-                                len(store))
-    return teacher, clt, store, index
+    store = bundle.load_thumbnails()
+    return teacher, bundle.load_clt(name, teacher), store, bundle.load_index(name, len(store))
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from clt_explorer.sparsifiers import SparseCodes, abs_topk, jumprelu, jumprelu_l0, relu_topk, sparsify
+from clt_explorer.model.sparsifiers import SparseCodes, abs_topk, jumprelu, jumprelu_l0, relu_topk, sparsifier_class
 
 
 @pytest.fixture
@@ -74,6 +74,55 @@ def test_sparse_codes_round_trip(pre):
     assert torch.equal(again.l0(), torch.full((64,), 10))
 
 
-def test_unknown_sparsifier_is_rejected(pre):
-    with pytest.raises(ValueError, match="unknown sparsifier"):
-        sparsify("softmax", pre, 4)
+def test_unknown_sparsifier_is_rejected():
+    with pytest.raises(ValueError, match="unknown sparsifier 'softmax'; choose one of"):
+        sparsifier_class("softmax")
+
+
+@pytest.fixture
+def batch_topk():
+    """A fourth kind, BatchTopK (Bussmann et al. 2024: the k x N largest codes of a batch of N tokens), written as
+    one class and a registry entry; removed again after the test."""
+    from clt_explorer.model.sparsifiers import SPARSIFIERS, Sparsifier, register
+
+    @register
+    class BatchTopK(Sparsifier):
+        name, short_name = "batch_topk", "BTK"
+
+        def forward(self, layer, pre):
+            flat = pre.relu().flatten()
+            kept = flat.topk(min(self.k * pre[..., 0].numel(), flat.numel())).indices
+            return SparseCodes.from_dense(torch.zeros_like(flat).scatter(0, kept, flat[kept]).view_as(pre))
+
+    yield BatchTopK
+    del SPARSIFIERS["batch_topk"]
+
+
+def test_a_new_sparsifier_is_one_class_and_a_registry_entry(batch_topk, random_teacher, tmp_path):
+    """Nothing else changes: the CLT encodes with it, training runs (AuxK, penalty, optimiser groups), and the
+    trained CLT saves and loads by the kind's name."""
+    from clt_explorer import CLTConfig, CrossLayerTranscoder
+    from clt_explorer.data.synthetic import SyntheticShapes
+    from clt_explorer.training.train import TrainConfig, train_clt
+
+    config = CLTConfig(random_teacher.n_layers, random_teacher.d_model, 2, "batch_topk", 8)
+    result = train_clt(random_teacher, SyntheticShapes("train", n_images=32, seed=2), config,
+                       TrainConfig(epochs=2, lr=2e-3, batch_tokens=128, chunk_images=16, warmup_steps=1,
+                                   dead_after_tokens=200), tmp_path, progress=False)
+    assert result.steps > 0 and result.clt.config.sparsifier == "batch_topk"
+    xs = torch.randn(random_teacher.n_layers, 10, random_teacher.d_model)
+    codes = result.clt.encode(xs)
+    assert ((codes != 0).sum((1, 2)) <= 8 * 10).all()  # k per token on average over the batch, not per token
+    loaded = CrossLayerTranscoder.from_pretrained(tmp_path)
+    assert isinstance(loaded.sparsifier, batch_topk) and torch.equal(loaded.encode(xs), codes)
+
+
+@pytest.mark.parametrize("name", ["relu_topk", "abs_topk", "jumprelu"])
+def test_aux_k_selects_the_strongest_dead_features_by_the_kinds_rule(name):
+    """ReLU kinds take the largest pre-activations (made non-negative); Abs-TopK the largest magnitudes, signed."""
+    pre = torch.tensor([[3.0, -5.0, 1.0, -0.5, 2.0]])
+    dead = torch.tensor([False, True, True, True, False])
+    sparsifier = sparsifier_class(name)(1, 5, 2)
+    codes = sparsifier.aux_codes(pre, dead, 2).dense()
+    expected = [[0, -5.0, 1.0, 0, 0]] if name == "abs_topk" else [[0, 0, 1.0, 0, 0]]
+    assert codes.tolist() == expected

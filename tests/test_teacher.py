@@ -1,15 +1,12 @@
 import open_clip
 import pytest
 import torch
+from conftest import Recorder, random_pixels
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.model.teacher import Teacher, TeacherMLPs
+from clt_explorer.model.tokens import token_index
 from clt_explorer.storage import save_tensors
-from clt_explorer.teacher import Teacher, TeacherMLPs, token_index
-
-
-def random_pixels(teacher, n=3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, teacher.image_size[0], teacher.image_size[1], generator=generator)
 
 
 @pytest.fixture(scope="module")
@@ -19,23 +16,6 @@ def clt(random_teacher):
     with torch.no_grad():
         clt.b_dec.normal_(0, 0.1)
     return clt
-
-
-class Recorder:
-    """Wraps a surrogate and records what it saw and returned."""
-
-    def __init__(self, inner):
-        self.inner, self.inputs, self.outputs = inner, [], []
-
-    def begin(self):
-        self.inner.begin()
-        self.inputs, self.outputs = [], []
-
-    def __call__(self, layer, x, index):
-        out = self.inner(layer, x, index)
-        self.inputs.append(x[:, index].clone())
-        self.outputs.append(out.clone())
-        return out
 
 
 @pytest.mark.parametrize("arch,tokens", [("ViT-B-32-quickgelu", 50), ("ViT-B-16-quickgelu", 197)])

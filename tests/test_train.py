@@ -12,8 +12,15 @@ from safetensors.torch import load_file
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.data.synthetic import SyntheticShapes
-from clt_explorer.sparsifiers import SparseCodes
-from clt_explorer.train import DeadFeatureTracker, TrainConfig, aux_k_loss, initialize_from_data, is_trained, train_clt
+from clt_explorer.model.sparsifiers import SparseCodes
+from clt_explorer.training.train import (
+    DeadFeatureTracker,
+    TrainConfig,
+    aux_k_loss,
+    initialize_from_data,
+    is_trained,
+    train_clt,
+)
 
 WORKER = Path(__file__).with_name("train_worker.py")
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from clt_explorer.data.synthetic import CLASSNAMES, TEMPLATES
-from clt_explorer.zeroshot import ZeroShotClassifier, top1_accuracy
+from clt_explorer.model.zeroshot import ZeroShotClassifier, top1_accuracy
 
 
 def test_class_embeddings_follow_clips_recipe(random_teacher):

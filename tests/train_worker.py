@@ -16,9 +16,9 @@ import torch
 
 from clt_explorer import CLTConfig
 from clt_explorer.data.synthetic import SyntheticShapes
+from clt_explorer.model.teacher import LOCAL_DIR, Teacher
 from clt_explorer.storage import save_tensors
-from clt_explorer.teacher import LOCAL_DIR, Teacher
-from clt_explorer.train import TrainConfig, init_distributed, train_clt
+from clt_explorer.training.train import TrainConfig, init_distributed, train_clt
 
 WORKER_TRAIN_CONFIG = dict(epochs=2, lr=1e-3, batch_tokens=256, chunk_images=32, warmup_steps=3,
                            dead_after_tokens=2000, log_every=1)
@@ -26,8 +26,8 @@ WORKER_TRAIN_CONFIG = dict(epochs=2, lr=1e-3, batch_tokens=256, chunk_images=32,
 
 def install_kill_switch() -> None:
     """Make this process die by SIGKILL at the point named by $KILL_AT."""
-    import clt_explorer.clt as clt_module
-    import clt_explorer.train as train
+    import clt_explorer.model.clt as clt_module
+    import clt_explorer.training.train as train
 
     where, _, count = os.environ.get("KILL_AT", "").partition(":")
     if not where:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import image_batches
-from .teacher import Teacher
+from ..data import image_batches
+from ..model.teacher import Teacher
 
 
 @dataclass(frozen=True)

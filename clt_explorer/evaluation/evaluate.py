@@ -14,11 +14,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .clt import CrossLayerTranscoder, normalize_contributions
-from .data import image_batches
+from ..data import image_batches
+from ..model.clt import CrossLayerTranscoder, normalize_contributions
+from ..model.teacher import MLPSurrogate, Teacher
+from ..model.tokens import TOKEN_SETS, token_index
+from ..model.zeroshot import ZeroShotClassifier
 from .metrics import FaithfulnessAccumulator, ReconstructionAccumulator
-from .teacher import TOKEN_SETS, MLPSurrogate, Teacher, token_index
-from .zeroshot import ZeroShotClassifier
 
 
 class ReplacementEvaluator:
@@ -60,7 +61,7 @@ class CodeEvaluator:
         self.clt = clt
         self.reconstruction = {tokens: ReconstructionAccumulator(c.n_layers, c.d_model) for tokens in token_sets}
         self.contribution_norms = {tokens: torch.zeros(c.n_layers, c.n_layers, dtype=torch.float64)
-                                   for tokens in ("cls", "patches")}
+                                   for tokens in TOKEN_SETS}
         self.l0 = torch.zeros(c.n_layers, dtype=torch.float64)
         self.n_tokens = 0
 

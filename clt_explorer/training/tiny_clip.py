@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import preprocess_all
-from .data.synthetic import CLASSNAMES, TEMPLATES, SyntheticShapes
-from .storage import save_tensors, write_json
-from .teacher import LOCAL_DIR, Teacher
+from ..data import preprocess_all
+from ..data.synthetic import CLASSNAMES, TEMPLATES, SyntheticShapes
+from ..model.teacher import LOCAL_DIR, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, Teacher
+from ..storage import save_tensors, write_json
 
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
@@ -58,8 +58,8 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def save_open_clip_folder(model: open_clip.CLIP, model_cfg: dict, preprocess_cfg: dict, folder: str | Path) -> None:
     """Write open_clip's folder format, loadable with ``local-dir:FOLDER``."""
     folder = Path(folder)
-    save_tensors(folder / "open_clip_model.safetensors", model.state_dict())
-    write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    save_tensors(folder / OPEN_CLIP_WEIGHTS, model.state_dict())
+    write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
 def train_tiny_clip(folder: str | Path, steps: int = 450, batch_size: int = 256, lr: float = 2e-3,

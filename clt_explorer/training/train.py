@@ -27,41 +27,59 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..evaluation.metrics import ReconstructionAccumulator
+from ..model.clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CLTOutput, CrossLayerTranscoder
+from ..model.sparsifiers import SparseCodes
+from ..model.teacher import Teacher
+from ..storage import AssetError, check_keys, read_json, write_bytes, write_json
 from .activations import ActivationStream, Position
 from .checkpointing import load_checkpoint, save_checkpoint
-from .clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CLTOutput, CrossLayerTranscoder
-from .metrics import ReconstructionAccumulator
-from .sparsifiers import SparseCodes
-from .storage import AssetError, check_keys, read_json, write_bytes, write_json
-from .teacher import Teacher
-
-SUMMARY_FILE = "training.json"
-LOG_FILE = "train_log.jsonl"
+from .outputs import CHECKPOINTS_DIR, LOG_FILE, SETTINGS_FILE, SUMMARY_FILE
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; the defaults are the paper's (AdamW, lr 2e-4, 10 epochs)."""
+    """Optimisation settings; the defaults are the paper's (AdamW, lr 2e-4, 10 epochs). Each field's docstring
+    is also its ``--help`` text in ``scripts/train_all.py``."""
 
     epochs: int = 10
+    """Passes over the training images."""
     lr: float = 2e-4
+    """Peak AdamW learning rate."""
     batch_tokens: int = 4096
+    """Tokens per optimisation step (CLS and patch tokens of shuffled images)."""
     chunk_images: int = 256
+    """Images whose tokens are shuffled together (the shuffle buffer)."""
     warmup_steps: int = 100
+    """Steps of linear learning-rate warm-up."""
     min_lr_ratio: float = 0.1
+    """The cosine decay ends at this fraction of the peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay (not applied to the sparsifier's thresholds)."""
     grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0: no clipping)."""
     aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (dead features reconstruct the residual)."""
     aux_k: int = 512
+    """Dead features per token that AuxK uses."""
     dead_after_tokens: int = 10_000_000
+    """A feature is dead after this many tokens without firing."""
     l0_coef: float = 1.0
+    """Weight of the sparsifier's penalty (JumpReLU: ((L0 - k) / k)^2)."""
     threshold_lr_scale: float = 10.0
+    """The sparsifier's own parameters (JumpReLU thresholds) learn at this multiple of the learning rate."""
     checkpoint_every: int = 500
+    """Steps between checkpoints (a killed run resumes from the last one)."""
     log_every: int = 10
+    """Steps between lines of the training log."""
     seed: int = 0
+    """Seed of the initialisation and of the data order."""
     max_steps: int | None = None
+    """Stop after this many steps (default: all epochs)."""
     image_batch_size: int = 64
+    """Images per teacher forward pass while collecting activations."""
     num_workers: int = 0
+    """Data-loading worker processes."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,19 +123,14 @@ def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def initialize_from_data(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor) -> None:
-    """Data-dependent start: input scales with E||x_l * s_l||^2 = d, b_dec = mean of y, and JumpReLU
-    thresholds at each feature's (1 - k/F) quantile so that the initial L0 is near k."""
+    """Data-dependent start: input scales with E||x_l * s_l||^2 = d, b_dec = mean of y, then the sparsifier's
+    own start from the scaled pre-activations (JumpReLU: thresholds near the (1 - k/F) quantile)."""
     d = clt.config.d_model
     scale = (d / xs.float().pow(2).sum(-1).mean(-1)).sqrt()
     clt.input_scale.copy_(_all_reduce_mean(scale))
     clt.b_dec.copy_(_all_reduce_mean(ys.float().mean(1)).to(clt.b_dec.dtype))
-    if clt.config.sparsifier == "jumprelu":
-        n_tokens, n_features = xs.shape[1], clt.config.n_features
-        kth = max(1, min(n_tokens, math.ceil(n_tokens * (1 - clt.config.k / n_features))))
-        for layer in range(clt.config.n_layers):
-            pre = clt.preactivations(layer, xs[layer]).float()
-            quantile = pre.kthvalue(kth, dim=0).values.clamp_min(1e-3)
-            clt.log_threshold[layer].copy_(_all_reduce_mean(quantile.log()))
+    for layer in range(clt.config.n_layers):
+        clt.sparsifier.initialize(layer, clt.preactivations(layer, xs[layer]), _all_reduce_mean)
 
 
 class DeadFeatureTracker:
@@ -130,7 +143,7 @@ class DeadFeatureTracker:
     def update(self, codes: list[SparseCodes], n_tokens: int) -> None:
         fired = torch.zeros_like(self.since_fired)
         for layer, c in enumerate(codes):
-            active = c.values.detach() != 0
+            active = c.active()
             fired[layer].index_add_(0, c.indices[active], torch.ones_like(c.indices[active]))
         rank, size = world()
         if size > 1:
@@ -145,27 +158,25 @@ class DeadFeatureTracker:
 
 def aux_k_loss(clt: CrossLayerTranscoder, out: CLTOutput, ys: torch.Tensor, dead: torch.Tensor,
                aux_k: int) -> torch.Tensor:
-    """Sum over layers of MSE(dead-feature reconstruction, detached residual y - yhat)."""
+    """Sum over layers of MSE(dead-feature reconstruction, detached residual y - yhat); the sparsifier
+    chooses the dead codes (:meth:`Sparsifier.aux_codes`)."""
     total = out.yhat.new_zeros(())
-    abs_codes = clt.config.sparsifier == "abs_topk"
     for layer, pre in enumerate(out.pre):
-        n_dead = int(dead[layer].sum())
-        if n_dead == 0:
+        if not dead[layer].any():
             continue
-        scores = (pre.abs() if abs_codes else pre).masked_fill(~dead[layer], float("-inf"))
-        indices = scores.topk(min(aux_k, n_dead), dim=-1).indices
-        values = pre.gather(-1, indices)
-        codes = SparseCodes(values if abs_codes else values.relu(), indices, n_features=pre.shape[-1])
+        codes = clt.sparsifier.aux_codes(pre, dead[layer], aux_k)
         residual = (ys[layer] - out.yhat[layer]).detach()
         total = total + (clt.decode_diagonal(layer, codes).float() - residual.float()).pow(2).mean()
     return total
 
 
 def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; JumpReLU thresholds get ``threshold_lr_scale`` x the learning rate: Adam moves each parameter by
-    about its learning rate per step, and thresholds must keep up with the encoder to hold L0 near k."""
-    thresholds = [p for name, p in clt.named_parameters() if name == "log_threshold"]
-    others = [p for name, p in clt.named_parameters() if name != "log_threshold"]
+    """AdamW; the sparsifier's own parameters (JumpReLU thresholds) get ``threshold_lr_scale`` x the learning
+    rate and no weight decay: Adam moves each parameter by about its learning rate per step, and thresholds
+    must keep up with the encoder to hold L0 near k."""
+    thresholds = list(clt.sparsifier.parameters())
+    owned = {id(p) for p in thresholds}
+    others = [p for p in clt.parameters() if id(p) not in owned]
     groups = [{"params": others, "base_lr": cfg.lr, "lr": cfg.lr}]
     if thresholds:
         lr = cfg.lr * cfg.threshold_lr_scale
@@ -177,15 +188,14 @@ def training_step(model: torch.nn.Module, clt: CrossLayerTranscoder, optimizer: 
                   tracker: DeadFeatureTracker, xs: torch.Tensor, ys: torch.Tensor, cfg: TrainConfig,
                   autocast: torch.dtype | None, sparse: bool | None) -> tuple[torch.Tensor, CLTOutput]:
     """One optimisation step on a token batch (``model`` is the CLT or its DDP wrapper)."""
-    c = clt.config
     with torch.autocast(xs.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         out = model(xs, sparse)
         loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
         if cfg.aux_coef > 0 and bool(tracker.dead.any()):
             loss = loss + cfg.aux_coef * aux_k_loss(clt, out, ys, tracker.dead, cfg.aux_k)
-        if c.sparsifier == "jumprelu" and cfg.l0_coef > 0:
-            l0 = torch.stack([clt.jumprelu_l0(layer, p) for layer, p in enumerate(out.pre)])
-            loss = loss + cfg.l0_coef * ((l0 - c.k) / c.k).pow(2).mean()
+        penalty = clt.sparsifier.penalty(out.pre) if cfg.l0_coef > 0 else None
+        if penalty is not None:
+            loss = loss + cfg.l0_coef * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
@@ -274,7 +284,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
     clt = CrossLayerTranscoder(clt_config, device=device)
     optimizer = make_optimizer(clt, cfg)
     tracker = DeadFeatureTracker(clt_config.n_layers, clt_config.n_features, cfg.dead_after_tokens, device)
-    checkpoints = out_dir / "checkpoints"
+    checkpoints = out_dir / CHECKPOINTS_DIR
     restored = load_checkpoint(checkpoints, clt, optimizer, device)
     if restored is None:
         step, tokens, elapsed, position = 0, 0, 0.0, Position()
@@ -286,7 +296,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
     resumed_from = step
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "train_config.json", {"clt": clt_config.to_dict(), "train": cfg.to_dict()})
+        write_json(out_dir / SETTINGS_FILE, {"clt": clt_config.to_dict(), "train": cfg.to_dict()})
         _truncate_log(out_dir / LOG_FILE, step)
     model = DistributedDataParallel(clt) if world_size > 1 else clt
     log = open(out_dir / LOG_FILE, "a") if rank == 0 else None

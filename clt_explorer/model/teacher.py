@@ -18,20 +18,12 @@ import open_clip
 import torch
 from PIL import Image
 
-TOKEN_SETS = ("cls", "patches", "all")
+from .tokens import ALL, token_index
+
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
-
-
-def token_index(tokens: str) -> slice:
-    """Positions of a token set in a ViT sequence: the CLS token is position 0."""
-    if tokens == "cls":
-        return slice(0, 1)
-    if tokens == "patches":
-        return slice(1, None)
-    if tokens == "all":
-        return slice(None)
-    raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
+OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG = "open_clip_model.safetensors", "open_clip_config.json"
+OPEN_CLIP_FILES = (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG)  # open_clip's folder format (written in this order)
 
 
 class MLPSurrogate(Protocol):
@@ -40,9 +32,9 @@ class MLPSurrogate(Protocol):
     def begin(self) -> None:
         """Forget the previous pass (a new image batch starts)."""
 
-    def __call__(self, layer: int, x: torch.Tensor, index: slice) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, index: slice, y: torch.Tensor) -> torch.Tensor:
         """The replacement MLP output of block ``layer`` for the tokens ``x[:, index]``, given the
-        block's whole MLP input ``x`` [B, T, d]; shape [B, T', d]."""
+        block's whole MLP input ``x`` [B, T, d] and the teacher's own MLP output ``y`` = mlp(x); shape [B, T', d]."""
 
 
 @dataclass
@@ -67,11 +59,11 @@ def _check_local_weights(model_name: str, pretrained: str | None) -> None:
     """Refuse local weight files that would be unpickled: only safetensors are loaded from disk."""
     if model_name.startswith(LOCAL_DIR):
         folder = Path(model_name[len(LOCAL_DIR):])
-        if not (folder / "open_clip_config.json").is_file():
-            raise FileNotFoundError(f"teacher folder {folder} has no open_clip_config.json")
-        if not (folder / "open_clip_model.safetensors").is_file():
+        if not (folder / OPEN_CLIP_CONFIG).is_file():
+            raise FileNotFoundError(f"teacher folder {folder} has no {OPEN_CLIP_CONFIG}")
+        if not (folder / OPEN_CLIP_WEIGHTS).is_file():
             raise FileNotFoundError(
-                f"teacher folder {folder} has no open_clip_model.safetensors (other weight formats are refused)"
+                f"teacher folder {folder} has no {OPEN_CLIP_WEIGHTS} (other weight formats are refused)"
             )
     if pretrained and (Path(pretrained).suffix or "/" in pretrained):
         path = Path(pretrained)
@@ -154,7 +146,7 @@ class Teacher:
         Local weights are named by their content (not their path), so a bundle can move."""
         if self.name.startswith(LOCAL_DIR):
             folder = Path(self.name[len(LOCAL_DIR):])
-            return f"local:{file_digest(folder / 'open_clip_model.safetensors')}"
+            return f"local:{file_digest(folder / OPEN_CLIP_WEIGHTS)}"
         if self.pretrained and Path(self.pretrained).is_file():
             return f"{self.name}@local:{file_digest(Path(self.pretrained))}"
         return f"{self.name}@{self.pretrained}" if self.pretrained else self.name
@@ -182,7 +174,7 @@ class Teacher:
         return Capture(torch.stack(xs), torch.stack(ys), embeddings)
 
     @contextlib.contextmanager
-    def replace_mlps(self, surrogate: MLPSurrogate, start: int, tokens: str = "all") -> Iterator[None]:
+    def replace_mlps(self, surrogate: MLPSurrogate, start: int, tokens: str = ALL) -> Iterator[None]:
         """Cascade ``start -> L-1``: in every block l >= start, the MLP output of the chosen tokens is
         replaced by ``surrogate(l, x_l)``, where x_l comes from this same (modified) forward pass.
         The surrogate sees every block from 0 so that it can keep state (e.g. the CLT's codes z_i, i <= l)."""
@@ -193,7 +185,7 @@ class Teacher:
         def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
             if layer == 0:
                 surrogate.begin()
-            replacement = surrogate(layer, x, index)
+            replacement = surrogate(layer, x, index, y)
             if layer < start:
                 return None
             out = y.clone()
@@ -213,5 +205,5 @@ class TeacherMLPs:
     def begin(self) -> None:
         pass
 
-    def __call__(self, layer: int, x: torch.Tensor, index: slice) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, index: slice, y: torch.Tensor) -> torch.Tensor:
         return self.teacher.blocks[layer].mlp(x)[:, index]

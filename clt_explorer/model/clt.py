@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sparsifiers import SPARSIFIERS, SparseCodes, jumprelu_l0, sparsify
-from .storage import (
+from ..storage import (
     AssetError,
     check_keys,
     download_snapshot,
@@ -30,26 +29,35 @@ from .storage import (
     save_tensors,
     write_json,
 )
+from .sparsifiers import SparseCodes, Sparsifier, sparsifier_class
+from .surrogate import CLTSurrogate
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+LEGACY_TENSOR_NAMES = {"log_threshold": "sparsifier.log_threshold"}  # files of the first release
 
 
 @dataclass(frozen=True)
 class CLTConfig:
-    """Shape and sparsifier of a CLT. ``teacher`` names the teacher it was trained on (Teacher.identity)."""
+    """Shape and sparsifier of a CLT (the file format of ``config.json``)."""
 
     n_layers: int
+    """Residual blocks of the teacher, L."""
     d_model: int
+    """Width of the teacher's residual stream, d."""
     expansion: int = 16
+    """Features per layer F = expansion x d."""
     sparsifier: str = "relu_topk"
+    """Name of the sparsifier kind (see ``sparsifiers.SPARSIFIERS``)."""
     k: int = 128
+    """Active features per token (TopK kinds) or the target mean L0 (JumpReLU)."""
     jumprelu_bandwidth: float = 0.1
+    """Width of JumpReLU's straight-through rectangle kernel."""
     teacher: str = ""
+    """The teacher it was trained on (``Teacher.identity``); empty when unknown."""
 
     def __post_init__(self):
-        if self.sparsifier not in SPARSIFIERS:
-            raise ValueError(f"unknown sparsifier {self.sparsifier!r}; choose one of {SPARSIFIERS}")
+        sparsifier_class(self.sparsifier)
         if min(self.n_layers, self.d_model, self.expansion, self.k) < 1:
             raise ValueError(f"n_layers, d_model, expansion and k must be positive: {self}")
         if self.k > self.n_features:
@@ -63,10 +71,9 @@ class CLTConfig:
 
     @property
     def n_parameters(self) -> int:
-        L, d, n = self.n_layers, self.d_model, self.n_features
-        pairs = L * (L + 1) // 2
-        threshold = L * n if self.sparsifier == "jumprelu" else 0
-        return L * d * n + L * n + pairs * n * d + L * d + threshold
+        """Learned parameters (counted on the meta device: nothing is allocated)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in CrossLayerTranscoder(self).parameters())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,8 +101,7 @@ class CrossLayerTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.empty(L, n, **kw))
         self.W_dec = nn.ParameterList([nn.Parameter(torch.empty(n, L - s, d, **kw)) for s in range(L)])
         self.b_dec = nn.Parameter(torch.empty(L, d, **kw))
-        if config.sparsifier == "jumprelu":  # thresholds stay fp32: in bf16 they stop moving
-            self.log_threshold = nn.Parameter(torch.empty(L, n, device=device, dtype=torch.float32))
+        self.sparsifier: Sparsifier = sparsifier_class(config.sparsifier).from_config(config, device)
         self.register_buffer("input_scale", torch.empty(L, device=device, dtype=torch.float32))
         if self.W_enc.device.type != "meta":
             self.reset_parameters()
@@ -111,8 +117,7 @@ class CrossLayerTranscoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
         self.input_scale.fill_(1.0)
-        if self.config.sparsifier == "jumprelu":
-            self.log_threshold.fill_(math.log(0.5))
+        self.sparsifier.reset_parameters()
 
     # ---- encoding -------------------------------------------------------------------------
 
@@ -121,17 +126,8 @@ class CrossLayerTranscoder(nn.Module):
         x = (x * self.input_scale[layer]).to(self.W_enc.dtype)
         return x @ self.W_enc[layer] + self.b_enc[layer]
 
-    def threshold(self, layer: int) -> torch.Tensor:
-        """JumpReLU thresholds theta_l [F] (fp32)."""
-        return self.log_threshold[layer].exp()
-
-    def sparsify(self, layer: int, pre: torch.Tensor) -> SparseCodes:
-        c = self.config
-        threshold = self.threshold(layer) if c.sparsifier == "jumprelu" else None
-        return sparsify(c.sparsifier, pre, c.k, threshold, c.jumprelu_bandwidth)
-
     def encode_layer(self, layer: int, x: torch.Tensor) -> SparseCodes:
-        return self.sparsify(layer, self.preactivations(layer, x))
+        return self.sparsifier(layer, self.preactivations(layer, x))
 
     def encode_sparse(self, xs: torch.Tensor) -> list[SparseCodes]:
         """Codes of every layer for xs [L, ..., d]."""
@@ -141,10 +137,6 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, xs: torch.Tensor) -> torch.Tensor:
         """Dense codes [L, ..., F] (zeros where inactive) for xs [L, ..., d]."""
         return torch.stack([codes.dense() for codes in self.encode_sparse(xs)])
-
-    def jumprelu_l0(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
-        """Mean L0 of a layer, differentiable in its thresholds (the JumpReLU sparsity penalty)."""
-        return jumprelu_l0(pre, self.threshold(layer), self.config.jumprelu_bandwidth)
 
     # ---- decoding -------------------------------------------------------------------------
 
@@ -185,16 +177,21 @@ class CrossLayerTranscoder(nn.Module):
         """Training pass with teacher forcing: every layer's codes come from the given xs [L, N, d]."""
         self._check_layers(xs, "xs")
         pre = [self.preactivations(layer, xs[layer]) for layer in range(self.config.n_layers)]
-        codes = [self.sparsify(layer, p) for layer, p in enumerate(pre)]
+        codes = [self.sparsifier(layer, p) for layer, p in enumerate(pre)]
         return CLTOutput(self.decode(codes, sparse), codes, pre)
 
     def decode_diagonal(self, layer: int, codes: SparseCodes, sparse: bool | None = None) -> torch.Tensor:
         """z_l @ W_dec[l -> l] (no bias): what a layer's codes write to their own layer."""
         return _apply_decoder(self.W_dec[layer][:, 0, :], codes, sparse)
 
-    def surrogate(self, sparse: bool | None = None) -> "CLTSurrogate":
-        """This CLT as the MLP replacement of :meth:`Teacher.replace_mlps`."""
-        return CLTSurrogate(self, sparse)
+    def surrogate(self, sparse: bool | None = None, term_weights: torch.Tensor | None = None,
+                  feature_scales: dict[tuple[int, int], float] | None = None,
+                  error_term: bool = False) -> CLTSurrogate:
+        """This CLT as the MLP replacement of :meth:`Teacher.replace_mlps`, optionally with its codes edited
+        between encode and decode (see :class:`CLTSurrogate`): ``term_weights`` [L, L] or [B, L, L] scale each
+        term u_{s->l}; ``feature_scales`` {(layer, feature): scale} scale single codes; ``error_term`` adds the
+        teacher's own MLP output minus the unedited reconstruction, so that without edits it is the teacher."""
+        return CLTSurrogate(self, sparse, term_weights, feature_scales, error_term)
 
     def _as_sparse(self, codes: torch.Tensor | list[SparseCodes]) -> list[SparseCodes]:
         if isinstance(codes, torch.Tensor):
@@ -215,8 +212,9 @@ class CrossLayerTranscoder(nn.Module):
 
     @staticmethod
     def keeps_fp32(name: str) -> bool:
-        """Thresholds and input scales stay fp32 whatever the weights' dtype."""
-        return name in ("log_threshold", "input_scale")
+        """The sparsifier's parameters (JumpReLU thresholds) and the input scales stay fp32 whatever the
+        weights' dtype."""
+        return name == "input_scale" or name.startswith("sparsifier.")
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -238,6 +236,7 @@ class CrossLayerTranscoder(nn.Module):
         config = CLTConfig.from_dict(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
         cast = None if dtype is None else (lambda name, t: t if cls.keeps_fp32(name) else t.to(dtype))
         tensors = load_tensors(directory / WEIGHTS_FILE, device=device, cast=cast)
+        tensors = {LEGACY_TENSOR_NAMES.get(name, name): t for name, t in tensors.items()}
         with torch.device("meta"):
             clt = cls(config)
         expected = {name: tuple(t.shape) for name, t in clt.state_dict().items()}
@@ -282,28 +281,3 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
 def normalize_contributions(norms: torch.Tensor) -> torch.Tensor:
     """Divide each target row of summed contribution norms by its total (rows then sum to 1)."""
     return (norms / norms.sum(1, keepdim=True).clamp_min(1e-30)).float()
-
-
-class CLTSurrogate:
-    """A CLT as the MLP replacement of a forward pass: at block l it encodes z_l from this pass's x_l,
-    adds z_l's contributions to every target l' >= l, and returns yhat_l = b_dec[l] + sum_{s<=l} z_s W[s->l]."""
-
-    def __init__(self, clt: CrossLayerTranscoder, sparse: bool | None = None):
-        self.clt, self.sparse = clt, sparse
-        self.codes: list[SparseCodes] = []
-        self._partial: torch.Tensor | None = None
-
-    def begin(self) -> None:
-        self.codes, self._partial = [], None
-
-    def __call__(self, layer: int, x: torch.Tensor, index: slice = slice(None)) -> torch.Tensor:
-        if layer != len(self.codes):
-            raise RuntimeError(f"CLT surrogate called for block {layer} after {len(self.codes)} blocks")
-        codes = self.clt.encode_layer(layer, x[:, index])
-        self.codes.append(codes)
-        part = self.clt.decode_source(layer, codes, self.sparse)  # [B, T', L - layer, d]
-        if self._partial is None:
-            self._partial = torch.zeros(*part.shape[:-2], self.clt.config.n_layers, part.shape[-1],
-                                        dtype=part.dtype, device=part.device)
-        self._partial[..., layer:, :] += part
-        return self._partial[..., layer, :] + self.clt.b_dec[layer].to(part.dtype)

@@ -1,8 +1,10 @@
 """Build complete bundles end to end: teacher, CLTs, evaluation, retrieval indexes, thumbnails.
 
 Every step writes its outputs atomically and is skipped when they exist and load; CLT training
-resumes from its latest checkpoint. Under torchrun every rank trains (the data is sharded) and
-rank 0 alone does everything else and writes the bundle.
+resumes from its latest checkpoint. In one process the shared steps come first, then each CLT's
+steps in turn (train, index, evaluate), so that the first CLT is complete as early as possible.
+Under torchrun every rank trains every CLT first (the data is sharded) and rank 0 alone does
+everything else and writes the bundle. Where files go is :class:`Bundle`'s business.
 """
 
 from __future__ import annotations
@@ -18,47 +20,67 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from .bundle import MANIFEST, Bundle, validate_name
-from .clt import CLTConfig
-from .data import Subset, load_dataset, split_name
-from .data.coco import LABEL_RULE
-from .evaluation_runs import RESULTS, evaluate_bundle
-from .retrieval import MANIFEST as RETRIEVAL_MANIFEST
-from .retrieval import RetrievalIndex, build_retrieval
-from .storage import atomic_path, read_json
-from .teacher import LOCAL_DIR, Teacher
-from .thumbnails import ThumbnailStore, build_thumbnails
-from .tiny_clip import train_tiny_clip
-from .train import TrainConfig, default_device, is_trained, train_clt, world
-from .zeroshot import ZeroShotClassifier, zero_shot_accuracy
+from ..data import Subset, load_dataset, split_name
+from ..data.coco import LABEL_RULE
+from ..model.clt import CLTConfig
+from ..model.sparsifiers import SPARSIFIERS, sparsifier_class
+from ..model.teacher import LOCAL_DIR, OPEN_CLIP_FILES, Teacher
+from ..model.tokens import ALL, TOKEN_SETS
+from ..model.zeroshot import ZeroShotClassifier, zero_shot_accuracy
+from ..retrieval.index import MODES, RetrievalIndex, build_retrieval
+from ..retrieval.thumbnails import ThumbnailStore, build_thumbnails
+from ..storage import atomic_path
+from ..training.tiny_clip import train_tiny_clip
+from ..training.train import TrainConfig, default_device, is_trained, train_clt, world
+from .bundle import LOCAL_TEACHER, Bundle, find_bundles, validate_name
+from .evaluation_runs import evaluate_bundle
 
 TINY_TEACHER = "tiny-clip"
 BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-16-quickgelu", "openai")}
 N_EXAMPLES = 8
-ZEROSHOT_FILE = "zeroshot.safetensors"
 
 
 @dataclass
 class BundleJob:
-    """Everything needed to build one bundle."""
+    """Everything needed to build one bundle. Each field's docstring is also its ``--help`` in train_all.py."""
 
     dataset: str
+    """Dataset kind (see ``data.DATASETS``)."""
     backbone: str
-    sparsifiers: tuple[str, ...] = ("jumprelu", "relu_topk", "abs_topk")
+    """ViT-B-32, ViT-B-16, tiny-clip, local-dir:PATH, or any open_clip ARCH:PRETRAINED (a tag or a .safetensors)."""
+    sparsifiers: tuple[str, ...] = tuple(SPARSIFIERS)
+    """One CLT per sparsifier kind, named after it."""
     dataset_options: dict = field(default_factory=dict)
+    """Options of the dataset adapter (root folder, sizes)."""
     expansion: int = 16
+    """Features per layer = expansion x d_model."""
     k: int = 128
+    """Sparsity: active features per token (TopK) or L0 target (JumpReLU)."""
     train: TrainConfig = TrainConfig()
+    """Optimisation settings of every CLT."""
     train_images: int | None = None
+    """Train on a random subset of this many images (default: all)."""
     eval_images: int | None = None
+    """Evaluate on the first N test images (default: all)."""
     retrieval_images: int | None = None
+    """Index a random subset of N training images (default: all)."""
     retrieval_mode: str = "compact"
+    """Retrieval index kind: compact (for the app) or exact (FAISS flat, large)."""
     thumbnail_size: int = 96
+    """Longest side of the training-image thumbnails, in pixels."""
     batch_size: int = 64
+    """Images per teacher forward pass (evaluation, indexing)."""
     tiny_clip_steps: int = 450
+    """Training steps of the offline tiny CLIP."""
     seed: int = 0
+    """Seed of the image subsets and of the tiny CLIP."""
+
+    def __post_init__(self):
+        if self.retrieval_mode not in MODES:
+            raise ValueError(f"retrieval_mode must be one of {MODES}, got {self.retrieval_mode!r}")
+        for sparsifier in self.sparsifiers:
+            sparsifier_class(sparsifier)
 
     @property
     def name(self) -> str:
@@ -67,9 +89,9 @@ class BundleJob:
 
     def teacher_spec(self) -> tuple[str, str | None]:
         """(open_clip model name, pretrained tag) of the backbone; ``ARCH:TAG`` names any open_clip model.
-        The tiny CLIP and a ``local-dir:`` teacher live in the bundle's ``teacher/`` folder."""
+        The tiny CLIP and a ``local-dir:`` teacher live in the bundle's own teacher folder."""
         if self.backbone == TINY_TEACHER or self.backbone.startswith(LOCAL_DIR):
-            return LOCAL_DIR + "teacher", None
+            return LOCAL_TEACHER, None
         if self.backbone in BACKBONES:
             return BACKBONES[self.backbone]
         model, _, pretrained = self.backbone.partition(":")
@@ -115,85 +137,91 @@ class Builder:
 
     def build(self) -> list[StepReport]:
         job = self.job
-        if job.backbone == TINY_TEACHER and not self.step("teacher", self._teacher_done, self._train_tiny_teacher):
+        try:
+            train_data, test_data = self._dataset("train"), self._dataset("test")
+        except Exception as error:  # e.g. a dataset that is not on disk and cannot be downloaded
+            self._failed("load data", error)
             return self.reports
-        if job.backbone.startswith(LOCAL_DIR) and not self.step("teacher", self._teacher_done, self._copy_teacher):
+        bundle = self._bundle(test_data)
+        if job.backbone == TINY_TEACHER and not self.step("teacher", lambda: self._teacher_done(bundle),
+                                                         lambda: self._train_tiny_teacher(bundle, test_data)):
+            return self.reports
+        if job.backbone.startswith(LOCAL_DIR) and not self.step("teacher", lambda: self._teacher_done(bundle),
+                                                                lambda: self._copy_teacher(bundle)):
             return self.reports
         try:
-            teacher, train_data, test_data = self._load()
-        except Exception as error:  # e.g. weights or data that cannot be downloaded: the summary says so
-            self._failed("load teacher and data", error)
+            teacher = self._teacher(bundle)
+        except Exception as error:  # e.g. pretrained weights that cannot be downloaded: the summary says so
+            self._failed("load teacher", error)
             return self.reports
         training_set = (train_data if job.train_images is None
                         else Subset(train_data, self._subset(train_data, job.train_images)))
-        trained = [sparsifier for sparsifier in job.sparsifiers
-                   if self.step(f"train {sparsifier}", lambda s=sparsifier: is_trained(self._clt_folder(s)),
-                                lambda s=sparsifier: self._train(teacher, training_set, s))]
-        if self.rank != 0:
-            return self.reports
-        bundle = self._bundle(test_data)
-        self.step("zero-shot classifier", lambda: "zeroshot" in bundle.manifest,
+        names = list(job.sparsifiers)
+        if self.world_size > 1:  # every rank trains; rank 0 alone goes on
+            names = [name for name in names if self._train_step(bundle, teacher, training_set, name)]
+            if self.rank != 0:
+                return self.reports
+        self.step("zero-shot classifier", lambda: bundle.zeroshot_path() is not None,
                   lambda: self._zeroshot(bundle, teacher))
-        self.step("examples", lambda: "examples" in bundle.manifest, lambda: self._examples(bundle, test_data))
+        self.step("examples", lambda: bundle.has_examples, lambda: self._examples(bundle, test_data))
         indices = self._subset(train_data, job.retrieval_images)
         self.step("thumbnails", lambda: self._thumbnails_done(bundle, len(indices)),
                   lambda: self._thumbnails(bundle, train_data, indices))
-        for sparsifier in trained:  # a CLT is loaded only by a step that runs, not to find a step complete
-            bundle.add_clt(sparsifier)
-            bundle.save()
-            folder = bundle.clt_dir(sparsifier)
-            self.step(f"evaluate {sparsifier}", lambda: (folder / RESULTS).is_file(),
-                      lambda: self._evaluate(bundle, teacher, sparsifier))
-            self.step(f"retrieval {sparsifier}",
-                      lambda: self._retrieval_done(folder, bundle.clt_config(sparsifier), len(indices)),
-                      lambda: self._retrieval(teacher, bundle.load_clt(sparsifier, teacher, self.device), train_data,
-                                              indices, folder))
-        bundle.manifest["evaluation"] = {name: evaluation_summary(read_json(bundle.clt_dir(name) / RESULTS))
-                                         for name in bundle.clt_names if (bundle.clt_dir(name) / RESULTS).is_file()}
-        bundle.save()
+        for name in names:
+            if self.world_size == 1 and not self._train_step(bundle, teacher, training_set, name):
+                continue
+            self._clt_steps(bundle, teacher, train_data, indices, name)
         return self.reports
+
+    def _train_step(self, bundle: Bundle, teacher: Teacher, data, name: str) -> bool:
+        return self.step(f"train {name}", lambda: is_trained(bundle.clt_dir(name)),
+                         lambda: self._train(bundle, teacher, data, name))
+
+    def _clt_steps(self, bundle: Bundle, teacher: Teacher, train_data, indices: list[int], name: str) -> None:
+        """Everything after training one CLT (a CLT is loaded only by a step that runs, not to find a step
+        complete). The CLT is registered once it has its index, so that the app never sees it half made."""
+        self.step(f"retrieval {name}", lambda: self._retrieval_done(bundle, name, len(indices)),
+                  lambda: self._retrieval(bundle, teacher, train_data, indices, name))
+        bundle.add_clt(name)
+        self.step(f"evaluate {name}", lambda: bundle.evaluation_path(name).is_file(),
+                  lambda: self._evaluate(bundle, teacher, name))
+        bundle.set_evaluation_summary({n: evaluation_summary(bundle.evaluation(n)) for n in bundle.clt_names
+                                       if bundle.evaluation_path(n).is_file()})
 
     # ---- steps ---------------------------------------------------------------------------------------
 
-    def _clt_folder(self, sparsifier: str) -> Path:
-        return self.root / "clts" / sparsifier
+    def _teacher_done(self, bundle: Bundle) -> bool:
+        return all((bundle.teacher_dir / name).is_file() for name in OPEN_CLIP_FILES)
 
-    def _teacher_done(self) -> bool:
-        folder = self.root / "teacher"
-        return (folder / "open_clip_config.json").is_file() and (folder / "open_clip_model.safetensors").is_file()
-
-    def _train_tiny_teacher(self) -> str | None:
+    def _train_tiny_teacher(self, bundle: Bundle, test_data) -> str | None:
         detail = None
         if self.rank == 0:
             start = time.time()
-            teacher = train_tiny_clip(self.root / "teacher", steps=self.job.tiny_clip_steps, seed=self.job.seed,
+            teacher = train_tiny_clip(bundle.teacher_dir, steps=self.job.tiny_clip_steps, seed=self.job.seed,
                                       progress=self.progress)
             seconds = time.time() - start
-            accuracy = zero_shot_accuracy(teacher, self._dataset("test"), 4 * self.job.batch_size, self.progress)
+            accuracy = zero_shot_accuracy(teacher, test_data, 4 * self.job.batch_size, self.progress)
             detail = f"trained in {seconds:.0f} s; zero-shot top-1 on the test split {100 * accuracy:.1f}%"
         if self.world_size > 1:
             torch.distributed.barrier()
         return detail
 
-    def _copy_teacher(self) -> str:
+    def _copy_teacher(self, bundle: Bundle) -> str:
         """A local open_clip folder becomes part of the bundle, which then stands on its own."""
         source = Path(self.job.backbone[len(LOCAL_DIR):])
         if self.rank == 0:
-            for name in ("open_clip_model.safetensors", "open_clip_config.json"):  # the config marks completion
+            for name in OPEN_CLIP_FILES:  # the config, copied last, marks completion
                 if not (source / name).is_file():
                     raise FileNotFoundError(f"{source / name} is missing")
-                with atomic_path(self.root / "teacher" / name) as tmp:
+                with atomic_path(bundle.teacher_dir / name) as tmp:
                     shutil.copyfile(source / name, tmp)
         if self.world_size > 1:
             torch.distributed.barrier()
         return f"copied from {source}"
 
-    def _load(self) -> tuple[Teacher, Dataset, Dataset]:
-        """The teacher (pretrained weights are downloaded when online) and both splits of the data."""
-        model, pretrained = self.job.teacher_spec()
-        if model.startswith(LOCAL_DIR):
-            model = LOCAL_DIR + str(self.root / model[len(LOCAL_DIR):])
-        return Teacher.load(model, pretrained, device=self.device), self._dataset("train"), self._dataset("test")
+    def _teacher(self, bundle: Bundle) -> Teacher:
+        """The teacher (pretrained weights are downloaded when online)."""
+        return bundle.load_teacher(self.device)
 
     def _dataset(self, which: str):
         return load_dataset(self.job.dataset, split_name(self.job.dataset, which), **self.job.dataset_options)
@@ -204,8 +232,9 @@ class Builder:
         return sorted(np.random.default_rng(self.job.seed).permutation(len(data))[:n].tolist())
 
     def _bundle(self, test_data) -> Bundle:
-        """The bundle manifest: read back when present (it keeps what earlier runs registered)."""
-        if (self.root / MANIFEST).is_file():
+        """The bundle manifest: read back when present (it keeps what earlier runs registered). Only rank 0
+        writes it; the other ranks use it for paths."""
+        if Bundle.exists(self.root):
             bundle = Bundle.load(self.root)
         else:
             job = self.job
@@ -217,29 +246,26 @@ class Builder:
                 dataset["label_rule"] = LABEL_RULE
             bundle = Bundle.create(self.root, job.name, {"model": model, **({"pretrained": pretrained}
                                                                             if pretrained else {})}, dataset)
-        bundle.manifest["settings"] = _settings(self.job)
-        bundle.save()
+        if self.rank == 0:
+            bundle.set_settings(_settings(self.job))
         return bundle
 
     def _zeroshot(self, bundle: Bundle, teacher: Teacher) -> str:
         """Cache the class text embeddings in the bundle (the app then starts without the text tower's work)."""
         classifier = ZeroShotClassifier.build(teacher, bundle.classnames, bundle.templates)
-        classifier.save(self.root / ZEROSHOT_FILE, teacher)
-        bundle.manifest["zeroshot"] = ZEROSHOT_FILE
-        bundle.save()
+        classifier.save(bundle.zeroshot_file, teacher)
+        bundle.set_zeroshot()
         return f"{len(classifier.templates)} templates x {len(classifier.classnames)} classes"
 
-    def _train(self, teacher: Teacher, data, sparsifier: str) -> str:
+    def _train(self, bundle: Bundle, teacher: Teacher, data, name: str) -> str:
         job = self.job
-        config = CLTConfig(teacher.n_layers, teacher.d_model, job.expansion, sparsifier, job.k)
-        result = train_clt(teacher, data, config, job.train, self._clt_folder(sparsifier), self.progress)
+        config = CLTConfig(teacher.n_layers, teacher.d_model, job.expansion, name, job.k)
+        result = train_clt(teacher, data, config, job.train, bundle.clt_dir(name), self.progress)
         resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
         return f"{result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s{resumed}"
 
     def _examples(self, bundle: Bundle, test_data) -> str:
         """A few test images for the app: the first image of classes spread evenly over the class list."""
-        folder = self.root / "examples"
-        folder.mkdir(parents=True, exist_ok=True)
         first = {}
         for index, label in enumerate(test_data.labels):
             first.setdefault(label, index)
@@ -248,50 +274,50 @@ class Builder:
         for n, label in enumerate(wanted):
             image, label = test_data[first[label]]
             name = re.sub(r"[^A-Za-z0-9_-]", "_", test_data.classnames[label])
-            with atomic_path(folder / f"{n:02d}_{name}.png") as tmp:
+            with atomic_path(bundle.examples_dir / f"{n:02d}_{name}.png") as tmp:
                 image.convert("RGB").save(tmp, format="PNG")
-        bundle.manifest["examples"] = "examples"
-        bundle.save()
+        bundle.set_examples()
         return f"{len(wanted)} test images"
 
     def _thumbnails_done(self, bundle: Bundle, count: int) -> bool:
-        return "thumbnails" in bundle.manifest and len(ThumbnailStore(bundle.path("thumbnails"))) == count
+        return bundle.has_thumbnails and len(ThumbnailStore(bundle.thumbnails_dir)) == count
 
     def _thumbnails(self, bundle: Bundle, train_data, indices: list[int]) -> str:
-        store = build_thumbnails(train_data, indices, self.root / "thumbnails", self.job.thumbnail_size,
+        store = build_thumbnails(train_data, indices, bundle.thumbnails_dir, self.job.thumbnail_size,
                                  split=split_name(self.job.dataset, "train"), progress=self.progress)
-        bundle.manifest["thumbnails"] = "thumbnails"
-        bundle.save()
+        bundle.set_thumbnails()
         return f"{len(store)} images, {store.offsets[-1] / 1e6:.1f} MB"
 
-    def _evaluate(self, bundle: Bundle, teacher: Teacher, sparsifier: str) -> str:
-        results = evaluate_bundle(bundle, [sparsifier], self.job.eval_images, self.job.batch_size, self.device,
-                                  force=True, progress=self.progress, teacher=teacher)[sparsifier]
+    def _evaluate(self, bundle: Bundle, teacher: Teacher, name: str) -> str:
+        results = evaluate_bundle(bundle, [name], self.job.eval_images, self.job.batch_size, self.device,
+                                  force=True, progress=self.progress, teacher=teacher)[name]
         return f"{results['n_images']} images, baseline {results['cascade']['baseline']:.2f}%"
 
-    def _retrieval_done(self, folder: Path, config: CLTConfig, count: int) -> bool:
-        if not (folder / "retrieval" / RETRIEVAL_MANIFEST).is_file():
+    def _retrieval_done(self, bundle: Bundle, name: str, count: int) -> bool:
+        if not RetrievalIndex.exists(bundle.retrieval_dir(name)):
             return False
-        RetrievalIndex.load(folder / "retrieval", config.n_layers, config.n_features, count)
+        config = bundle.clt_config(name)
+        RetrievalIndex.load(bundle.retrieval_dir(name), config.n_layers, config.n_features, count)
         return True
 
-    def _retrieval(self, teacher, clt, train_data, indices: list[int], folder: Path) -> str:
+    def _retrieval(self, bundle: Bundle, teacher: Teacher, train_data, indices: list[int], name: str) -> str:
+        clt = bundle.load_clt(name, teacher, self.device)
         index = build_retrieval(teacher, clt, train_data, indices, self.job.retrieval_mode,
                                 batch_size=self.job.batch_size, progress=self.progress)
-        index.save(folder / "retrieval")
+        index.save(bundle.retrieval_dir(name))
         return f"{index.mode}, {index.n_images} images, {index.nbytes / 1e6:.1f} MB"
 
 
 def evaluation_summary(results: dict) -> dict:
     """The headline figures of one CLT's evaluation."""
     cascade = results["cascade"]
-    reconstruction = results["reconstruction"]["all"]
+    reconstruction = results["reconstruction"][ALL]
     return {
         "n_images": results["n_images"],
         "baseline_accuracy": cascade["baseline"],
         "mean_r2": sum(reconstruction["r2"]) / len(reconstruction["r2"]),
         "mean_l0": sum(results["l0"]) / len(results["l0"]),
-        "accuracy_full_cascade": {tokens: cascade[tokens][0]["accuracy"] for tokens in ("cls", "patches", "all")
+        "accuracy_full_cascade": {tokens: cascade[tokens][0]["accuracy"] for tokens in TOKEN_SETS
                                   if tokens in cascade},
     }
 
@@ -356,9 +382,9 @@ def default_bundle(checkpoints: str | Path, progress: bool = True) -> Bundle:
     """The first bundle under ``checkpoints/`` (by name), else the demo bundle built there (cached for the
     next start)."""
     checkpoints = Path(checkpoints)
-    found = sorted(checkpoints.glob(f"*/{MANIFEST}"))
+    found = find_bundles(checkpoints)
     if found:
-        return Bundle.load(found[0].parent)
+        return Bundle.load(found[0])
     jobs = preset_jobs("demo")
     reports = build_bundles(jobs, checkpoints, progress=progress)
     failed = [r for r in reports if r.status == "failed"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .clt import CrossLayerTranscoder
-from .storage import AssetError, load_tensors, read_json, save_tensors, write_json
+from ..model.clt import CrossLayerTranscoder
+from ..storage import AssetError, load_tensors, read_json, save_tensors, write_json
 
 LATEST = "latest.json"
 

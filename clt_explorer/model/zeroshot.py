@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .data import image_batches
-from .data.resources import as_format_strings
-from .storage import load_tensors, save_tensors
+from ..data import image_batches
+from ..data.resources import as_format_strings
+from ..storage import load_tensors, save_tensors
 from .teacher import Teacher
 
 

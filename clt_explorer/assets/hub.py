@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+from ..evaluation.report import evaluation_summary_markdown
+from ..storage import write_bytes
+from ..training.outputs import CHECKPOINTS_DIR
 from .bundle import Bundle, validate_repo_id
-from .report import evaluation_summary_markdown
-from .storage import write_bytes
 
 CARD = "README.md"
 
@@ -56,5 +57,5 @@ def push_bundle(bundle: Bundle, repo_id: str, private: bool = False, token: str 
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=repo_id, folder_path=str(bundle.root),
                                commit_message=f"Upload bundle {bundle.name}",
-                               ignore_patterns=["**/checkpoints/**", "**/*.tmp", "examples.tmp/**"])
+                               ignore_patterns=[f"**/{CHECKPOINTS_DIR}/**", "**/*.tmp"])
     return str(commit)

@@ -21,15 +21,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .bundle import Bundle
-from .clt import CrossLayerTranscoder
-from .evaluation_runs import RESULTS
-from .metrics import ReconstructionAccumulator, kl_divergence
-from .retrieval import RetrievalIndex, descriptors
-from .storage import read_json
-from .teacher import TOKEN_SETS, token_index
-from .thumbnails import ThumbnailStore
-from .zeroshot import ZeroShotClassifier
+from ..assets.bundle import Bundle
+from ..assets.evaluation_runs import bundle_classifier
+from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
+from ..model.clt import CrossLayerTranscoder
+from ..model.tokens import CLS, TOKEN_GROUPS, TOKEN_SETS, token_index
+from ..retrieval.index import RetrievalIndex, descriptors
 
 BF16_ABOVE_BYTES = 2**30  # CLTs larger than this run in bfloat16 on a CPU by default
 
@@ -69,7 +66,7 @@ class LayerQuality:
 
 @dataclass
 class Analysis:
-    sparsifier: str
+    clt: str
     tokens: str
     start: int
     target: int
@@ -98,9 +95,8 @@ class Explorer:
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", clt_dtype: torch.dtype | None = None):
         self.bundle, self.device, self.clt_dtype = bundle, torch.device(device), clt_dtype
         self.teacher = bundle.load_teacher(self.device)
-        self.classifier = ZeroShotClassifier.load_or_build(self.teacher, bundle.classnames, bundle.templates,
-                                                           bundle.zeroshot_path())
-        self.thumbnails = ThumbnailStore(bundle.path("thumbnails")) if "thumbnails" in bundle.manifest else None
+        self.classifier = bundle_classifier(bundle, self.teacher)
+        self.thumbnails = bundle.load_thumbnails()
         self._clts: dict[str, CrossLayerTranscoder] = {}
         self._indexes: dict[str, RetrievalIndex | None] = {}
         self._dataset_contributions: dict[str, dict | None] = {}
@@ -118,46 +114,42 @@ class Explorer:
 
     def examples(self) -> list[Path]:
         """The bundle's example images."""
-        if "examples" not in self.bundle.manifest:
-            return []
-        return sorted(self.bundle.path(self.bundle.manifest["examples"], "examples").glob("*.png"))
+        return self.bundle.examples()
 
     def clt(self, name: str) -> CrossLayerTranscoder:
         """CLT ``name``, loaded once (bfloat16 on a CPU when it is larger than 1 GiB, unless told otherwise)."""
         with self._lock:
             if name not in self._clts:
-                folder = self.bundle.clt_dir(name)
                 dtype = self.clt_dtype
                 if dtype is None and self.device.type == "cpu":
-                    weights = (folder / "model.safetensors").stat().st_size
-                    dtype = torch.bfloat16 if weights > BF16_ABOVE_BYTES else None
-                clt = CrossLayerTranscoder.from_pretrained(folder, device=self.device, dtype=dtype)
-                self._clts[name] = self.bundle.check_clt(clt, self.teacher, folder)
+                    large = self.bundle.clt_weights_path(name).stat().st_size > BF16_ABOVE_BYTES
+                    dtype = torch.bfloat16 if large else None
+                self._clts[name] = self.bundle.load_clt(name, self.teacher, self.device, dtype)
             return self._clts[name]
 
     def index(self, name: str) -> RetrievalIndex | None:
-        """The retrieval indexes of CLT ``name`` (None when the bundle has none)."""
+        """The retrieval indexes of CLT ``name`` (None while the bundle has none)."""
         with self._lock:
-            if name not in self._indexes:
-                folder = self.bundle.clt_dir(name) / "retrieval"
-                if folder.is_dir() and self.thumbnails is not None:
-                    c = self.bundle.clt_config(name)
-                    self._indexes[name] = RetrievalIndex.load(folder, c.n_layers, c.n_features, len(self.thumbnails))
-                else:
-                    self._indexes[name] = None
-            return self._indexes[name]
+            if name not in self._indexes and self.thumbnails is not None:
+                index = self.bundle.load_index(name, len(self.thumbnails))
+                if index is None:  # not built yet: look again next time
+                    return None
+                self._indexes[name] = index
+            return self._indexes.get(name)
 
     def dataset_contributions(self, name: str) -> dict[str, list[list[float]]] | None:
-        """Dataset-level C_{s->l} of CLT ``name`` from its evaluation, when the bundle has one (read once)."""
+        """Dataset-level C_{s->l} of CLT ``name`` from its evaluation (None while it has none; read once)."""
         with self._lock:
             if name not in self._dataset_contributions:
-                path = self.bundle.clt_dir(name) / RESULTS
-                self._dataset_contributions[name] = read_json(path)["contributions"] if path.is_file() else None
+                results = self.bundle.evaluation(name)
+                if results is None:
+                    return None
+                self._dataset_contributions[name] = results["contributions"]
             return self._dataset_contributions[name]
 
-    def _check(self, sparsifier: str, tokens: str, start: int, target: int | None, top_k: int) -> int:
-        if sparsifier not in self.clt_names:
-            raise ValueError(f"unknown CLT {sparsifier!r}; this bundle has {self.clt_names}")
+    def _check(self, clt: str, tokens: str, start: int, target: int | None, top_k: int) -> int:
+        if clt not in self.clt_names:
+            raise ValueError(f"unknown CLT {clt!r}; this bundle has {self.clt_names}")
         if tokens not in TOKEN_SETS:
             raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
         target = self.n_layers - 1 if target is None else target
@@ -169,15 +161,15 @@ class Explorer:
         return target
 
     @torch.no_grad()
-    def predict(self, image: Image.Image, sparsifier: str, tokens: str = "cls", start: int = 0) -> Predictions:
-        """Zero-shot top-5 of the teacher and of the CLT replacing blocks start..L-1 for ``tokens``."""
-        self._check(sparsifier, tokens, start, None, 1)
+    def predict(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0) -> Predictions:
+        """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``."""
+        self._check(clt, tokens, start, None, 1)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
-        return self._predict(pixels, sparsifier, tokens, start, self.teacher.encode_images(pixels))
+        return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels))
 
-    def _predict(self, pixels: torch.Tensor, sparsifier: str, tokens: str, start: int,
+    def _predict(self, pixels: torch.Tensor, clt: str, tokens: str, start: int,
                  teacher_embedding: torch.Tensor) -> Predictions:
-        with self.teacher.replace_mlps(self.clt(sparsifier).surrogate(), start, tokens):
+        with self.teacher.replace_mlps(self.clt(clt).surrogate(), start, tokens):
             surrogate_embedding = self.teacher.encode_images(pixels)
         teacher_logits = self.classifier.logits(teacher_embedding)
         surrogate_logits = self.classifier.logits(surrogate_embedding)
@@ -187,26 +179,26 @@ class Explorer:
                            float(kl_divergence(teacher_logits, surrogate_logits)[0]))
 
     @torch.no_grad()
-    def analyze(self, image: Image.Image, sparsifier: str, tokens: str = "cls", start: int = 0,
+    def analyze(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                 target: int | None = None, top_k: int = 3) -> Analysis:
-        """Everything the app shows for one image."""
+        """Everything the app shows for one image, with CLT ``clt`` (a name of the bundle)."""
         began = time.perf_counter()
-        target = self._check(sparsifier, tokens, start, target, top_k)
-        clt = self.clt(sparsifier)
+        target = self._check(clt, tokens, start, target, top_k)
+        model = self.clt(clt)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
         capture = self.teacher.capture(pixels)
-        codes = clt.encode_sparse(capture.xs)
-        yhat = clt.decode(codes).float()
-        contributions = {tokens_: clt.contributions([c.take_tokens(token_index(tokens_)) for c in codes]).tolist()
-                         for tokens_ in ("cls", "patches")}
-        retrievals = self._retrieve(sparsifier, codes, target, top_k)
-        predictions = self._predict(pixels, sparsifier, tokens, start, capture.embeddings)
-        return Analysis(sparsifier, tokens, start, target, top_k, predictions, contributions,
-                        self.dataset_contributions(sparsifier), retrievals,
+        codes = model.encode_sparse(capture.xs)
+        yhat = model.decode(codes).float()
+        contributions = {group: model.contributions([c.take_tokens(token_index(group)) for c in codes]).tolist()
+                         for group in TOKEN_GROUPS}
+        retrievals = self._retrieve(clt, codes, target, top_k)
+        predictions = self._predict(pixels, clt, tokens, start, capture.embeddings)
+        return Analysis(clt, tokens, start, target, top_k, predictions, contributions,
+                        self.dataset_contributions(clt), retrievals,
                         _quality(capture.ys.float(), yhat, codes), time.perf_counter() - began)
 
-    def _retrieve(self, sparsifier: str, codes, target: int, top_k: int) -> dict[str, list[list[Neighbour]]]:
-        index = self.index(sparsifier)
+    def _retrieve(self, clt: str, codes, target: int, top_k: int) -> dict[str, list[list[Neighbour]]]:
+        index = self.index(clt)
         if index is None:
             return {}
         found = index.search(descriptors(codes), top_k, range(target + 1))

@@ -33,13 +33,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .clt import CrossLayerTranscoder
-from .data import image_batches
-from .sparsifiers import SparseCodes
-from .storage import AssetError, atomic_path, check_keys, read_json, write_json
-from .teacher import Teacher, token_index
+from ..data import image_batches
+from ..model.clt import CrossLayerTranscoder
+from ..model.sparsifiers import SparseCodes
+from ..model.teacher import Teacher
+from ..model.tokens import CLS, PATCHES, TOKEN_GROUPS, token_index
+from ..storage import AssetError, atomic_path, check_keys, read_json, write_json
 
-DESCRIPTOR_TOKENS = ("cls", "patches")
+DESCRIPTOR_TOKENS = TOKEN_GROUPS  # the CLS code, and the mean of the patch codes
 MODES = ("exact", "compact")
 MANIFEST = "manifest.json"
 
@@ -223,11 +224,11 @@ class RetrievalIndex:
 
     @property
     def n_layers(self) -> int:
-        return len(self.indexes["cls"])
+        return len(self.indexes[CLS])
 
     @property
     def n_images(self) -> int:
-        return len(self.indexes["cls"][0])
+        return len(self.indexes[CLS][0])
 
     @property
     def nbytes(self) -> int:
@@ -257,8 +258,13 @@ class RetrievalIndex:
                 index.save(folder / name)
                 files[tokens].append(name)
         write_json(folder / MANIFEST, {"mode": self.mode, "n_images": self.n_images, "n_layers": self.n_layers,
-                                       "n_features": self.indexes["cls"][0].n_features, "files": files,
+                                       "n_features": self.indexes[CLS][0].n_features, "files": files,
                                        "settings": self.settings})
+
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        """Whether ``folder`` holds a saved index (its manifest is written last)."""
+        return (Path(folder) / MANIFEST).is_file()
 
     @classmethod
     def load(cls, folder: str | Path, n_layers: int | None = None, n_features: int | None = None,
@@ -329,7 +335,7 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     c = clt.config
-    keep = {"cls": c.k, "patches": 7 * c.k // 2, **(keep or {})}
+    keep = {CLS: c.k, PATCHES: 7 * c.k // 2, **(keep or {})}
     query_keep = query_keep or 8 * c.k
     with tempfile.TemporaryDirectory(prefix="clt-retrieval-") as workdir:
         spools = {tokens: [_Spool(mode, len(indices), c.n_features, keep[tokens], Path(workdir), f"{tokens}{layer}")

@@ -1,4 +1,4 @@
-"""Evaluating the CLTs of a bundle: cached results per CLT, shared by the evaluation scripts and the pipeline."""
+"""Evaluating the CLTs of a bundle: results cached per CLT in the bundle, shared by the scripts and the pipeline."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .bundle import Bundle
-from .clt import CrossLayerTranscoder
-from .data import load_dataset, split_name
-from .evaluate import evaluate_clt
-from .storage import read_json, write_json
-from .teacher import Teacher
-from .zeroshot import ZeroShotClassifier
-
-RESULTS = "evaluation/results.json"
+from ..data import load_dataset, split_name
+from ..evaluation.evaluate import evaluate_clt
+from ..model.clt import CrossLayerTranscoder
+from ..model.teacher import Teacher
+from ..model.zeroshot import ZeroShotClassifier
+from ..storage import read_json, write_json
+from .bundle import Bundle, evaluation_file
 
 
 def bundle_test_split(bundle: Bundle):
@@ -24,33 +22,36 @@ def bundle_test_split(bundle: Bundle):
     return load_dataset(dataset["name"], split, **dataset.get("options", {}))
 
 
+def bundle_classifier(bundle: Bundle, teacher: Teacher) -> ZeroShotClassifier:
+    """The bundle's zero-shot classifier (from its cache when the cache fits the teacher and the names)."""
+    return ZeroShotClassifier.load_or_build(teacher, bundle.classnames, bundle.templates, bundle.zeroshot_path())
+
+
 def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_images: int | None = None,
                     batch_size: int = 64, device: torch.device | str = "cpu", force: bool = False,
                     progress: bool = True, teacher: Teacher | None = None) -> dict[str, dict]:
-    """Results per CLT (a name in the bundle, or a CLT folder evaluated on the bundle's teacher and data).
-    A bundle CLT's results are read from its evaluation folder when present, unless ``force``."""
+    """Results per CLT name (a CLT of the bundle, or a CLT folder evaluated on the bundle's teacher and data,
+    named after the folder). A bundle CLT's results are read from the bundle when present, unless ``force``."""
     names = clts or bundle.clt_names
     teacher = teacher or bundle.load_teacher(device)
     classifier, test_data, results = None, None, {}
     for name in names:
         if str(name) in bundle.clt_names:
-            folder = bundle.clt_dir(str(name))
-            clt = bundle.load_clt(str(name), teacher, device)
+            key, cached = str(name), bundle.evaluation_path(str(name))
+            clt = None
         else:
-            folder = Path(name)
-            clt = CrossLayerTranscoder.from_pretrained(folder, device=device)
-        cached = folder / RESULTS
+            key, cached = Path(name).name, evaluation_file(Path(name))
+            clt = CrossLayerTranscoder.from_pretrained(name, device=device)
         if cached.is_file() and not force and (max_images is None or read_json(cached)["n_images"] == max_images):
-            results[clt.config.sparsifier] = read_json(cached)
+            results[key] = read_json(cached)
             continue
+        clt = clt or bundle.load_clt(key, teacher, device)
         if classifier is None:
-            classifier = ZeroShotClassifier.load_or_build(teacher, bundle.classnames, bundle.templates,
-                                                          bundle.zeroshot_path())
-            test_data = bundle_test_split(bundle)
+            classifier, test_data = bundle_classifier(bundle, teacher), bundle_test_split(bundle)
         result = evaluate_clt(teacher, clt, test_data, classifier, batch_size, max_images, progress=progress)
-        result.update(dataset_labels(bundle))
+        result.update(clt=key, **dataset_labels(bundle))
         write_json(cached, result)
-        results[clt.config.sparsifier] = result
+        results[key] = result
     return results
 
 

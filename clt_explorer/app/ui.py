@@ -1,0 +1,284 @@
+"""The Gradio app: layout and callbacks that render :class:`Explorer` results, nothing more.
+
+The page is built from panels; each panel creates its components and turns results into a dict
+{component: value}, so a callback returns the union of the panels it updates and nothing depends on
+the position of an output. Every event has an ``api_name``, so the app is also a documented API
+(``/analyze``, ``/refresh``, ``/predict``, ``/heatmaps``). Analyses are CPU-bound: ``concurrency``
+of them run at once and up to ``queue_size`` wait in Gradio's queue; beyond that a request is
+refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+from PIL import Image
+
+from ..evaluation.report import contribution_heatmap, evaluation_summary_markdown
+from ..model.tokens import CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
+from ..storage import write_bytes
+from .analysis import Analysis, Explorer, Predictions
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
+
+try:  # on Hugging Face ZeroGPU Spaces, GPU work runs inside functions decorated with spaces.GPU
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # anywhere else the decorator does nothing
+    def gpu(fn):
+        return fn
+
+THEME = gr.themes.Soft()
+CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600}"
+DESCRIPTOR_LABELS = {CLS: "CLS code", PATCHES: "patch-mean code"}
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def about_markdown(explorer: Explorer) -> str:
+    """What the bundle is: teacher, dataset, CLT settings and evaluation summary."""
+    m = explorer.bundle.manifest
+    teacher, dataset, settings = m["teacher"], m["dataset"], m.get("settings", {})
+    lines = [f"## Bundle `{explorer.bundle.name}`", "",
+             f"- **Teacher**: `{teacher['model']}`" + (f" (`{teacher['pretrained']}`)" if teacher.get("pretrained")
+                                                      else "") + f", {explorer.n_layers} blocks, "
+             f"width {explorer.teacher.d_model}, {explorer.teacher.n_tokens} tokens",
+             f"- **Dataset**: `{dataset['name']}`, {len(dataset['classnames'])} classes, "
+             f"{len(dataset['templates'])} prompt templates",
+             f"- **Retrieval**: {len(explorer.thumbnails) if explorer.thumbnails else 0} indexed training images", ""]
+    lines += ["| CLT | sparsifier | features/layer | k | teacher | trained on |", "|---|---|---|---|---|---|"]
+    for name in explorer.clt_names:
+        c = explorer.bundle.clt_config(name)
+        lines.append(f"| {name} | {c.sparsifier} | {c.n_features} | {c.k} | `{c.teacher}` | "
+                     f"{settings.get('train', {}).get('epochs', '?')} epochs |")
+    if m.get("evaluation"):
+        lines += ["", "### Evaluation", "", *evaluation_summary_markdown(m["evaluation"])]
+    return "\n".join(lines)
+
+
+def _labels(predictions: list) -> dict[str, float]:
+    return {p.classname: p.probability for p in predictions}
+
+
+def _summary(p: Predictions, tokens: str, start: int, n_layers: int, seconds: float | None = None) -> str:
+    flip = "**changed**" if p.flip else "unchanged"
+    text = (f"CLT replaces the MLP outputs of the **{tokens}** tokens in blocks {start}→{n_layers - 1}: "
+            f"top-1 {flip}, KL(teacher ‖ CLT) = {p.kl:.4f}")
+    return text + (f" · analysis took {seconds * 1000:.0f} ms" if seconds is not None else "")
+
+
+def heatmap_figures(data: dict | None, tokens: str) -> tuple[go.Figure | None, go.Figure | None]:
+    """This image's and the dataset's C(s→l) heatmaps for one token group, from an analysis as plain data."""
+    if not data:
+        return None, None
+    mine = contribution_heatmap(data["contributions"][tokens], f"This image ({tokens})")
+    dataset = data.get("dataset_contributions")
+    theirs = contribution_heatmap(dataset[tokens], f"Dataset ({tokens})") if dataset else go.Figure()
+    return mine, theirs
+
+
+class PredictionsPanel:
+    """The teacher's and the replaced model's top-5, and a sentence saying what was replaced."""
+
+    def __init__(self):
+        with gr.Row():
+            self.teacher = gr.Label(num_top_classes=5, label="Teacher (unmodified)", elem_id="teacher")
+            self.surrogate = gr.Label(num_top_classes=5, label="With the CLT replacing MLPs", elem_id="surrogate")
+        self.summary = gr.Markdown(label="Summary", elem_id="summary")
+        self.components = [self.teacher, self.surrogate, self.summary]
+
+    def render(self, p: Predictions, tokens: str, start: int, n_layers: int, seconds: float | None = None) -> dict:
+        return {self.teacher: _labels(p.teacher), self.surrogate: _labels(p.surrogate),
+                self.summary: _summary(p, tokens, start, n_layers, seconds)}
+
+    def empty(self) -> dict:
+        return {self.teacher: None, self.surrogate: None, self.summary: ""}
+
+
+class HeatmapPanel:
+    """C(s→l) of this image beside the dataset's, for the CLS or the patch tokens."""
+
+    def __init__(self):
+        self.tokens = gr.Radio(list(TOKEN_GROUPS), value=CLS, label="Contribution heatmap of")
+        with gr.Row():
+            self.image = gr.Plot(label="C(s→l), this image", elem_id="image_heatmap")
+            self.dataset = gr.Plot(label="C(s→l), dataset", elem_id="dataset_heatmap")
+        self.components = [self.image, self.dataset]
+
+    def render(self, data: dict | None, tokens: str) -> dict:
+        mine, theirs = heatmap_figures(data, tokens)
+        return {self.image: mine, self.dataset: theirs}
+
+    def empty(self) -> dict:
+        return self.render(None, CLS)
+
+
+class QualityPanel:
+    """Per-layer reconstruction of this image's MLP outputs."""
+
+    def __init__(self):
+        self.table = gr.Dataframe(headers=["layer", "R²", "cosine", "L0"], label="Reconstruction of this image per "
+                                  "layer (all tokens)", interactive=False, elem_id="quality")
+        self.components = [self.table]
+
+    def render(self, analysis: Analysis) -> dict:
+        return {self.table: [[q.layer, round(q.r2, 4), round(q.cosine, 4), round(q.l0, 1)]
+                             for q in analysis.reconstruction]}
+
+    def empty(self) -> dict:
+        return {self.table: None}
+
+
+class RetrievalPanel:
+    """For every layer l <= target, the training images whose CLS and patch-mean codes are closest."""
+
+    def __init__(self, n_layers: int, thumbnail_file):
+        self.thumbnail_file = thumbnail_file
+        gr.Markdown("### Layer-wise retrieval: training images whose sparse codes are closest at each layer")
+        self.rows, self.galleries = [], {}
+        for layer in range(n_layers):
+            with gr.Row(visible=layer == 0, elem_classes=["layer-row"]) as row:
+                gr.Markdown(f"Layer {layer}", elem_classes=["layer-label"])
+                for tokens in TOKEN_GROUPS:
+                    self.galleries[layer, tokens] = gr.Gallery(
+                        label=f"layer {layer}, {DESCRIPTOR_LABELS[tokens]}", columns=5, height=150,
+                        elem_id=f"gallery_{layer}_{tokens}")
+            self.rows.append(row)
+        self.components = [*self.galleries.values(), *self.rows]
+
+    def render(self, analysis: Analysis) -> dict:
+        out = {row: gr.Row(visible=layer <= analysis.target) for layer, row in enumerate(self.rows)}
+        for (layer, tokens), gallery in self.galleries.items():
+            hits = analysis.retrievals.get(tokens, [])
+            out[gallery] = ([(self.thumbnail_file(h.thumbnail_id), f"{h.classname} · {h.similarity:.2f}")
+                             for h in hits[layer]] if layer <= analysis.target and layer < len(hits) else [])
+        return out
+
+    def empty(self) -> dict:
+        return {**{gallery: [] for gallery in self.galleries.values()},
+                **{row: gr.Row(visible=layer == 0) for layer, row in enumerate(self.rows)}}
+
+
+class App:
+    """Callbacks bound to one explorer; the panels are attached by :func:`build_ui`."""
+
+    def __init__(self, explorer: Explorer, limits: UploadLimits):
+        self.explorer, self.limits = explorer, limits
+        self.n_layers = explorer.n_layers
+        self._thumbnail_dir = Path(tempfile.mkdtemp(prefix="clt-explorer-thumbnails-"))
+
+    def _image(self, path: str | None) -> Image.Image:
+        try:
+            return open_upload(path, self.limits.max_bytes, self.limits.max_pixels)
+        except ImageError as error:
+            raise gr.Error(str(error)) from error
+
+    def thumbnail_file(self, thumbnail_id: int) -> str:
+        """A thumbnail as a JPEG file (written once, served as is: no re-encoding per request)."""
+        path = self._thumbnail_dir / f"{thumbnail_id}.jpg"
+        if not path.is_file():
+            write_bytes(path, self.explorer.thumbnails.jpeg(thumbnail_id))
+        return str(path)
+
+    def render(self, image: Image.Image, analysis: Analysis, heatmap_tokens: str) -> dict:
+        data = json.loads(json.dumps(analysis.to_dict()))
+        return {self.preview: image, self.data: data,
+                **self.predictions.render(analysis.predictions, analysis.tokens, analysis.start, self.n_layers,
+                                          analysis.seconds),
+                **self.heatmaps.render(data, heatmap_tokens), **self.quality.render(analysis),
+                **self.retrieval.render(analysis)}
+
+    def empty(self) -> dict:
+        return {self.preview: None, self.data: None, **self.predictions.empty(), **self.heatmaps.empty(),
+                **self.quality.empty(), **self.retrieval.empty()}
+
+    @property
+    def analysis_outputs(self) -> list:
+        return [self.preview, *self.predictions.components, *self.heatmaps.components, *self.quality.components,
+                self.data, *self.retrieval.components]
+
+    @gpu
+    def analyze(self, path, clt, tokens, start, target, top_k, heatmap_tokens,
+                progress=gr.Progress(track_tqdm=True)):
+        """Full analysis of an uploaded image (error when there is none)."""
+        image = self._image(path)
+        progress(0.1, desc="analysing")
+        try:
+            analysis = self.explorer.analyze(image, clt, tokens, int(start), int(target), int(top_k))
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        return self.render(image, analysis, heatmap_tokens)
+
+    def refresh(self, path, clt, tokens, start, target, top_k, heatmap_tokens):
+        """Re-analyse after a control changed; clears the outputs when no image is loaded."""
+        if not path:
+            return self.empty()
+        return self.analyze(path, clt, tokens, start, target, top_k, heatmap_tokens)
+
+    @gpu
+    def predict(self, path, clt, tokens, start):
+        """Only the predictions, for a new replacement range or token set."""
+        if not path:
+            return self.predictions.empty()
+        image = self._image(path)
+        try:
+            p = self.explorer.predict(image, clt, tokens, int(start))
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        return self.predictions.render(p, tokens, int(start), self.n_layers)
+
+
+def build_ui(explorer: Explorer, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
+    """The Blocks app for one explorer."""
+    app = App(explorer, limits)
+    L = explorer.n_layers
+    with gr.Blocks(title=f"CLT Explorer — {explorer.bundle.name}") as demo:
+        gr.Markdown(f"# CLT Explorer\nCross-Layer Transcoders on `{explorer.bundle.manifest['teacher']['model']}` "
+                    f"· bundle `{explorer.bundle.name}` · {L} layers. Upload an image to see what each layer's sparse "
+                    f"codes retrieve, which layers build its representation, and how the prediction changes when "
+                    f"the CLT replaces the MLPs.")
+        with gr.Tab("Explore"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
+                    app.preview = gr.Image(label="Uploaded image", type="pil", interactive=False, height=220,
+                                           elem_id="preview")
+                    examples = [[str(p)] for p in explorer.examples()]
+                    if examples:
+                        gr.Examples(examples, inputs=[upload], label="Examples from the test split")
+                    clt = gr.Dropdown(explorer.clt_names, value=explorer.clt_names[0], label="CLT", elem_id="clt")
+                    tokens = gr.Radio(list(TOKEN_SETS), value=CLS, label="Tokens the CLT replaces", elem_id="tokens")
+                    start = gr.Slider(0, L - 1, value=0, step=1, label="Replace blocks s → L-1: s", elem_id="start")
+                    target = gr.Slider(0, L - 1, value=L - 1, step=1, label="Target layer l (retrieval rows 0..l)",
+                                       elem_id="target")
+                    top_k = gr.Slider(1, 10, value=3, step=1, label="Top-K retrieved images", elem_id="top_k")
+                    run = gr.Button("Analyze", variant="primary", elem_id="analyze")
+                with gr.Column(scale=2):
+                    app.predictions = PredictionsPanel()
+                    app.heatmaps = HeatmapPanel()
+                    app.quality = QualityPanel()
+            app.retrieval = RetrievalPanel(L, app.thumbnail_file)
+            with gr.Accordion("Analysis data (JSON)", open=False):
+                app.data = gr.JSON(label="Analysis data", elem_id="data")
+        with gr.Tab("About"):
+            gr.Markdown(about_markdown(explorer))
+
+        controls = [upload, clt, tokens, start, target, top_k, app.heatmaps.tokens]
+        outputs = app.analysis_outputs
+        run.click(app.analyze, controls, outputs, api_name="analyze")
+        gr.on([upload.change, clt.change, target.change, top_k.change], app.refresh, controls, outputs,
+              api_name="refresh", trigger_mode="always_last")
+        gr.on([tokens.change, start.change], app.predict, [upload, clt, tokens, start], app.predictions.components,
+              api_name="predict", trigger_mode="always_last")
+        app.heatmaps.tokens.change(app.heatmaps.render, [app.data, app.heatmaps.tokens], app.heatmaps.components,
+                                   api_name="heatmaps")
+    return demo

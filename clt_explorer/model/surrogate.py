@@ -1,0 +1,107 @@
+"""The CLT as the MLP replacement of a forward pass, and the one seam where its codes are edited.
+
+At block l the surrogate encodes z_l from this pass's own x_l, applies the edit, adds the edited
+codes' terms to every later target, and returns the reconstruction of y_l:
+
+    z_l'       = z_l * scale_l                       (feature_scales: per (layer, feature), default 1)
+    u_{l->l'}  = z_l' @ W_dec[l -> l']               for every target l' >= l
+    yhat_l     = b_dec[l] + sum_{s <= l} W[l, s] u_{s->l}    (term_weights W, default all ones)
+
+Scales of 1 and weights of 1 are exact identities (x * 1.0 == x), so an edit that changes nothing
+gives bit for bit the unedited replacement. An edit at source s changes no target below s.
+
+With ``error_term`` the surrogate returns y_l + (yhat_l - yhat_l without the edit), y_l being the
+teacher's own MLP output on this pass's x_l (the "error term" of SAELens): without an edit that is
+exactly the teacher, and an edit then acts on the teacher itself rather than on the reconstruction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sparsifiers import SparseCodes
+
+if TYPE_CHECKING:
+    from .clt import CrossLayerTranscoder
+
+
+def check_term_weights(term_weights: torch.Tensor | None, n_layers: int) -> torch.Tensor | None:
+    """Validate a term mask: [L, L] (row = target l, column = source s) or [B, L, L] (one per image)."""
+    if term_weights is None:
+        return None
+    if term_weights.dim() not in (2, 3) or tuple(term_weights.shape[-2:]) != (n_layers, n_layers):
+        raise ValueError(f"term_weights must have shape [{n_layers}, {n_layers}] or [B, {n_layers}, {n_layers}], "
+                         f"got {tuple(term_weights.shape)}")
+    if not torch.isfinite(term_weights).all():
+        raise ValueError("term_weights must be finite")
+    return term_weights.float()
+
+
+def feature_scale_vectors(feature_scales: dict[tuple[int, int], float] | None, n_layers: int, n_features: int
+                          ) -> list[torch.Tensor | None]:
+    """Per layer, a [F] vector of code scales (None where the layer has no edit)."""
+    vectors: list[torch.Tensor | None] = [None] * n_layers
+    for (layer, feature), scale in (feature_scales or {}).items():
+        if not (0 <= layer < n_layers and 0 <= feature < n_features):
+            raise ValueError(f"feature {layer}:{feature} does not exist: layers 0..{n_layers - 1}, "
+                             f"features 0..{n_features - 1}")
+        if not math.isfinite(scale):
+            raise ValueError(f"the scale of feature {layer}:{feature} must be finite, got {scale}")
+        if vectors[layer] is None:
+            vectors[layer] = torch.ones(n_features)
+        vectors[layer][feature] = scale
+    return vectors
+
+
+class CLTSurrogate:
+    """Called block by block, in order, on one forward pass (see :meth:`Teacher.replace_mlps`)."""
+
+    def __init__(self, clt: CrossLayerTranscoder, sparse: bool | None = None, term_weights: torch.Tensor | None = None,
+                 feature_scales: dict[tuple[int, int], float] | None = None, error_term: bool = False):
+        c = clt.config
+        self.clt, self.sparse, self.error_term = clt, sparse, error_term
+        self.term_weights = check_term_weights(term_weights, c.n_layers)
+        self.scales = feature_scale_vectors(feature_scales, c.n_layers, c.n_features)
+        self.edits = self.term_weights is not None or any(s is not None for s in self.scales)
+        self.begin()
+
+    def begin(self) -> None:
+        """Forget the previous pass."""
+        self.codes: list[SparseCodes] = []  # the (edited) codes of this pass, per layer
+        self._edited: torch.Tensor | None = None  # sum of the edited terms per target [B, T', L, d]
+        self._plain: torch.Tensor | None = None  # the same without the edit (error term only)
+
+    def __call__(self, layer: int, x: torch.Tensor, index: slice = slice(None),
+                 y: torch.Tensor | None = None) -> torch.Tensor:
+        """The replacement of block ``layer``'s MLP output for the tokens ``x[:, index]`` [B, T', d]."""
+        if layer != len(self.codes):
+            raise RuntimeError(f"CLT surrogate called for block {layer} after {len(self.codes)} blocks")
+        codes = self.clt.encode_layer(layer, x[:, index])
+        scale = self.scales[layer]
+        edited = codes if scale is None else codes.scaled(scale.to(x.device))
+        self.codes.append(edited)
+        self._edited = self._add_terms(self._edited, layer, edited, self.term_weights)
+        if not self.error_term:
+            return self._edited[..., layer, :] + self.clt.b_dec[layer].to(self._edited.dtype)
+        if y is None:
+            raise ValueError("the error term needs the teacher's MLP output y")
+        if not self.edits:
+            return y[:, index].clone()
+        self._plain = self._add_terms(self._plain, layer, codes, None)
+        return y[:, index] + (self._edited[..., layer, :] - self._plain[..., layer, :]).to(y.dtype)
+
+    def _add_terms(self, total: torch.Tensor | None, source: int, codes: SparseCodes,
+                   weights: torch.Tensor | None) -> torch.Tensor:
+        """Add source ``source``'s terms u_{s->l} (weighted by W[l, s]) to the running sums of every target."""
+        part = self.clt.decode_source(source, codes, self.sparse)  # [B, T', L - s, d]
+        if weights is not None:
+            column = weights[..., source:, source].to(part.device, part.dtype)  # [L - s] or [B, L - s]
+            part = part * (column[:, None] if column.dim() == 1 else column[:, None, :, None])
+        if total is None:
+            total = torch.zeros(*part.shape[:-2], self.clt.config.n_layers, part.shape[-1], dtype=part.dtype,
+                                device=part.device)
+        total[..., source:, :] += part
+        return total

@@ -1,0 +1,1 @@
+"""The training-image corpus: layer-wise retrieval indexes, thumbnails and per-feature statistics."""

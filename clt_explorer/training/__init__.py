@@ -1,0 +1,1 @@
+"""Training: teacher activations as token batches, the CLT training loop, checkpoints, the offline tiny CLIP."""
