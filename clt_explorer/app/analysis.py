@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from ..assets.bundle import Bundle
-from ..assets.evaluation_runs import bundle_classifier
 from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
 from ..model.clt import CrossLayerTranscoder
 from ..model.tokens import CLS, TOKEN_GROUPS, TOKEN_SETS, token_index
@@ -95,7 +94,7 @@ class Explorer:
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", clt_dtype: torch.dtype | None = None):
         self.bundle, self.device, self.clt_dtype = bundle, torch.device(device), clt_dtype
         self.teacher = bundle.load_teacher(self.device)
-        self.classifier = bundle_classifier(bundle, self.teacher)
+        self.classifier = bundle.load_classifier(self.teacher)
         self.thumbnails = bundle.load_thumbnails()
         self._clts: dict[str, CrossLayerTranscoder] = {}
         self._indexes: dict[str, RetrievalIndex | None] = {}

@@ -30,6 +30,7 @@ import torch
 
 from ..model.clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CrossLayerTranscoder
 from ..model.teacher import LOCAL_DIR, Teacher
+from ..model.zeroshot import ZeroShotClassifier
 from ..retrieval.index import RetrievalIndex
 from ..retrieval.thumbnails import ThumbnailStore
 from ..storage import AssetError, check_keys, download_snapshot, is_repo_id, read_json, write_json
@@ -318,6 +319,10 @@ class Bundle:
         folder = self.clt_dir(name)
         clt = CrossLayerTranscoder.from_pretrained(folder, device=device, dtype=dtype)
         return clt if teacher is None else self.check_clt(clt, teacher, folder)
+
+    def load_classifier(self, teacher: Teacher) -> ZeroShotClassifier:
+        """The zero-shot classifier over the bundle's classes (from its cache when it fits the teacher and names)."""
+        return ZeroShotClassifier.load_or_build(teacher, self.classnames, self.templates, self.zeroshot_path())
 
     def load_thumbnails(self) -> ThumbnailStore | None:
         """The thumbnails of the indexed training images (None when the bundle has none)."""

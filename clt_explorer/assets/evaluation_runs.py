@@ -10,7 +10,6 @@ from ..data import load_dataset, split_name
 from ..evaluation.evaluate import evaluate_clt
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
-from ..model.zeroshot import ZeroShotClassifier
 from ..storage import read_json, write_json
 from .bundle import Bundle, evaluation_file
 
@@ -20,11 +19,6 @@ def bundle_test_split(bundle: Bundle):
     dataset = bundle.manifest["dataset"]
     split = dataset.get("test_split") or split_name(dataset["name"], "test")
     return load_dataset(dataset["name"], split, **dataset.get("options", {}))
-
-
-def bundle_classifier(bundle: Bundle, teacher: Teacher) -> ZeroShotClassifier:
-    """The bundle's zero-shot classifier (from its cache when the cache fits the teacher and the names)."""
-    return ZeroShotClassifier.load_or_build(teacher, bundle.classnames, bundle.templates, bundle.zeroshot_path())
 
 
 def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_images: int | None = None,
@@ -47,7 +41,7 @@ def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_im
             continue
         clt = clt or bundle.load_clt(key, teacher, device)
         if classifier is None:
-            classifier, test_data = bundle_classifier(bundle, teacher), bundle_test_split(bundle)
+            classifier, test_data = bundle.load_classifier(teacher), bundle_test_split(bundle)
         result = evaluate_clt(teacher, clt, test_data, classifier, batch_size, max_images, progress=progress)
         result.update(clt=key, **dataset_labels(bundle))
         write_json(cached, result)
