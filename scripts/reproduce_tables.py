@@ -2,8 +2,12 @@
 
 Writes into --out: cascade_accuracy.csv (the columns of the paper's tables 6-23), faithfulness.csv
 (table 5's columns, for the primary CLT) and faithfulness_<clt>.csv, reconstruction.csv,
-tables.md, paper_comparison.csv when the bundle matches a configuration of the paper, results.json,
-and plotly figures (HTML, and PNG when a Chromium is found) of reconstruction and contributions.
+paper_comparison.csv and paper_faithfulness_comparison.csv when the bundle matches a configuration of
+the paper, layer_terms.csv (the remove / retain experiment on the final representation), tables.md,
+results.json and layer_terms.json, plotly figures (HTML, and PNG when a Chromium is found) of
+reconstruction, contributions, prompt sensitivity and the layer-term curves, and static retrieval grids
+like figures 4 and 5 (grid_<clt>_<n>_<cls|patches>.png: the top-3 training images per layer for a
+few of the bundle's example images, by exact search).
 
     python scripts/reproduce_tables.py --bundle checkpoints/synthetic-tiny-clip --out results/
 """
@@ -16,7 +20,8 @@ import time
 from pathlib import Path
 
 from clt_explorer.assets.bundle import open_bundle
-from clt_explorer.assets.evaluation_runs import evaluate_bundle
+from clt_explorer.assets.evaluation_runs import evaluate_bundle, layer_terms_bundle, write_retrieval_grids
+from clt_explorer.evaluation.layer_terms import summary_lines
 from clt_explorer.evaluation.report import markdown_table, paper_comparison, write_report
 from clt_explorer.storage import write_json
 from clt_explorer.training.train import default_device
@@ -31,14 +36,21 @@ def main() -> None:
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--primary", help="CLT name of faithfulness.csv (default: the bundle's first)")
     parser.add_argument("--force", action="store_true", help="re-evaluate even when the bundle holds results")
+    parser.add_argument("--grid-images", type=int, default=3, help="example images with retrieval grids (0: none)")
+    parser.add_argument("--start", type=int, help="first replaced block of the layer-term experiment (default: the "
+                        "last block, the final representation)")
     args = parser.parse_args()
     start = time.time()
     bundle = open_bundle(args.bundle)
-    results = evaluate_bundle(bundle, None, args.max_images, args.batch_size, args.device or default_device(),
-                              args.force)
+    device = args.device or default_device()
+    results = evaluate_bundle(bundle, None, args.max_images, args.batch_size, device, args.force)
+    terms = layer_terms_bundle(bundle, None, args.max_images, args.batch_size, device, args.force, start=args.start)
     out = Path(args.out)
     write_json(out / "results.json", results)
-    written = write_report(results, out, args.primary)
+    write_json(out / "layer_terms.json", terms)
+    written = write_report(results, out, args.primary, terms)
+    written += write_retrieval_grids(bundle, out, n_queries=args.grid_images, batch_size=args.batch_size,
+                                     device=device)
     comparison = paper_comparison(results)
     if comparison:
         print("Cascade accuracy (%), ours beside the paper's:\n")
@@ -47,9 +59,11 @@ def main() -> None:
         first = next(iter(results.values()))
         print(f"No configuration of the paper matches ({first.get('dataset')}, {first.get('backbone')}): "
               f"nothing to compare.")
-    print(f"\n{len(written) + 1} files in {out} in {time.time() - start:.0f} s")
+    print("\n".join(line for name, r in terms.items() for tokens in r["tokens"]
+                    for line in summary_lines(name, tokens, r, r["baseline"])))
+    print(f"\n{len(written) + 2} files in {out} in {time.time() - start:.0f} s")
     print((out / "tables.md").read_text())
-    print(json.dumps({"seconds": round(time.time() - start, 1), "files": len(written) + 1}))
+    print(json.dumps({"seconds": round(time.time() - start, 1), "files": len(written) + 2}))
 
 
 if __name__ == "__main__":

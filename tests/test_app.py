@@ -24,8 +24,10 @@ def named(client, api_name, outputs):
     return {r["label"]: value for r, value in zip(returns, outputs)}
 
 
-def analyze(client, path, clt="relu_topk", tokens="all", start=1, target=3, top_k=3, heatmap="cls"):
-    outputs = client.predict(handle_file(str(path)), clt, tokens, start, target, top_k, heatmap, api_name="/analyze")
+def analyze(client, path, clt="relu_topk", tokens="all", start=1, target=3, top_k=3, heatmap="cls",
+            kept=(0, 1, 2, 3)):
+    outputs = client.predict(handle_file(str(path)), clt, tokens, start, target, top_k, heatmap, list(kept),
+                             api_name="/analyze")
     return named(client, "/analyze", outputs)
 
 
@@ -59,11 +61,37 @@ def test_upload_returns_every_output_consistent_with_the_library(client, explore
 
 def test_predict_endpoint_matches_the_library(client, explorer):
     path = explorer.examples()[0]
-    out = named(client, "/predict", client.predict(handle_file(str(path)), "abs_topk", "patches", 2,
+    out = named(client, "/predict", client.predict(handle_file(str(path)), "abs_topk", "patches", 2, [0, 1, 2, 3],
                                                   api_name="/predict"))
     surrogate, summary = out["With the CLT replacing MLPs"], out["Summary"]
     direct = explorer.predict(Image.open(path).convert("RGB"), "abs_topk", "patches", 2)
     assert surrogate["label"] == direct.surrogate[0].classname and "blocks 2→3" in summary
+
+
+def test_layer_term_controls_match_the_library(client, explorer):
+    """Keeping the image's top-m sources, removing its top-1, and any hand-picked subset give the library's
+    kept sources and predictions."""
+    path = explorer.examples()[4]
+    image = Image.open(path).convert("RGB")
+    ranking = explorer.source_ranking(image, "jumprelu", "cls")
+    scores = [s.score for s in ranking]
+    assert sorted(s.layer for s in ranking) == list(range(explorer.n_layers)) and scores == sorted(scores)[::-1]
+    top = named(client, "/keep_top_terms", client.predict(handle_file(str(path)), "jumprelu", "cls", 2,
+                                                          api_name="/keep_top_terms"))
+    kept = top["Source layers whose terms the final layer keeps"]
+    assert kept == sorted(s.layer for s in ranking[:2])
+    assert f"**{ranking[0].layer}** ({ranking[0].score:.2f})" in top["Source ranking"]
+    removed = named(client, "/remove_top_term", client.predict(handle_file(str(path)), "jumprelu", "cls",
+                                                               api_name="/remove_top_term"))
+    assert removed["Source layers whose terms the final layer keeps"] == sorted(s.layer for s in ranking[1:])
+    for chosen in (kept, [1, 3], []):
+        out = named(client, "/predict", client.predict(handle_file(str(path)), "jumprelu", "cls", 3, chosen,
+                                                      api_name="/predict"))
+        direct = explorer.predict(image, "jumprelu", "cls", 3, chosen)
+        got = {c["label"]: c["confidence"] for c in out["With the CLT replacing MLPs"]["confidences"]}
+        assert got == pytest.approx({p.classname: p.probability for p in direct.surrogate}, abs=1e-6)
+        assert f"{direct.kl:.4f}" in out["Summary"]
+        assert ("keeping only the terms" in out["Summary"]) == (len(chosen) < explorer.n_layers)
 
 
 def test_empty_submit_gets_a_clear_message_and_the_server_keeps_serving(client, explorer):
@@ -103,6 +131,11 @@ def test_browser_upload_renders_everything_and_range_changes_update_predictions(
             expect(page.locator("#summary")).to_contain_text(f"blocks 2→{last}", timeout=30_000)
             page.locator("#tokens").get_by_text("patches", exact=True).click()
             expect(page.locator("#summary")).to_contain_text("the patches tokens", timeout=30_000)
+            page.locator("#tokens").get_by_text("cls", exact=True).click()
+            page.locator("#remove_top").click()
+            expect(page.locator("#summary")).to_contain_text("keeping only the terms of source layers",
+                                                             timeout=30_000)
+            expect(page.locator("#source_ranking")).to_contain_text("C(s→L-1)")
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
             browser.close()
     finally:

@@ -170,3 +170,18 @@ def test_creating_a_vit_b_scale_clt_needs_no_more_than_its_own_size():
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["size"] == CLTConfig(12, 768, 16).n_parameters * 4
     assert figures["grown"] <= 1.05 * figures["size"], figures
+
+
+def test_the_encoder_scales_each_layers_input_before_encoding():
+    """pre_l = (x_l * input_scale_l) @ W_enc[l] + b_enc[l]: the per-layer scale estimated from data is applied."""
+    clt = make_clt("relu_topk")
+    with torch.no_grad():
+        clt.input_scale.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0]))
+    xs = torch.randn(5, 7, 12)
+    with torch.no_grad():
+        for layer in range(5):
+            expected = (xs[layer] * clt.input_scale[layer]) @ clt.W_enc[layer] + clt.b_enc[layer]
+            assert torch.allclose(clt.preactivations(layer, xs[layer]), expected, atol=1e-6)
+            top = expected.relu().topk(6).indices
+            reference = torch.zeros_like(expected).scatter(-1, top, expected.relu().gather(-1, top))
+            assert torch.allclose(clt.encode(xs)[layer], reference, atol=1e-6)

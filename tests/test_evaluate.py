@@ -89,7 +89,13 @@ def test_reproduce_tables_on_the_tiny_bundle(tiny_bundle, tmp_path):
     assert len(rows) == 3 * 4  # cls / patches / all x 4 start layers of the tiny CLIP
     faithfulness_header = (paper / "paper_faithfulness_vitb32_cifar100.csv").read_text().splitlines()[0]
     assert (out / "faithfulness.csv").read_text().splitlines()[0] == faithfulness_header
-    for name in ("reconstruction_all.html", "contributions.html", "tables.md", "results.json"):
+    for name in ("reconstruction_all.html", "contributions.html", "tables.md", "results.json", "layer_terms.json",
+                 "layer_terms_retention.html", "layer_terms_removal.html", "prompt_sensitivity.html"):
         assert (out / name).stat().st_size > 0
+    from clt_explorer.evaluation.layer_terms import CSV_COLUMNS
+
+    terms = (out / "layer_terms.csv").read_text().splitlines()
+    assert terms[0] == ",".join(CSV_COLUMNS) and len(terms) > 3 * 3 * (1 + 4 + 2 + 4 * 4)
+    assert "top-1 removal costs" in done.stdout and "Layer terms of relu_topk" in (out / "tables.md").read_text()
     patch_last = [r.split(",") for r in rows if r.split(",")[3] == "patches" and r.split(",")[4] == "3"][0]
     assert patch_last[5] == patch_last[6] == patch_last[7] == patch_last[8]  # = the baseline, for every sparsifier

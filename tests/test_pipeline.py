@@ -45,6 +45,8 @@ def test_demo_bundle_is_complete_and_a_rerun_skips_every_step(tiny_bundle):
         clt = tiny_bundle.load_clt(name, tiny_bundle.load_teacher())
         RetrievalIndex.load(tiny_bundle.retrieval_dir(name), clt.config.n_layers, clt.config.n_features, 1500)
         assert name in tiny_bundle.manifest["evaluation"]
+        terms = tiny_bundle.layer_terms(name)
+        assert terms["start"] == 3 and set(terms["tokens"]) == {"cls", "patches", "all"}
     examples = [p.name for p in tiny_bundle.examples()]
     assert len(examples) == 8 and len({name.split("_", 1)[1] for name in examples}) == 8  # 8 classes
     jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS)

@@ -253,3 +253,10 @@ def test_app_binds_to_localhost_by_default():
     assert app.parse_args([]).host == "127.0.0.1"
     done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True, check=True)
     assert "127.0.0.1" in done.stdout
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    """mkstemp makes owner-only files; what the pipeline writes must be readable like any file made with open()."""
+    write_json(tmp_path / "written.json", {"a": 1})
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "written.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777

@@ -118,3 +118,30 @@ def test_bundle_indexes_find_each_indexed_image_and_agree_with_exact(tiny_bundle
         for layer in range(clt.config.n_layers):
             assert [r[0].image_id for r in found_compact[tokens][layer]] == list(range(100)), (tokens, layer)
             assert [r[0].image_id for r in found_exact[tokens][layer]] == list(range(100)), (tokens, layer)
+
+
+@pytest.mark.slow
+def test_static_grids_come_from_an_exact_search_of_the_whole_corpus(tiny_bundle, tmp_path):
+    """The streamed exact search behind figures 4 and 5 finds what a flat FAISS index over the corpus finds."""
+    from PIL import Image
+
+    from clt_explorer.assets.evaluation_runs import bundle_split, write_retrieval_grids
+    from clt_explorer.retrieval.grids import exact_neighbours
+
+    teacher = tiny_bundle.load_teacher()
+    clt = tiny_bundle.load_clt("abs_topk", teacher)
+    store, train = tiny_bundle.load_thumbnails(), bundle_split(tiny_bundle, "train")
+    corpus = store.dataset_indices[:400]
+    queries = teacher.preprocess_images([Image.open(p).convert("RGB") for p in tiny_bundle.examples()[:3]])
+    streamed = exact_neighbours(teacher, clt, train, corpus, queries, k=3, batch_size=64, progress=False)
+    flat = build_retrieval(teacher, clt, train, corpus, mode="exact", progress=False)
+    with torch.no_grad():
+        query_descriptors = descriptors(clt.encode_sparse(teacher.capture(queries).xs))
+    found = flat.search(query_descriptors, 3)
+    for tokens in DESCRIPTOR_TOKENS:
+        for layer in range(clt.config.n_layers):
+            scores, rows = streamed[tokens][layer]
+            assert rows.tolist() == [[h.image_id for h in hits] for hits in found[tokens][layer]], (tokens, layer)
+            assert np.allclose(scores, [[h.score for h in hits] for hits in found[tokens][layer]], atol=1e-5)
+    written = write_retrieval_grids(tiny_bundle, tmp_path, ["abs_topk"], n_queries=2)
+    assert sorted(p.name for p in written) == [f"grid_abs_topk_{q}_{t}.png" for q in (0, 1) for t in ("cls", "patches")]

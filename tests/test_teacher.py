@@ -121,3 +121,49 @@ def test_load_refuses_pickled_weights(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="must be a .safetensors file"):
         Teacher.load("ViT-B-32-quickgelu", str(tmp_path / "weights.pt"))
+
+
+class DeltaSurrogate:
+    """The teacher's own MLP plus a known delta [L, d] on the replaced tokens."""
+
+    def __init__(self, teacher, delta):
+        self.teacher, self.delta = teacher, delta
+
+    def begin(self):
+        pass
+
+    def __call__(self, layer, x, index, y):
+        return self.teacher.blocks[layer].mlp(x)[:, index] + self.delta[layer]
+
+
+def forward_by_hand(teacher, pixels, start, tokens, delta):
+    """The image tower written out: patch embedding, CLS token, positions, ln_pre, each block's attention and MLP
+    (the MLP output of the chosen tokens shifted by delta[l] in blocks l >= start), ln_post and projection."""
+    visual, index = teacher.model.visual, token_index(tokens)
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], 1) + visual.positional_embedding
+    x = visual.ln_pre(x)
+    for layer, block in enumerate(teacher.blocks):
+        x = x + block.ls_1(block.attention(block.ln_1(x)))
+        h = block.mlp(block.ln_2(x))
+        if layer >= start:
+            h[:, index] += delta[layer]
+        x = x + block.ls_2(h)
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
+@pytest.mark.parametrize("tokens", ["cls", "patches", "all"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_replacement_equals_a_hand_written_forward_pass_with_a_known_delta(random_teacher, tokens, start):
+    """Unlike replacing an MLP by itself, this fails when the replacement is skipped or lands on other tokens."""
+    pixels = random_pixels(random_teacher)
+    generator = torch.Generator().manual_seed(7)
+    delta = 0.5 * torch.randn(random_teacher.n_layers, random_teacher.d_model, generator=generator)
+    with torch.no_grad():
+        expected = forward_by_hand(random_teacher, pixels, start, tokens, delta)
+        assert torch.allclose(forward_by_hand(random_teacher, pixels, 0, tokens, torch.zeros_like(delta)),
+                              random_teacher.encode_images(pixels), atol=1e-5)  # the hand-written pass is the model's
+    with random_teacher.replace_mlps(DeltaSurrogate(random_teacher, delta), start, tokens):
+        replaced = random_teacher.encode_images(pixels)
+    assert torch.allclose(replaced, expected, atol=1e-5)
+    assert not torch.allclose(replaced, random_teacher.encode_images(pixels), atol=1e-3)

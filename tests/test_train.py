@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.data.synthetic import SyntheticShapes
 from clt_explorer.model.sparsifiers import SparseCodes
+from clt_explorer.training.activations import ActivationStream, Position
 from clt_explorer.training.train import (
     DeadFeatureTracker,
     TrainConfig,
@@ -50,9 +51,9 @@ def test_training_reduces_error_and_logs_per_layer_metrics(random_teacher, tmp_p
                                                                  warmup_steps=2, log_every=1), tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, result.steps + 1))
-    # per epoch: 2 chunks of 32 images x 17 tokens = 544 tokens -> 3 batches (256, 256, 32) each
-    assert result.steps == 3 * 2 * 3
-    assert result.tokens == 3 * 64 * 17
+    # per epoch: 2 chunks of 32 images x 17 tokens = 1088 tokens -> 4 full batches of 256 (64 tokens dropped)
+    assert result.steps == 3 * 4
+    assert result.tokens == 3 * 4 * 256
     for key in ("loss", "mse", "fvu", "l0", "dead_fraction"):
         assert key in records[0]
     assert len(records[0]["fvu"]) == random_teacher.n_layers
@@ -65,6 +66,30 @@ def test_training_reduces_error_and_logs_per_layer_metrics(random_teacher, tmp_p
     assert again.steps == result.steps and again.resumed_from == result.steps  # loaded, not retrained
     for name, tensor in result.clt.state_dict().items():
         assert torch.equal(tensor, again.clt.state_dict()[name])
+
+
+def test_every_batch_is_full_and_an_epoch_is_every_token_once(random_teacher):
+    """Tokens left over by a chunk start the next batch (no short batches with heavier weight); resuming at any
+    batch gives exactly the batches of the uninterrupted stream from there."""
+    data = SyntheticShapes("train", n_images=40, seed=3)
+    stream = ActivationStream(random_teacher, data, batch_tokens=96, chunk_images=12, seed=1)  # 204 tokens a chunk
+    batches = list(stream.iterate(Position(0, 0)))
+    total = 40 * random_teacher.n_tokens
+    assert len(batches) == stream.batches_per_epoch == total // 96
+    assert all(b.xs.shape[1] == b.ys.shape[1] == 96 for b in batches)
+    tokens = torch.cat([b.xs[0] for b in batches])
+    assert torch.unique(tokens, dim=0).shape[0] == tokens.shape[0]  # no token twice
+    pixels = random_teacher.preprocess_images([data[i][0] for i in range(40)])
+    every = random_teacher.capture(pixels).xs[0].flatten(0, 1)
+    distance = torch.cdist(tokens, every, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (distance.min(1).values < 1e-4).all()  # only the dataset's tokens
+    assert [b.position for b in batches] == [Position(0, i) for i in range(len(batches))]
+    for start in (3, 4, 7):  # a batch that straddles two chunks, one that does not, the last
+        resumed = list(stream.iterate(Position(0, start)))
+        assert len(resumed) == len(batches) - start
+        assert all(torch.equal(a.xs, b.xs) and torch.equal(a.ys, b.ys) for a, b in zip(resumed, batches[start:]))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ActivationStream(random_teacher, SyntheticShapes("train", n_images=2), batch_tokens=96, chunk_images=12)
 
 
 def test_initialization_from_data_sets_scales_bias_and_thresholds():
@@ -106,6 +131,14 @@ def test_dead_features_are_tracked_and_aux_k_trains_only_them():
     touched = clt.W_enc.grad.abs().sum(1) != 0  # [L, F]
     assert touched[:, 10:20].any() and not touched[:, :10].any() and not touched[:, 20:].any()
     assert clt.b_dec.grad is None or clt.b_dec.grad.abs().sum() == 0  # the residual is detached
+
+
+def test_negative_codes_count_as_firing_in_dead_feature_tracking():
+    """Abs-TopK codes can be negative: a feature fires when its code is != 0, not > 0."""
+    tracker = DeadFeatureTracker(1, 8, dead_after_tokens=10, device=torch.device("cpu"))
+    negative = SparseCodes(torch.full((20, 1), -1.5), torch.full((20, 1), 3), n_features=8)
+    tracker.update([negative], 20)
+    assert not tracker.dead[0, 3] and tracker.dead[0, [0, 1, 2, 4, 5, 6, 7]].all()
 
 
 def test_ddp_two_processes_end_with_identical_weights(teacher_dir, tmp_path):

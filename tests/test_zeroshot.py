@@ -31,3 +31,14 @@ def test_cached_classifier_is_reused_only_for_the_same_teacher_and_names(random_
     monkeypatch.undo()
     other = ZeroShotClassifier.load_or_build(random_teacher, CLASSNAMES[:5], TEMPLATES, path)
     assert other.weights.shape[0] == 5  # other class names: built anew, not read from the cache
+
+
+def test_logits_carry_the_teachers_own_logit_scale(random_teacher):
+    """CLIP's logit scale (exp of the learned log scale, at most 100) sets the softmax temperature of every KL
+    and flip metric; a randomly initialised CLIP has 1/0.07."""
+    classifier = ZeroShotClassifier.build(random_teacher, CLASSNAMES[:5], TEMPLATES)
+    expected = float(random_teacher.model.logit_scale.exp())
+    assert classifier.logit_scale == pytest.approx(expected) and expected == pytest.approx(1 / 0.07)
+    image = torch.randn(2, classifier.weights.shape[1])
+    cosine = torch.nn.functional.normalize(image, dim=-1) @ classifier.weights.T
+    assert torch.allclose(classifier.logits(image), expected * cosine, atol=1e-4)

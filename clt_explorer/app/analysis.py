@@ -3,8 +3,9 @@
     image -> teacher forward with hooks (x_l, y_l for all l) -> CLT codes z_l
       (a) contributions C_{s->l} of this image (CLS and patch tokens), beside the dataset's
       (b) descriptors -> per-layer indexes -> the top-K training images of every layer i <= l
-      (c) teacher forward with the CLT replacing blocks s..L-1 for a token set -> zero-shot top-5,
-          beside the unmodified teacher's, with flip and KL
+      (c) teacher forward with the CLT replacing blocks s..L-1 for a token set (the final layer keeping all
+          its source terms, or a chosen subset) -> zero-shot top-5, beside the unmodified teacher's, with
+          flip and KL; and this image's ranking of source layers by C_{s->L-1}
       (d) per-layer reconstruction quality of this image
 
 The app, its API, the benchmarks and the tests all call :meth:`Explorer.analyze`.
@@ -17,14 +18,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image
 
 from ..assets.bundle import Bundle
+from ..evaluation.layer_terms import keep_sources, source_order
 from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
 from ..model.clt import CrossLayerTranscoder
-from ..model.tokens import CLS, TOKEN_GROUPS, TOKEN_SETS, token_index
+from ..model.tokens import CLS, TOKEN_SETS, token_index
 from ..retrieval.index import RetrievalIndex, descriptors
 
 BF16_ABOVE_BYTES = 2**30  # CLTs larger than this run in bfloat16 on a CPU by default
@@ -64,13 +67,23 @@ class LayerQuality:
 
 
 @dataclass
+class SourceScore:
+    """A source layer s and its contribution C_{s->L-1} to this image's final layer."""
+
+    layer: int
+    score: float
+
+
+@dataclass
 class Analysis:
     clt: str
     tokens: str
     start: int
     target: int
     top_k: int
+    kept_sources: list[int]
     predictions: Predictions
+    source_ranking: list[SourceScore]
     contributions: dict[str, list[list[float]]]
     dataset_contributions: dict[str, list[list[float]]] | None
     retrievals: dict[str, list[list[Neighbour]]]
@@ -79,6 +92,22 @@ class Analysis:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def ranking_of(contributions: list[list[float]]) -> list[SourceScore]:
+    """Source layers by their C_{s->L-1} (the last row of a contribution matrix), strongest first."""
+    last = torch.tensor(contributions[-1])
+    return [SourceScore(int(s), float(last[s])) for s in source_order(last, "image")]
+
+
+def keep_top(ranking: list[SourceScore], m: int) -> list[int]:
+    """The m strongest sources of a ranking, in layer order."""
+    return sorted(s.layer for s in ranking[:max(0, m)])
+
+
+def remove_top(ranking: list[SourceScore]) -> list[int]:
+    """Every source but the strongest one, in layer order."""
+    return sorted(s.layer for s in ranking[1:])
 
 
 def _top(logits: torch.Tensor, classnames: list[str], k: int = 5) -> list[Prediction]:
@@ -146,6 +175,13 @@ class Explorer:
                 self._dataset_contributions[name] = results["contributions"]
             return self._dataset_contributions[name]
 
+    def _kept(self, kept_sources: Sequence[int] | None) -> list[int]:
+        """The sources the final layer keeps (all by default), checked."""
+        kept = list(range(self.n_layers)) if kept_sources is None else sorted({int(s) for s in kept_sources})
+        if any(not 0 <= s < self.n_layers for s in kept):
+            raise ValueError(f"source layers must be in [0, {self.n_layers - 1}], got {kept}")
+        return kept
+
     def _check(self, clt: str, tokens: str, start: int, target: int | None, top_k: int) -> int:
         if clt not in self.clt_names:
             raise ValueError(f"unknown CLT {clt!r}; this bundle has {self.clt_names}")
@@ -160,15 +196,28 @@ class Explorer:
         return target
 
     @torch.no_grad()
-    def predict(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0) -> Predictions:
-        """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``."""
+    def predict(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
+                kept_sources: Sequence[int] | None = None) -> Predictions:
+        """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final
+        layer keeping only the source terms ``kept_sources`` (all by default)."""
         self._check(clt, tokens, start, None, 1)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
-        return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels))
+        return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels), self._kept(kept_sources))
 
-    def _predict(self, pixels: torch.Tensor, clt: str, tokens: str, start: int,
-                 teacher_embedding: torch.Tensor) -> Predictions:
-        with self.teacher.replace_mlps(self.clt(clt).surrogate(), start, tokens):
+    @torch.no_grad()
+    def source_ranking(self, image: Image.Image, clt: str, tokens: str = CLS) -> list[SourceScore]:
+        """This image's source layers by C_{s->L-1} over ``tokens`` (its codes in the teacher's pass)."""
+        self._check(clt, tokens, 0, None, 1)
+        model = self.clt(clt)
+        codes = model.encode_sparse(self.teacher.capture(self.teacher.preprocess_images([image]).to(self.device)).xs)
+        return ranking_of(model.contributions([c.take_tokens(token_index(tokens)) for c in codes]).tolist())
+
+    def _predict(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, teacher_embedding: torch.Tensor,
+                 kept: list[int]) -> Predictions:
+        mask = torch.zeros(self.n_layers, dtype=torch.bool)
+        mask[kept] = True
+        weights = None if mask.all() else keep_sources(self.n_layers, mask).to(self.device)
+        with self.teacher.replace_mlps(self.clt(clt).surrogate(term_weights=weights), start, tokens):
             surrogate_embedding = self.teacher.encode_images(pixels)
         teacher_logits = self.classifier.logits(teacher_embedding)
         surrogate_logits = self.classifier.logits(surrogate_embedding)
@@ -179,20 +228,22 @@ class Explorer:
 
     @torch.no_grad()
     def analyze(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
-                target: int | None = None, top_k: int = 3) -> Analysis:
+                target: int | None = None, top_k: int = 3, kept_sources: Sequence[int] | None = None) -> Analysis:
         """Everything the app shows for one image, with CLT ``clt`` (a name of the bundle)."""
         began = time.perf_counter()
         target = self._check(clt, tokens, start, target, top_k)
+        kept = self._kept(kept_sources)
         model = self.clt(clt)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
         capture = self.teacher.capture(pixels)
         codes = model.encode_sparse(capture.xs)
         yhat = model.decode(codes).float()
         contributions = {group: model.contributions([c.take_tokens(token_index(group)) for c in codes]).tolist()
-                         for group in TOKEN_GROUPS}
+                         for group in TOKEN_SETS}
         retrievals = self._retrieve(clt, codes, target, top_k)
-        predictions = self._predict(pixels, clt, tokens, start, capture.embeddings)
-        return Analysis(clt, tokens, start, target, top_k, predictions, contributions,
+        predictions = self._predict(pixels, clt, tokens, start, capture.embeddings, kept)
+        return Analysis(clt, tokens, start, target, top_k, kept, predictions, ranking_of(contributions[tokens]),
+                        contributions,
                         self.dataset_contributions(clt), retrievals,
                         _quality(capture.ys.float(), yhat, codes), time.perf_counter() - began)
 

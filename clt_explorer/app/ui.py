@@ -3,7 +3,8 @@
 The page is built from panels; each panel creates its components and turns results into a dict
 {component: value}, so a callback returns the union of the panels it updates and nothing depends on
 the position of an output. Every event has an ``api_name``, so the app is also a documented API
-(``/analyze``, ``/refresh``, ``/predict``, ``/heatmaps``). Analyses are CPU-bound: ``concurrency``
+(``/analyze``, ``/refresh``, ``/predict``, ``/heatmaps``, ``/keep_top_terms``, ``/remove_top_term``,
+``/keep_all_terms``). Analyses are CPU-bound: ``concurrency``
 of them run at once and up to ``queue_size`` wait in Gradio's queue; beyond that a request is
 refused with a clear message.
 """
@@ -22,7 +23,7 @@ from PIL import Image
 from ..evaluation.report import contribution_heatmap, evaluation_summary_markdown
 from ..model.tokens import CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import write_bytes
-from .analysis import Analysis, Explorer, Predictions
+from .analysis import Analysis, Explorer, Predictions, SourceScore, keep_top, remove_top
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
 
 try:  # on Hugging Face ZeroGPU Spaces, GPU work runs inside functions decorated with spaces.GPU
@@ -69,11 +70,19 @@ def _labels(predictions: list) -> dict[str, float]:
     return {p.classname: p.probability for p in predictions}
 
 
-def _summary(p: Predictions, tokens: str, start: int, n_layers: int, seconds: float | None = None) -> str:
+def _summary(p: Predictions, tokens: str, start: int, n_layers: int, kept: list[int],
+             seconds: float | None = None) -> str:
     flip = "**changed**" if p.flip else "unchanged"
-    text = (f"CLT replaces the MLP outputs of the **{tokens}** tokens in blocks {start}→{n_layers - 1}: "
+    terms = "" if len(kept) == n_layers else (f", the final layer keeping only the terms of source layers "
+                                              f"{', '.join(map(str, kept)) or 'none'}")
+    text = (f"CLT replaces the MLP outputs of the **{tokens}** tokens in blocks {start}→{n_layers - 1}{terms}: "
             f"top-1 {flip}, KL(teacher ‖ CLT) = {p.kl:.4f}")
     return text + (f" · analysis took {seconds * 1000:.0f} ms" if seconds is not None else "")
+
+
+def _ranking_markdown(ranking: list[SourceScore], tokens: str) -> str:
+    return (f"This image's source layers by C(s→L-1), {tokens} tokens: "
+            + " > ".join(f"**{s.layer}** ({s.score:.2f})" for s in ranking))
 
 
 def heatmap_figures(data: dict | None, tokens: str) -> tuple[go.Figure | None, go.Figure | None]:
@@ -96,12 +105,41 @@ class PredictionsPanel:
         self.summary = gr.Markdown(label="Summary", elem_id="summary")
         self.components = [self.teacher, self.surrogate, self.summary]
 
-    def render(self, p: Predictions, tokens: str, start: int, n_layers: int, seconds: float | None = None) -> dict:
+    def render(self, p: Predictions, tokens: str, start: int, n_layers: int, kept: list[int],
+               seconds: float | None = None) -> dict:
         return {self.teacher: _labels(p.teacher), self.surrogate: _labels(p.surrogate),
-                self.summary: _summary(p, tokens, start, n_layers, seconds)}
+                self.summary: _summary(p, tokens, start, n_layers, kept, seconds)}
 
     def empty(self) -> dict:
         return {self.teacher: None, self.surrogate: None, self.summary: ""}
+
+
+class LayerTermsPanel:
+    """Which source layers' terms the final layer keeps: all by default, the image's top-m by C, or all but the
+    top-1; the predictions above follow."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        with gr.Accordion("Layer terms of the final representation", open=True):
+            self.kept = gr.CheckboxGroup([(str(s), s) for s in range(n_layers)], value=list(range(n_layers)),
+                                         label="Source layers whose terms the final layer keeps", elem_id="kept")
+            with gr.Row():
+                self.m = gr.Slider(1, n_layers, value=min(4, n_layers), step=1, label="m", elem_id="terms_m")
+                self.keep_top = gr.Button("Keep the top-m by this image's C", elem_id="keep_top", size="sm")
+                self.remove_top = gr.Button("Remove the top-1", elem_id="remove_top", size="sm")
+                self.keep_all = gr.Button("Keep all", elem_id="keep_all", size="sm")
+            self.ranking = gr.Markdown(label="Source ranking", elem_id="source_ranking")
+        self.components = [self.kept, self.ranking]
+
+    def render_ranking(self, ranking: list[SourceScore], tokens: str) -> dict:
+        """The ranking alone (after an analysis, which reads the kept sources without changing them)."""
+        return {self.ranking: _ranking_markdown(ranking, tokens)}
+
+    def render(self, kept: list[int], ranking: list[SourceScore], tokens: str) -> dict:
+        return {self.kept: kept, **self.render_ranking(ranking, tokens)}
+
+    def empty(self) -> dict:
+        return {self.ranking: ""}
 
 
 class HeatmapPanel:
@@ -193,48 +231,72 @@ class App:
         data = json.loads(json.dumps(analysis.to_dict()))
         return {self.preview: image, self.data: data,
                 **self.predictions.render(analysis.predictions, analysis.tokens, analysis.start, self.n_layers,
-                                          analysis.seconds),
+                                          analysis.kept_sources, analysis.seconds),
+                **self.terms.render_ranking(analysis.source_ranking, analysis.tokens),
                 **self.heatmaps.render(data, heatmap_tokens), **self.quality.render(analysis),
                 **self.retrieval.render(analysis)}
 
     def empty(self) -> dict:
-        return {self.preview: None, self.data: None, **self.predictions.empty(), **self.heatmaps.empty(),
+        return {self.preview: None, self.data: None, **self.predictions.empty(), **self.terms.empty(),
+                **self.heatmaps.empty(),
                 **self.quality.empty(), **self.retrieval.empty()}
 
     @property
     def analysis_outputs(self) -> list:
-        return [self.preview, *self.predictions.components, *self.heatmaps.components, *self.quality.components,
-                self.data, *self.retrieval.components]
+        return [self.preview, *self.predictions.components, self.terms.ranking, *self.heatmaps.components,
+                *self.quality.components, self.data, *self.retrieval.components]
 
     @gpu
-    def analyze(self, path, clt, tokens, start, target, top_k, heatmap_tokens,
+    def analyze(self, path, clt, tokens, start, target, top_k, heatmap_tokens, kept,
                 progress=gr.Progress(track_tqdm=True)):
         """Full analysis of an uploaded image (error when there is none)."""
         image = self._image(path)
         progress(0.1, desc="analysing")
         try:
-            analysis = self.explorer.analyze(image, clt, tokens, int(start), int(target), int(top_k))
+            analysis = self.explorer.analyze(image, clt, tokens, int(start), int(target), int(top_k), kept)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return self.render(image, analysis, heatmap_tokens)
 
-    def refresh(self, path, clt, tokens, start, target, top_k, heatmap_tokens):
+    def refresh(self, path, clt, tokens, start, target, top_k, heatmap_tokens, kept):
         """Re-analyse after a control changed; clears the outputs when no image is loaded."""
         if not path:
             return self.empty()
-        return self.analyze(path, clt, tokens, start, target, top_k, heatmap_tokens)
+        return self.analyze(path, clt, tokens, start, target, top_k, heatmap_tokens, kept)
 
     @gpu
-    def predict(self, path, clt, tokens, start):
-        """Only the predictions, for a new replacement range or token set."""
+    def predict(self, path, clt, tokens, start, kept):
+        """Only the predictions, for a new replacement range, token set or set of kept source terms."""
         if not path:
             return self.predictions.empty()
         image = self._image(path)
         try:
-            p = self.explorer.predict(image, clt, tokens, int(start))
+            kept = sorted(int(s) for s in kept)
+            p = self.explorer.predict(image, clt, tokens, int(start), kept)
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        return self.predictions.render(p, tokens, int(start), self.n_layers)
+        return self.predictions.render(p, tokens, int(start), self.n_layers, kept)
+
+    @gpu
+    def choose_terms(self, path, clt, tokens, m=None):
+        """Kept sources from this image's ranking: its top-m (``m`` given), or all but its top-1."""
+        if not path:
+            raise gr.Error("No image: upload an image (or pick an example) first.")
+        try:
+            ranking = self.explorer.source_ranking(self._image(path), clt, tokens)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        kept = remove_top(ranking) if m is None else keep_top(ranking, int(m))
+        return self.terms.render(kept, ranking, tokens)
+
+    def keep_top_terms(self, path, clt, tokens, m):
+        return self.choose_terms(path, clt, tokens, m)
+
+    def remove_top_term(self, path, clt, tokens):
+        return self.choose_terms(path, clt, tokens)
+
+    def keep_all_terms(self):
+        return {self.terms.kept: list(range(self.n_layers))}
 
 
 def build_ui(explorer: Explorer, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
@@ -264,6 +326,7 @@ def build_ui(explorer: Explorer, limits: UploadLimits = UploadLimits()) -> gr.Bl
                     run = gr.Button("Analyze", variant="primary", elem_id="analyze")
                 with gr.Column(scale=2):
                     app.predictions = PredictionsPanel()
+                    app.terms = LayerTermsPanel(L)
                     app.heatmaps = HeatmapPanel()
                     app.quality = QualityPanel()
             app.retrieval = RetrievalPanel(L, app.thumbnail_file)
@@ -272,13 +335,19 @@ def build_ui(explorer: Explorer, limits: UploadLimits = UploadLimits()) -> gr.Bl
         with gr.Tab("About"):
             gr.Markdown(about_markdown(explorer))
 
-        controls = [upload, clt, tokens, start, target, top_k, app.heatmaps.tokens]
+        controls = [upload, clt, tokens, start, target, top_k, app.heatmaps.tokens, app.terms.kept]
         outputs = app.analysis_outputs
         run.click(app.analyze, controls, outputs, api_name="analyze")
         gr.on([upload.change, clt.change, target.change, top_k.change], app.refresh, controls, outputs,
               api_name="refresh", trigger_mode="always_last")
-        gr.on([tokens.change, start.change], app.predict, [upload, clt, tokens, start], app.predictions.components,
-              api_name="predict", trigger_mode="always_last")
+        gr.on([tokens.change, start.change, app.terms.kept.change], app.predict,
+              [upload, clt, tokens, start, app.terms.kept], app.predictions.components, api_name="predict",
+              trigger_mode="always_last")
+        app.terms.keep_top.click(app.keep_top_terms, [upload, clt, tokens, app.terms.m], app.terms.components,
+                                 api_name="keep_top_terms")
+        app.terms.remove_top.click(app.remove_top_term, [upload, clt, tokens], app.terms.components,
+                                   api_name="remove_top_term")
+        app.terms.keep_all.click(app.keep_all_terms, None, [app.terms.kept], api_name="keep_all_terms")
         app.heatmaps.tokens.change(app.heatmaps.render, [app.data, app.heatmaps.tokens], app.heatmaps.components,
                                    api_name="heatmaps")
     return demo

@@ -71,6 +71,11 @@ def evaluation_file(clt_folder: Path) -> Path:
     return clt_folder / EVALUATION_FILE
 
 
+def layer_terms_file(clt_folder: Path) -> Path:
+    """Where the layer-term experiment's results of the CLT in ``clt_folder`` are kept (in a bundle or not)."""
+    return clt_folder / LAYER_TERMS_FILE
+
+
 def validate_name(name: str, what: str = "name") -> str:
     """Names used as folder names: letters, digits, '_', '-', '.', no leading dot, no separators."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
@@ -210,7 +215,7 @@ class Bundle:
         return evaluation_file(self.clt_dir(name))
 
     def layer_terms_path(self, name: str) -> Path:
-        return self.clt_dir(name) / LAYER_TERMS_FILE
+        return layer_terms_file(self.clt_dir(name))
 
     def retrieval_dir(self, name: str) -> Path:
         return self.clt_dir(name) / RETRIEVAL_DIR

@@ -1,52 +1,152 @@
-"""Evaluating the CLTs of a bundle: results cached per CLT in the bundle, shared by the scripts and the pipeline."""
+"""Evaluating the CLTs of a bundle: results cached per CLT in the bundle, shared by the scripts and the pipeline.
+
+A CLT is named by its name in the bundle, or given as a folder (evaluated on the bundle's teacher and data,
+named after the folder, its results kept in that folder).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
+from PIL import Image
 
 from ..data import load_dataset, split_name
+from ..evaluation.evaluate import RESULTS_VERSION as EVALUATION_VERSION
 from ..evaluation.evaluate import evaluate_clt
+from ..evaluation.layer_terms import RESULTS_VERSION as LAYER_TERMS_VERSION
+from ..evaluation.layer_terms import run_layer_terms
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
-from ..storage import read_json, write_json
-from .bundle import Bundle, evaluation_file
+from ..retrieval.grids import DESCRIPTOR_TITLES, exact_neighbours, retrieval_grid
+from ..storage import atomic_path, read_json, write_json
+from .bundle import Bundle, evaluation_file, layer_terms_file
+
+
+def bundle_split(bundle: Bundle, which: str = "test"):
+    """The held-out (``test``) or training (``train``) split of the bundle's dataset."""
+    dataset = bundle.manifest["dataset"]
+    split = dataset.get(f"{which}_split") or split_name(dataset["name"], which)
+    return load_dataset(dataset["name"], split, **dataset.get("options", {}))
 
 
 def bundle_test_split(bundle: Bundle):
     """The held-out split of the bundle's dataset."""
-    dataset = bundle.manifest["dataset"]
-    split = dataset.get("test_split") or split_name(dataset["name"], "test")
-    return load_dataset(dataset["name"], split, **dataset.get("options", {}))
+    return bundle_split(bundle, "test")
+
+
+def write_retrieval_grids(bundle: Bundle, out: Path, clts: list[str] | None = None, n_queries: int = 3, k: int = 3,
+                          batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True
+                          ) -> list[Path]:
+    """Figures 4 and 5 for the bundle: per CLT and example image, the top-k training images of every layer by exact
+    search over the indexed corpus, for the CLS code and for the patch-mean code (``grid_<clt>_<n>_<tokens>.png``)."""
+    thumbnails = bundle.load_thumbnails()
+    examples = bundle.examples()[:n_queries]
+    if thumbnails is None or not examples:
+        return []
+    teacher, train = bundle.load_teacher(device), bundle_split(bundle, "train")
+    images = [Image.open(path).convert("RGB") for path in examples]
+    written = []
+    for name in clts or bundle.clt_names:
+        clt = bundle.load_clt(name, teacher, device)
+        found = exact_neighbours(teacher, clt, train, thumbnails.dataset_indices, teacher.preprocess_images(images),
+                                 k, batch_size, progress)
+        for q, (path, image) in enumerate(zip(examples, images)):
+            for tokens, neighbours in found.items():
+                title = f"{name}: top-{k} per layer by the {DESCRIPTOR_TITLES[tokens]} ({path.stem})"
+                target = out / f"grid_{name}_{q}_{tokens}.png"
+                with atomic_path(target) as tmp:
+                    retrieval_grid(image, neighbours, q, thumbnails, bundle.classnames, title).save(tmp, format="PNG")
+                written.append(target)
+    return written
+
+
+def _clt_folder(bundle: Bundle, name: str | Path) -> tuple[str, Path]:
+    """(key, folder) of a bundle CLT's name or of a CLT folder."""
+    if str(name) in bundle.clt_names:
+        return str(name), bundle.clt_dir(str(name))
+    return Path(name).name, Path(name)
+
+
+class CachedRuns:
+    """Results per CLT of one kind of run, read from the CLT's folder when present and matching, else computed
+    (with the teacher, classifier and test split loaded once, on first need) and written there."""
+
+    def __init__(self, bundle: Bundle, device: torch.device | str, teacher: Teacher | None):
+        self.bundle, self.device, self._teacher = bundle, device, teacher
+        self._classifier = self._test_data = None
+
+    @property
+    def teacher(self) -> Teacher:
+        self._teacher = self._teacher or self.bundle.load_teacher(self.device)
+        return self._teacher
+
+    def inputs(self):
+        """The teacher, the zero-shot classifier and the held-out split."""
+        if self._classifier is None:
+            self._classifier = self.bundle.load_classifier(self.teacher)
+            self._test_data = bundle_test_split(self.bundle)
+        return self.teacher, self._classifier, self._test_data
+
+    def load_clt(self, key: str, folder: Path) -> CrossLayerTranscoder:
+        if key in self.bundle.clt_names:
+            return self.bundle.load_clt(key, self.teacher, self.device)
+        return self.bundle.check_clt(CrossLayerTranscoder.from_pretrained(folder, device=self.device), self.teacher,
+                                     folder)
+
+    def run(self, names: list[str | Path], file_of: Callable[[Path], Path], matches: Callable[[dict], bool],
+            compute: Callable[[str, Path], dict], force: bool) -> dict[str, dict]:
+        results = {}
+        for name in names:
+            key, folder = _clt_folder(self.bundle, name)
+            cached = file_of(folder)
+            if cached.is_file() and not force and matches(read_json(cached)):
+                results[key] = read_json(cached)
+                continue
+            results[key] = {**compute(key, folder), "clt": key, **dataset_labels(self.bundle)}
+            write_json(cached, results[key])
+        return results
 
 
 def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_images: int | None = None,
                     batch_size: int = 64, device: torch.device | str = "cpu", force: bool = False,
                     progress: bool = True, teacher: Teacher | None = None) -> dict[str, dict]:
-    """Results per CLT name (a CLT of the bundle, or a CLT folder evaluated on the bundle's teacher and data,
-    named after the folder). A bundle CLT's results are read from the bundle when present, unless ``force``."""
+    """Every measurement of :func:`evaluate_clt` per CLT (cached unless ``force``)."""
+    runs = CachedRuns(bundle, device, teacher)
+
+    def compute(key: str, folder: Path) -> dict:
+        teacher, classifier, test_data = runs.inputs()
+        return evaluate_clt(teacher, runs.load_clt(key, folder), test_data, classifier, batch_size, max_images,
+                            progress=progress)
+
+    def matches(result: dict) -> bool:
+        return result.get("version") == EVALUATION_VERSION and max_images in (None, result["n_images"])
+
+    return runs.run(clts or bundle.clt_names, evaluation_file, matches, compute, force)
+
+
+def layer_terms_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_images: int | None = None,
+                       batch_size: int = 64, device: torch.device | str = "cpu", force: bool = False,
+                       progress: bool = True, teacher: Teacher | None = None, start: int | None = None
+                       ) -> dict[str, dict]:
+    """The layer-term experiment per CLT (cached unless ``force``), ranked by the dataset's C of each CLT's
+    evaluation (evaluated first when needed), for every token set the evaluation has C for."""
     names = clts or bundle.clt_names
-    teacher = teacher or bundle.load_teacher(device)
-    classifier, test_data, results = None, None, {}
-    for name in names:
-        if str(name) in bundle.clt_names:
-            key, cached = str(name), bundle.evaluation_path(str(name))
-            clt = None
-        else:
-            key, cached = Path(name).name, evaluation_file(Path(name))
-            clt = CrossLayerTranscoder.from_pretrained(name, device=device)
-        if cached.is_file() and not force and (max_images is None or read_json(cached)["n_images"] == max_images):
-            results[key] = read_json(cached)
-            continue
-        clt = clt or bundle.load_clt(key, teacher, device)
-        if classifier is None:
-            classifier, test_data = bundle.load_classifier(teacher), bundle_test_split(bundle)
-        result = evaluate_clt(teacher, clt, test_data, classifier, batch_size, max_images, progress=progress)
-        result.update(clt=key, **dataset_labels(bundle))
-        write_json(cached, result)
-        results[key] = result
-    return results
+    evaluations = evaluate_bundle(bundle, names, max_images, batch_size, device, progress=progress, teacher=teacher)
+    runs = CachedRuns(bundle, device, teacher)
+
+    def compute(key: str, folder: Path) -> dict:
+        teacher, classifier, test_data = runs.inputs()
+        contributions = evaluations[key]["contributions"]
+        return run_layer_terms(teacher, runs.load_clt(key, folder), test_data, classifier, contributions,
+                               list(contributions), start, batch_size, max_images, progress=progress)
+
+    def matches(result: dict) -> bool:
+        return (result.get("version") == LAYER_TERMS_VERSION and max_images in (None, result["n_images"])
+                and start in (None, result["start"]))
+
+    return runs.run(names, layer_terms_file, matches, compute, force)
 
 
 def dataset_labels(bundle: Bundle) -> dict:

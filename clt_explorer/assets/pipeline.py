@@ -34,7 +34,7 @@ from ..storage import atomic_path
 from ..training.tiny_clip import train_tiny_clip
 from ..training.train import TrainConfig, default_device, is_trained, train_clt, world
 from .bundle import LOCAL_TEACHER, Bundle, find_bundles, validate_name
-from .evaluation_runs import evaluate_bundle
+from .evaluation_runs import evaluate_bundle, layer_terms_bundle
 
 TINY_TEACHER = "tiny-clip"
 BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-16-quickgelu", "openai")}
@@ -187,6 +187,8 @@ class Builder:
                   lambda: self._evaluate(bundle, teacher, name))
         bundle.set_evaluation_summary({n: evaluation_summary(bundle.evaluation(n)) for n in bundle.clt_names
                                        if bundle.evaluation_path(n).is_file()})
+        self.step(f"layer terms {name}", lambda: bundle.layer_terms_path(name).is_file(),
+                  lambda: self._layer_terms(bundle, teacher, name))
 
     # ---- steps ---------------------------------------------------------------------------------------
 
@@ -292,6 +294,12 @@ class Builder:
         results = evaluate_bundle(bundle, [name], self.job.eval_images, self.job.batch_size, self.device,
                                   force=True, progress=self.progress, teacher=teacher)[name]
         return f"{results['n_images']} images, baseline {results['cascade']['baseline']:.2f}%"
+
+    def _layer_terms(self, bundle: Bundle, teacher: Teacher, name: str) -> str:
+        result = layer_terms_bundle(bundle, [name], self.job.eval_images, self.job.batch_size, self.device,
+                                    force=True, progress=self.progress, teacher=teacher)[name]
+        return "; ".join(f"{tokens}: top-1 removal {r['top1_removal_drop']['dataset']:+.2f} points, "
+                         f"Spearman {r['spearman_c_vs_drop']:.2f}" for tokens, r in result["tokens"].items())
 
     def _retrieval_done(self, bundle: Bundle, name: str, count: int) -> bool:
         if not RetrievalIndex.exists(bundle.retrieval_dir(name)):

@@ -21,6 +21,8 @@ from ..model.tokens import TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
 from .metrics import FaithfulnessAccumulator, ReconstructionAccumulator
 
+RESULTS_VERSION = 2  # 2: contributions for all token sets, per-template accuracies; older results are recomputed
+
 
 class ReplacementEvaluator:
     """Accumulates zero-shot faithfulness of a surrogate under cascades s -> L-1 for each token set."""
@@ -102,5 +104,5 @@ def evaluate_clt(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, 
         capture = teacher.capture(pixels)
         codes.update(capture.xs, capture.ys)
         replacement.update(pixels, labels, capture.embeddings)
-    return {"n_images": n_images, "sparsifier": clt.config.sparsifier, "k": clt.config.k,
+    return {"version": RESULTS_VERSION, "n_images": n_images, "sparsifier": clt.config.sparsifier, "k": clt.config.k,
             "expansion": clt.config.expansion, **codes.result(), "cascade": replacement.result()}

@@ -101,23 +101,50 @@ class ReconstructionAccumulator:
         }
 
 
-class FaithfulnessAccumulator:
-    """A surrogate against its teacher on the same images (table 5 of the paper).
+class AgreementAccumulator:
+    """Top-1 agreement of a surrogate with its teacher on the same images.
 
-    - accuracy: top-1 zero-shot accuracy (%) of the surrogate; delta_acc = surrogate - teacher (points)
+    - accuracy: top-1 zero-shot accuracy (%) of the surrogate; teacher_accuracy: the teacher's (%)
     - flip_pct: % of images whose top-1 class differs between teacher and surrogate
     - kl: mean over images of KL(p_teacher || p_surrogate), softmax of logit_scale * cosine logits
-    - top1_agree: 100 - flip_pct; top5_agree: mean % overlap of the two top-5 class sets
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.sums = {name: 0.0 for name in ("correct", "teacher_correct", "flip", "kl")}
+
+    def update(self, labels: torch.Tensor, teacher_logits: torch.Tensor, surrogate_logits: torch.Tensor) -> None:
+        labels = labels.to(teacher_logits.device)
+        t_top, s_top = teacher_logits.argmax(-1), surrogate_logits.argmax(-1)
+        self.n += labels.shape[0]
+        self.sums["correct"] += float((s_top == labels).sum())
+        self.sums["teacher_correct"] += float((t_top == labels).sum())
+        self.sums["flip"] += float((s_top != t_top).sum())
+        self.sums["kl"] += float(kl_divergence(teacher_logits, surrogate_logits).sum())
+
+    def result(self) -> dict[str, float]:
+        n, s = self.n, self.sums
+        return {"accuracy": 100 * s["correct"] / n, "teacher_accuracy": 100 * s["teacher_correct"] / n,
+                "flip_pct": 100 * s["flip"] / n, "kl": s["kl"] / n}
+
+
+class FaithfulnessAccumulator:
+    """A surrogate against its teacher on the same images (table 5 of the paper): the top-1 agreement of
+    :class:`AgreementAccumulator` (accuracy, teacher_accuracy, flip_pct, kl) and
+
+    - delta_acc = accuracy - teacher_accuracy (points); top1_agree = 100 - flip_pct
+    - top5_agree: mean % overlap of the two top-5 class sets
     - cos: mean cosine between teacher and surrogate image embeddings
     - cka: linear CKA between the teacher's and the surrogate's embeddings over all images
     - spearman: mean over images of the Spearman rank correlation of the two class-logit vectors
     - prompt_r: Pearson r, across templates, of the teacher's and the surrogate's per-template accuracy
     - prompt_kl: mean over templates of the mean KL(teacher || surrogate) with that template alone
+    - template_accuracy: {"teacher": [...], "surrogate": [...]}, the per-template accuracies (%) behind prompt_r
     """
 
     def __init__(self, n_templates: int):
-        self.n = 0
-        self.sums = {name: 0.0 for name in ("correct", "teacher_correct", "flip", "kl", "top5", "cos", "spearman")}
+        self.agreement = AgreementAccumulator()
+        self.sums = {name: 0.0 for name in ("top5", "cos", "spearman")}
         self.template_correct = np.zeros((2, n_templates))
         self.template_kl = np.zeros(n_templates)
         self.cka = CKAAccumulator()
@@ -126,12 +153,7 @@ class FaithfulnessAccumulator:
                teacher_logits: torch.Tensor, surrogate_logits: torch.Tensor,
                teacher_template_logits: torch.Tensor, surrogate_template_logits: torch.Tensor) -> None:
         labels = labels.to(teacher_logits.device)
-        t_top, s_top = teacher_logits.argmax(-1), surrogate_logits.argmax(-1)
-        self.n += labels.shape[0]
-        self.sums["correct"] += float((s_top == labels).sum())
-        self.sums["teacher_correct"] += float((t_top == labels).sum())
-        self.sums["flip"] += float((s_top != t_top).sum())
-        self.sums["kl"] += float(kl_divergence(teacher_logits, surrogate_logits).sum())
+        self.agreement.update(labels, teacher_logits, surrogate_logits)
         self.sums["top5"] += float(top_k_overlap(teacher_logits, surrogate_logits, 5).sum())
         self.sums["cos"] += float(torch.nn.functional.cosine_similarity(
             teacher_embeddings.double(), surrogate_embeddings.double(), dim=-1).sum())
@@ -141,26 +163,24 @@ class FaithfulnessAccumulator:
         self.template_kl += kl_divergence(teacher_template_logits, surrogate_template_logits).sum(-1).cpu().numpy()
         self.cka.update(teacher_embeddings, surrogate_embeddings)
 
-    def result(self) -> dict[str, float]:
-        n, s = self.n, self.sums
-        accuracy = 100 * s["correct"] / n
-        teacher_accuracy = 100 * s["teacher_correct"] / n
+    def result(self) -> dict:
+        n, s = self.agreement.n, self.sums
+        agreement = self.agreement.result()
         per_template = self.template_correct / n
         if per_template.shape[1] > 1 and per_template.std(1).min() > 0:
             prompt_r = float(np.corrcoef(per_template[0], per_template[1])[0, 1])
         else:  # one template, or constant accuracies: the correlation is undefined
             prompt_r = float("nan")
         return {
-            "accuracy": accuracy,
-            "teacher_accuracy": teacher_accuracy,
-            "delta_acc": accuracy - teacher_accuracy,
-            "flip_pct": 100 * s["flip"] / n,
-            "kl": s["kl"] / n,
-            "top1_agree": 100 - 100 * s["flip"] / n,
+            **agreement,
+            "delta_acc": agreement["accuracy"] - agreement["teacher_accuracy"],
+            "top1_agree": 100 - agreement["flip_pct"],
             "top5_agree": 100 * s["top5"] / n,
             "cos": s["cos"] / n,
             "cka": self.cka.result(),
             "spearman": s["spearman"] / n,
             "prompt_r": prompt_r,
             "prompt_kl": float(self.template_kl.mean() / n),
+            "template_accuracy": {"teacher": (100 * per_template[0]).tolist(),
+                                  "surrogate": (100 * per_template[1]).tolist()},
         }

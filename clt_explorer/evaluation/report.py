@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 from ..model.sparsifiers import sparsifier_class
 from ..model.tokens import ALL, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import write_bytes
+from . import layer_terms
 
 FAITHFULNESS_COLUMNS = ["layers", "tokens", "delta_acc", "flip_pct", "kl", "top1_agree", "top5_agree", "cos", "cka",
                         "spearman", "prompt_r", "prompt_kl"]
@@ -152,6 +153,113 @@ def paper_comparison(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def faithfulness_comparison(results: dict) -> list[dict]:
+    """Table 5 beside the paper's: for each range and token set the paper reports (ViT-B/32 on CIFAR-100 only),
+    every metric as ours / paper."""
+    if labels(results) != ("CIFAR-100", "ViT-B/32"):
+        return []
+    ours = {(r["layers"], r["tokens"]): r for r in faithfulness_rows(results)}
+    rows = []
+    for paper in paper_rows("faithfulness_vitb32_cifar100"):
+        mine = ours.get((paper["layers"], paper["tokens"]))
+        if mine:
+            rows.append({"layers": paper["layers"], "tokens": paper["tokens"],
+                         **{c: f"{mine[c]} / {paper[c]}" for c in FAITHFULNESS_COLUMNS[2:]}})
+    return rows
+
+
+def layer_terms_markdown(results: dict[str, dict]) -> str:
+    """Per CLT and token set: the removal of each source (C, accuracy, drop, flip, KL) and the retention curves
+    (accuracy when keeping the top-m sources by each ranking), with the two-line summary."""
+    parts = []
+    for name, result in results.items():
+        L = result["target"] + 1
+        for tokens, r in result["tokens"].items():
+            full = r["full"]["accuracy"]
+            single = {row["layer"]: row for row in r["rows"] if row["ranking"] == "single"}
+            removal = [{"source s": s, "C(s→L-1)": f"{r['dataset_contributions'][s]:.3f}",
+                        "top-1 accuracy": f"{single[s]['accuracy']:.2f}",
+                        "drop": f"{full - single[s]['accuracy']:+.2f}", "flip %": f"{single[s]['flip_rate']:.1f}",
+                        "KL": f"{single[s]['kl']:.4f}"} for s in range(L)]
+            retain = {(row["ranking"], row["m"]): row for row in r["rows"] if row["experiment"] == "retain"}
+            curves = [{"m": m, **{ranking: f"{retain[ranking, m]['accuracy']:.2f}" + (
+                f" ± {retain[ranking, m]['accuracy_sd']:.2f}" if ranking == "random" else "")
+                for ranking in layer_terms.RANKINGS}} for m in range(1, L + 1)]
+            parts.append(f"**Layer terms of {name}, {tokens} tokens, CLT in blocks {result['start']}→{L - 1}** "
+                         f"(teacher {result['baseline']:.2f}, all terms {full:.2f}; Spearman(C, drop) = "
+                         f"{r['spearman_c_vs_drop']:.2f})\n\n" + markdown_table(removal, list(removal[0])) + "\n\n"
+                         + markdown_table(curves, ["m", *layer_terms.RANKINGS]) + "\n\n"
+                         + "\n".join(layer_terms.summary_lines(name, tokens, result, result["baseline"])))
+    return "\n\n".join(parts)
+
+
+def _grid(names: list[str], columns: list[str], title: str, height_per_row: int = 300) -> go.Figure:
+    figure = make_subplots(rows=len(names), cols=len(columns), shared_yaxes=True,
+                           subplot_titles=[f"{n} — {c}" for n in names for c in columns])
+    figure.update_layout(title=title, height=height_per_row * len(names) + 120, width=360 * len(columns) + 120)
+    return figure
+
+
+def layer_terms_figures(results: dict[str, dict]) -> dict[str, go.Figure]:
+    """``layer_terms_retention``: accuracy against the number m of kept sources per ranking (random: mean ± sd
+    over the draws), with the teacher and the all-terms replacement; ``layer_terms_removal``: the accuracy drop of
+    removing each source against its C(s→L-1)."""
+    names = list(results)
+    tokens = list(next(iter(results.values()))["tokens"])
+    retention = _grid(names, tokens, "Keeping only the top-m source layers of the final representation")
+    removal = _grid(names, tokens, "Removing one source layer: accuracy drop against its contribution score")
+    colours = dict(zip(layer_terms.RANKINGS, ("#1f77b4", "#2ca02c", "#d62728", "#7f7f7f")))
+    for row, name in enumerate(names, start=1):
+        result = results[name]
+        for col, group in enumerate(tokens, start=1):
+            r = result["tokens"][group]
+            first = row == 1 and col == 1
+            for ranking in layer_terms.RANKINGS:
+                points = [p for p in r["rows"] if p["experiment"] == "retain" and p["ranking"] == ranking]
+                error = {"type": "data", "array": [p["accuracy_sd"] for p in points]} if ranking == "random" else None
+                retention.add_trace(go.Scatter(x=[p["m"] for p in points], y=[p["accuracy"] for p in points],
+                                               error_y=error, mode="lines+markers", name=ranking, legendgroup=ranking,
+                                               showlegend=first, line={"color": colours[ranking]}), row=row, col=col)
+            ms = list(range(1, result["target"] + 2))
+            for value, label, dash in ((result["baseline"], "teacher", "dash"), (r["full"]["accuracy"], "all terms",
+                                                                                   "dot")):
+                retention.add_trace(go.Scatter(x=ms, y=[value] * len(ms), mode="lines", name=label, legendgroup=label,
+                                               showlegend=first, line={"color": "black", "dash": dash}),
+                                    row=row, col=col)
+            single = sorted((p for p in r["rows"] if p["ranking"] == "single"), key=lambda p: p["layer"])
+            removal.add_trace(go.Scatter(x=[r["dataset_contributions"][p["layer"]] for p in single],
+                                         y=[r["full"]["accuracy"] - p["accuracy"] for p in single],
+                                         text=[f"s = {p['layer']}" for p in single], mode="markers+text",
+                                         textposition="top center", showlegend=False), row=row, col=col)
+    retention.update_xaxes(title_text="sources kept, m", dtick=1)
+    retention.update_yaxes(title_text="top-1 accuracy (%)", col=1)
+    removal.update_xaxes(title_text="C(s→L-1)")
+    removal.update_yaxes(title_text="accuracy drop (points)", col=1)
+    return {"layer_terms_retention": retention, "layer_terms_removal": removal}
+
+
+def prompt_sensitivity_figure(results: dict, name: str) -> go.Figure:
+    """Per-template accuracy of the teacher and of the surrogate (full cascade and last block), per token group:
+    the figure behind prompt r."""
+    figure = make_subplots(rows=1, cols=len(TOKEN_GROUPS), shared_yaxes=True,
+                           subplot_titles=[f"{name} — {t}" for t in TOKEN_GROUPS])
+    n_layers = len(results["l0"])
+    for col, tokens in enumerate(TOKEN_GROUPS, start=1):
+        ranges = results["cascade"][tokens]
+        teacher = ranges[0]["template_accuracy"]["teacher"]
+        templates = list(range(len(teacher)))
+        figure.add_trace(go.Scatter(x=templates, y=teacher, mode="lines+markers", name="teacher", legendgroup="teacher",
+                                    showlegend=col == 1, line={"color": "black"}), row=1, col=col)
+        for metrics in (ranges[0], ranges[-1]):
+            label = f"CLT {_range_label(metrics['start'], n_layers)} (r = {metrics['prompt_r']:.3f})"
+            figure.add_trace(go.Scatter(x=templates, y=metrics["template_accuracy"]["surrogate"],
+                                        mode="lines+markers", name=label), row=1, col=col)
+    figure.update_xaxes(title_text="prompt template")
+    figure.update_yaxes(title_text="top-1 accuracy (%)", col=1)
+    figure.update_layout(title="Prompt sensitivity: accuracy per template", height=400, width=1100)
+    return figure
+
+
 def reconstruction_figure(results: dict[str, dict], tokens: str = ALL) -> go.Figure:
     """Cosine, MSE (log scale) and R^2 per layer for each CLT (figures 6-10)."""
     figure = make_subplots(rows=1, cols=3, subplot_titles=("cosine similarity", "MSE (log)", "R²"))
@@ -224,30 +332,44 @@ def write_figure(figure: go.Figure, path_without_suffix: Path) -> list[Path]:
     return written
 
 
-def write_report(results: dict[str, dict], out: str | Path, primary: str | None = None) -> list[Path]:
-    """Every table and figure of a set of CLT evaluations (keyed by CLT name, same teacher and data);
-    ``primary`` names the CLT of faithfulness.csv (default: the first)."""
+def write_report(results: dict[str, dict], out: str | Path, primary: str | None = None,
+                 layer_term_results: dict[str, dict] | None = None) -> list[Path]:
+    """Every table and figure of a set of CLT evaluations (keyed by CLT name, same teacher and data), and of the
+    layer-term experiment when given; ``primary`` names the CLT of faithfulness.csv (default: the first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     primary = primary or next(iter(results))
+    tables = [cascade_markdown(results), *(f"**Faithfulness of {name}**\n\n"
+                                           + markdown_table(faithfulness_rows(r), FAITHFULNESS_COLUMNS)
+                                           for name, r in results.items())]
     texts = {
         "cascade_accuracy.csv": csv_text(cascade_rows(results), cascade_columns(results)),
         "faithfulness.csv": csv_text(faithfulness_rows(results[primary]), FAITHFULNESS_COLUMNS),
         "reconstruction.csv": csv_text(reconstruction_rows(results)),
-        "tables.md": cascade_markdown(results) + "\n\n" + "\n\n".join(
-            f"**Faithfulness of {name}**\n\n" + markdown_table(faithfulness_rows(r), FAITHFULNESS_COLUMNS)
-            for name, r in results.items()) + "\n",
     }
     for name, r in results.items():
         texts[f"faithfulness_{name}.csv"] = csv_text(faithfulness_rows(r), FAITHFULNESS_COLUMNS)
     comparison = paper_comparison(results)
     if comparison:
         texts["paper_comparison.csv"] = csv_text(comparison)
+    table5 = faithfulness_comparison(results[primary])
+    if table5:
+        texts["paper_faithfulness_comparison.csv"] = csv_text(table5)
+        tables.append(f"**Table 5 beside the paper ({primary}; ours / paper)**\n\n"
+                      + markdown_table(table5, FAITHFULNESS_COLUMNS))
+    figures = {f"reconstruction_{tokens}": reconstruction_figure(results, tokens) for tokens in TOKEN_SETS}
+    figures["contributions"] = contributions_figure(results)
+    figures["prompt_sensitivity"] = prompt_sensitivity_figure(results[primary], primary)
+    if layer_term_results:
+        texts["layer_terms.csv"] = csv_text([row for name, r in layer_term_results.items()
+                                             for row in layer_terms.csv_rows(name, r)], layer_terms.CSV_COLUMNS)
+        tables.append(layer_terms_markdown(layer_term_results))
+        figures.update(layer_terms_figures(layer_term_results))
+    texts["tables.md"] = "\n\n".join(tables) + "\n"
     written = []
     for name, text in texts.items():
         write_bytes(out / name, text.encode())
         written.append(out / name)
-    for tokens in TOKEN_SETS:
-        written += write_figure(reconstruction_figure(results, tokens), out / f"reconstruction_{tokens}")
-    written += write_figure(contributions_figure(results), out / "contributions")
+    for name, figure in figures.items():
+        written += write_figure(figure, out / name)
     return written

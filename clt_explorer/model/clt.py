@@ -158,20 +158,27 @@ class CrossLayerTranscoder(nn.Module):
             yhat[source:] += part
         return yhat + self.b_dec.view(L, *([1] * (yhat.dim() - 2)), -1).to(yhat.dtype)
 
-    def contribution_norms(self, codes: torch.Tensor | list[SparseCodes],
-                           sparse: bool | None = None) -> torch.Tensor:
-        """N[l, s] = sum over tokens of ||z_s(t) @ W_dec[s -> l]||_2 (zero above the diagonal)."""
+    def contribution_norms(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None,
+                           per_image: bool = False) -> torch.Tensor:
+        """N[l, s] = sum over tokens of ||z_s(t) @ W_dec[s -> l]||_2 (zero above the diagonal): [L, L], or with
+        ``per_image`` one matrix per image [B, L, L] (codes [B, T, ...] per layer)."""
         codes = self._as_sparse(codes)
         L = self.config.n_layers
-        norms = torch.zeros(L, L, dtype=torch.float64, device=self.b_dec.device)
+        batch = (codes[0].indices.shape[0],) if per_image else ()
+        norms = torch.zeros(*batch, L, L, dtype=torch.float64, device=self.b_dec.device)
         for source in range(L):
-            part = self.decode_source(source, codes[source], sparse).float()  # [..., L - s, d]
-            norms[source:, source] = part.norm(dim=-1).reshape(-1, L - source).sum(0).double()
+            part = self.decode_source(source, codes[source], sparse).float().norm(dim=-1)  # [..., L - s]
+            if per_image:
+                norms[:, source:, source] = part.reshape(batch[0], -1, L - source).sum(1).double()
+            else:
+                norms[source:, source] = part.reshape(-1, L - source).sum(0).double()
         return norms
 
-    def contributions(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
-        """C[l, s] = E_t ||u_{s->l}(t)|| / sum_{s' <= l} E_t ||u_{s'->l}(t)||: rows sum to 1."""
-        return normalize_contributions(self.contribution_norms(codes, sparse))
+    def contributions(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None,
+                      per_image: bool = False) -> torch.Tensor:
+        """C[l, s] = E_t ||u_{s->l}(t)|| / sum_{s' <= l} E_t ||u_{s'->l}(t)||: rows sum to 1 ([L, L], or
+        [B, L, L] with ``per_image``)."""
+        return normalize_contributions(self.contribution_norms(codes, sparse, per_image))
 
     def forward(self, xs: torch.Tensor, sparse: bool | None = None) -> "CLTOutput":
         """Training pass with teacher forcing: every layer's codes come from the given xs [L, N, d]."""
@@ -280,4 +287,4 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
 
 def normalize_contributions(norms: torch.Tensor) -> torch.Tensor:
     """Divide each target row of summed contribution norms by its total (rows then sum to 1)."""
-    return (norms / norms.sum(1, keepdim=True).clamp_min(1e-30)).float()
+    return (norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)).float()

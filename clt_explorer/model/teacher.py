@@ -39,10 +39,12 @@ class MLPSurrogate(Protocol):
 
 @dataclass
 class Capture:
-    """Activations of one forward pass: xs, ys [L, B, T, d] and the image embeddings [B, D]."""
+    """Activations of one forward pass: xs, ys [L, B, T, d], the final residual stream at the CLS token (the
+    input of the final LayerNorm) [B, d] and the image embeddings [B, D]."""
 
     xs: torch.Tensor
     ys: torch.Tensor
+    final_cls: torch.Tensor
     embeddings: torch.Tensor
 
 
@@ -99,6 +101,14 @@ class Teacher:
         self._thread = threading.local()
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
+        visual.ln_post.register_forward_hook(self._final_hook)
+
+    def _final_hook(self, module, inputs, output) -> None:
+        """During a capture, record the CLS token of the final residual stream (ln_post's input)."""
+        sink = getattr(self._thread, "final_sink", None)
+        if sink is not None:
+            x = inputs[0]
+            sink.append(x[:, 0] if x.dim() == 3 else x)  # all tokens, or (final_ln_after_pool) the pooled CLS
 
     def _hook(self, layer: int):
         def run_action(module, inputs, output):
@@ -169,9 +179,28 @@ class Teacher:
         def record(layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
             xs[layer], ys[layer] = x, y
 
-        with self._acting(record):
-            embeddings = self.model.encode_image(pixels.to(self.device))
-        return Capture(torch.stack(xs), torch.stack(ys), embeddings)
+        self._thread.final_sink = final = []
+        try:
+            with self._acting(record):
+                embeddings = self.model.encode_image(pixels.to(self.device))
+        finally:
+            self._thread.final_sink = None
+        return Capture(torch.stack(xs), torch.stack(ys), final[0], embeddings)
+
+    @torch.no_grad()
+    def readout(self, final_cls: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, D] from the final residual stream at the CLS token [B, d]: all that follows the
+        last block is the final LayerNorm and the projection (a CLS-pooled tower without attention pooling)."""
+        visual = self.model.visual
+        out = visual.ln_post(final_cls)
+        return out @ visual.proj if visual.proj is not None else out
+
+    def readout_with_last_mlp(self, capture: Capture, cls_output: torch.Tensor) -> torch.Tensor:
+        """The embeddings of a captured pass had the last block's MLP written ``cls_output`` [B, d] at the CLS
+        token instead of its own y: the residual changes by LayerScale(cls_output - y), nothing else does."""
+        last = self.n_layers - 1
+        change = self.blocks[last].ls_2(cls_output.to(capture.final_cls.dtype) - capture.ys[last, :, 0])
+        return self.readout(capture.final_cls + change)
 
     @contextlib.contextmanager
     def replace_mlps(self, surrogate: MLPSurrogate, start: int, tokens: str = ALL) -> Iterator[None]:

@@ -2,9 +2,12 @@
 
 The stream is deterministic and resumable. Epoch e visits the images in a permutation drawn from
 (seed, e), in chunks of ``chunk_images``; the tokens of a chunk are shuffled together (a shuffle
-buffer of chunk_images x T tokens) and cut into batches. A position is (epoch, chunk, batch):
-resuming there recomputes the teacher only for the current chunk. Under DDP every chunk is split
-evenly across ranks by image, so all ranks see the same number of equally sized batches.
+buffer of chunk_images x T tokens). An epoch's token stream is the chunks' shuffled tokens one after
+the other, cut into full batches: the tokens a chunk leaves over start the next batch, so every step
+sees exactly ``batch_tokens`` tokens (the epoch's last, partial batch, fewer than batch_tokens
+tokens, is dropped). A position is (epoch, batch): resuming there recomputes the teacher only from
+the chunk that holds the batch's first token. Under DDP every chunk is split evenly across ranks by
+image, so all ranks see the same number of batches.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from ..model.teacher import Teacher
 
 @dataclass(frozen=True)
 class Position:
-    """Where a stream stands: the next batch to yield."""
+    """Where a stream stands: the next batch to yield (its index within the epoch)."""
 
     epoch: int = 0
-    chunk: int = 0
     batch: int = 0
 
 
@@ -56,6 +58,9 @@ class ActivationStream:
             raise ValueError(f"the dataset has {len(dataset)} images, fewer than the {world_size} ranks")
         self.image_batch_size, self.num_workers = image_batch_size, num_workers
         self.autocast_dtype, self.store_dtype = autocast_dtype, store_dtype
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.n_images} images x {teacher.n_tokens} tokens are fewer than one batch of "
+                             f"{batch_tokens} tokens: use more images or smaller batches")
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -64,13 +69,20 @@ class ActivationStream:
     def _chunk_images(self, chunk: int) -> int:
         return min(self.chunk_images, self.n_images - chunk * self.chunk_images)
 
-    def batches_in_chunk(self, chunk: int) -> int:
-        local_tokens = self._chunk_images(chunk) // self.world_size * self.teacher.n_tokens
-        return math.ceil(local_tokens / self.local_batch)
+    def _chunk_tokens_count(self, chunk: int) -> int:
+        """Tokens of this rank in a chunk."""
+        return self._chunk_images(chunk) // self.world_size * self.teacher.n_tokens
 
     @property
     def batches_per_epoch(self) -> int:
-        return sum(self.batches_in_chunk(c) for c in range(self.chunks_per_epoch))
+        total = sum(self._chunk_tokens_count(c) for c in range(self.chunks_per_epoch))
+        return total // self.local_batch
+
+    def next_position(self, position: Position) -> Position:
+        """The position after ``position``: the next batch, or the next epoch's first."""
+        if position.batch + 1 < self.batches_per_epoch:
+            return Position(position.epoch, position.batch + 1)
+        return Position(position.epoch + 1, 0)
 
     def _generator(self, *keys: int) -> torch.Generator:
         generator = torch.Generator()
@@ -98,12 +110,25 @@ class ActivationStream:
         return torch.cat(xs, 1), torch.cat(ys, 1)
 
     def iterate(self, start: Position = Position()) -> Iterator[TokenBatch]:
-        """Batches of one epoch from ``start`` to the end of that epoch."""
-        for chunk in range(start.chunk, self.chunks_per_epoch):
+        """Full batches of one epoch from ``start`` to the end of that epoch."""
+        first_token, offset, chunk = start.batch * self.local_batch, 0, 0
+        while chunk < self.chunks_per_epoch and offset + self._chunk_tokens_count(chunk) <= first_token:
+            # the chunk that holds the first token
+            offset += self._chunk_tokens_count(chunk)
+            chunk += 1
+        skip, batch, carry = first_token - offset, start.batch, None
+        for chunk in range(chunk, self.chunks_per_epoch):
             xs, ys = self._chunk_tokens(start.epoch, chunk)
             order = torch.randperm(xs.shape[1], generator=self._generator(start.epoch, chunk, self.rank))
-            order = order.to(xs.device)
-            first = start.batch if chunk == start.chunk else 0
-            for batch in range(first, self.batches_in_chunk(chunk)):
-                rows = order[batch * self.local_batch:(batch + 1) * self.local_batch]
-                yield TokenBatch(xs[:, rows], ys[:, rows], Position(start.epoch, chunk, batch))
+            order = order[skip:].to(xs.device)
+            xs, ys, skip = xs[:, order], ys[:, order], 0
+            if carry is not None:
+                xs, ys = torch.cat([carry[0], xs], 1), torch.cat([carry[1], ys], 1)
+            full = xs.shape[1] // self.local_batch
+            for i in range(full):
+                if batch >= self.batches_per_epoch:
+                    return
+                rows = slice(i * self.local_batch, (i + 1) * self.local_batch)
+                yield TokenBatch(xs[:, rows], ys[:, rows], Position(start.epoch, batch))
+                batch += 1
+            carry = xs[:, full * self.local_batch:], ys[:, full * self.local_batch:]

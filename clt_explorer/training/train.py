@@ -292,6 +292,9 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
         tensors, state = restored
         tracker.since_fired.copy_(tensors["since_fired"])
         step, tokens, elapsed = state["step"], state["tokens"], state["seconds"]
+        if set(state["position"]) != {"epoch", "batch"}:
+            raise AssetError(f"{checkpoints}: a checkpoint of an earlier version (positions by chunk), which this one "
+                             f"cannot resume; delete {checkpoints} to train from the start")
         position = Position(**state["position"])
     resumed_from = step
     if rank == 0:
@@ -334,7 +337,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
                     log.flush()
                     mean_fvu = sum(metrics["fvu"]) / len(metrics["fvu"])
                     bar.set_postfix(loss=f"{float(loss):.4g}", fvu=f"{mean_fvu:.3f}")
-                position = _next_position(stream, batch.position)
+                position = stream.next_position(batch.position)
                 if step >= total_steps:
                     break
                 if step % cfg.checkpoint_every == 0 or position.epoch != batch.position.epoch:
@@ -353,12 +356,3 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
         if log is not None:
             log.close()
     return TrainResult(clt, step, tokens, seconds, resumed_from)
-
-
-def _next_position(stream: ActivationStream, position: Position) -> Position:
-    """The position after ``position``: next batch, next chunk or next epoch."""
-    if position.batch + 1 < stream.batches_in_chunk(position.chunk):
-        return Position(position.epoch, position.chunk, position.batch + 1)
-    if position.chunk + 1 < stream.chunks_per_epoch:
-        return Position(position.epoch, position.chunk + 1, 0)
-    return Position(position.epoch + 1, 0, 0)
