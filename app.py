@@ -5,8 +5,9 @@
     python app.py --bundle hf://owner/repo --revision COMMIT
     CLT_EXPLORER_BUNDLE=hf://owner/repo python app.py
 
-Without --bundle (or $CLT_EXPLORER_BUNDLE) the app opens the first bundle under checkpoints/, or builds
-the offline tiny-CLIP demo bundle there (a few minutes on a CPU, once).
+Without --bundle (or $CLT_EXPLORER_BUNDLE) the app opens the first finished bundle under checkpoints/, or
+serves the page at once and builds the offline tiny-CLIP demo bundle there in a background process (once):
+analyses work as soon as its first CLT is ready, the rest follows without a restart.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 import torch
 
 from clt_explorer.app.analysis import Explorer
+from clt_explorer.app.bundle_source import BackgroundBuild, OpenedBundle
 from clt_explorer.app.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from clt_explorer.app.ui import CSS, THEME, UploadLimits, build_ui
-from clt_explorer.assets.bundle import HF_PREFIX, open_bundle, validate_name
+from clt_explorer.assets.build_status import finished_bundles
+from clt_explorer.assets.bundle import HF_PREFIX, Bundle, open_bundle, validate_name
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
@@ -45,24 +48,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_bundle(spec: str | None, revision: str | None):
-    """--bundle as a folder, a name under checkpoints/ or hf://owner/repo; else the default bundle."""
-    if not spec:
-        from clt_explorer.assets.pipeline import default_bundle  # the training stack, only when building
-
-        return default_bundle(CHECKPOINTS)
+def resolve_bundle(spec: str, revision: str | None) -> Bundle:
+    """--bundle as a folder, a name under checkpoints/ or hf://owner/repo."""
     if spec.startswith(HF_PREFIX) or Path(spec).is_dir():
         return open_bundle(spec, revision)
     return open_bundle(CHECKPOINTS / validate_name(spec, "bundle name"))
 
 
+def resolve_source(args: argparse.Namespace) -> OpenedBundle | BackgroundBuild:
+    """The bundle asked for; else the first finished bundle under checkpoints/; else the default bundle, built in
+    the background while the page is served."""
+    dtype = getattr(torch, args.clt_dtype) if args.clt_dtype else None
+    if args.bundle:
+        return OpenedBundle(Explorer(resolve_bundle(args.bundle, args.revision), args.device, dtype))
+    found = finished_bundles(CHECKPOINTS)
+    if found:
+        return OpenedBundle(Explorer(Bundle.load(found[0]), args.device, dtype))
+    return BackgroundBuild(CHECKPOINTS, args.device, dtype)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    bundle = resolve_bundle(args.bundle, args.revision)
-    dtype = getattr(torch, args.clt_dtype) if args.clt_dtype else None
-    explorer = Explorer(bundle, args.device, dtype)
+    source = resolve_source(args)
     limits = UploadLimits(int(args.max_upload_mb * 2**20), args.max_pixels)
-    demo = build_ui(explorer, limits)
+    demo = build_ui(source, limits)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 max_file_size=limits.max_bytes, theme=THEME, css=CSS)

@@ -43,6 +43,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if needed) without waiting; yields whether it was obtained.
+    The operating system releases it when the process ends, however it ends. Where there is no ``fcntl``
+    (Windows), it yields True and locks nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        try:
+            yield locked
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically."""
     with atomic_path(path) as tmp:

@@ -30,7 +30,7 @@ from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.app.analysis import Explorer
 from clt_explorer.app.ui import App, UploadLimits
 from clt_explorer.assets.bundle import LOCAL_TEACHER, Bundle
-from clt_explorer.assets.pipeline import default_bundle
+from clt_explorer.assets.default_bundle import default_bundle
 from clt_explorer.data.resources import cifar100_classnames, cifar_templates
 from clt_explorer.model.zeroshot import ZeroShotClassifier
 from clt_explorer.retrieval.index import SparseIndex, truncate

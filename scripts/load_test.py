@@ -23,7 +23,7 @@ import numpy as np
 from gradio_client import Client, handle_file
 
 from clt_explorer.assets.bundle import Bundle
-from clt_explorer.assets.pipeline import default_bundle
+from clt_explorer.assets.default_bundle import default_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 

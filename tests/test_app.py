@@ -117,7 +117,10 @@ def test_browser_upload_renders_everything_and_range_changes_update_predictions(
                 viewport={"width": 1400, "height": 1800})
             page = browser.new_page()
             page.goto(app_url)
-            page.locator("#upload input[type=file]").set_input_files(str(explorer.examples()[3]))
+            expect(page).to_have_title("CLT Explorer — tiny CLIP trained on synthetic shapes · bundle "
+                                       f"{explorer.bundle.name}")
+            page.locator("#examples img").nth(3).click()  # an example image, clicked
+            expect(page.locator("#upload")).to_contain_text(explorer.examples()[3].stem, timeout=30_000)
             last = explorer.n_layers - 1
             expect(page.locator(f"#gallery_{last}_cls img").first).to_be_visible(timeout=60_000)
             expect(page.locator(f"#gallery_{last}_patches img").first).to_be_visible()
@@ -136,6 +139,12 @@ def test_browser_upload_renders_everything_and_range_changes_update_predictions(
             expect(page.locator("#summary")).to_contain_text("keeping only the terms of source layers",
                                                              timeout=30_000)
             expect(page.locator("#source_ranking")).to_contain_text("C(s→L-1)")
+            page.get_by_role("tab", name="About").click()
+            expect(page.locator("#about")).to_contain_text("tiny CLIP trained on synthetic shapes")
+            for figure in ("about_training", "about_reconstruction", "about_cascade"):
+                expect(page.locator(f"#{figure} .js-plotly-plot")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "about.png"), full_page=True)
+            page.get_by_role("tab", name="Explore").click()
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
             browser.close()
     finally:

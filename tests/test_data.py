@@ -31,6 +31,18 @@ def test_cifar100_missing_offline_names_the_folder(tmp_path):
         load_dataset("cifar100", "test", root=str(tmp_path), download=False)
 
 
+def test_cifar100_files_that_are_not_the_official_ones_are_refused_unread(tmp_path):
+    """A file set in torchvision's layout cannot be written locally: torchvision checks each file's MD5 against the
+    official archive before it unpickles anything. Files of the right names but other bytes (not even pickles, so
+    an attempt to read them would fail otherwise) are refused with a message that says so."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not the official CIFAR-100 batch")
+    with pytest.raises(DatasetMissing, match=f"files under {folder} do not pass torchvision's MD5 check"):
+        load_dataset("cifar100", "test", root=str(tmp_path), download=False)
+
+
 def test_imagenet100_from_a_local_folder(tmp_path):
     wnids = imagenet100_wnids()
     for wnid in wnids:

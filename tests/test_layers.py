@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "clt_explorer"
-LAYERS = [{"storage", "cli", "data"}, {"model"}, {"evaluation"}, {"training"}, {"retrieval"}, {"assets"}, {"app"}]
+LAYERS = [{"storage", "cli", "progress", "data"}, {"model"}, {"evaluation"}, {"training"}, {"retrieval"}, {"assets"},
+          {"app"}]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 

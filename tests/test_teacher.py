@@ -35,7 +35,7 @@ def test_capture_on_real_vit_b_configs(arch, tokens):
 def test_capture_records_ln2_output_and_mlp_output(random_teacher):
     pixels = random_pixels(random_teacher)
     capture = random_teacher.capture(pixels)
-    assert capture.xs.shape == (4, 3, 17, 128)
+    assert capture.xs.shape == (4, 3, 17, 64)
     for layer, block in enumerate(random_teacher.blocks):
         assert torch.equal(block.mlp(capture.xs[layer]), capture.ys[layer])
     # x_0 is ln_2 of (ln_pre(tokens) + attention): recompute it by hand from the first block.

@@ -129,8 +129,23 @@ class Explorer:
         self._indexes: dict[str, RetrievalIndex | None] = {}
         self._dataset_contributions: dict[str, dict | None] = {}
         self._lock = threading.Lock()
+        self._manifest_mtime = bundle.manifest_path.stat().st_mtime_ns if bundle.manifest_path.is_file() else None
         if not bundle.clt_names:
             raise ValueError(f"bundle {bundle.name!r} holds no CLT")
+
+    @property
+    def version(self) -> int | None:
+        """Changes whenever the bundle's manifest changes on disk (see :meth:`refresh`)."""
+        return self._manifest_mtime
+
+    def refresh(self) -> bool:
+        """Re-read the bundle's manifest when it changed on disk (a build adding CLTs or results); returns whether
+        it did. The teacher, the thumbnails and what was loaded stay."""
+        mtime = self.bundle.manifest_path.stat().st_mtime_ns
+        if mtime == self._manifest_mtime:
+            return False
+        self.bundle, self._manifest_mtime = Bundle.load(self.bundle.root), mtime
+        return True
 
     @property
     def n_layers(self) -> int:

@@ -20,10 +20,17 @@ import gradio as gr
 import plotly.graph_objects as go
 from PIL import Image
 
-from ..evaluation.report import contribution_heatmap, evaluation_summary_markdown
-from ..model.tokens import CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
+from ..evaluation.report import (
+    cascade_figure,
+    contribution_heatmap,
+    evaluation_summary_markdown,
+    reconstruction_figure,
+    training_figure,
+)
+from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import write_bytes
 from .analysis import Analysis, Explorer, Predictions, SourceScore, keep_top, remove_top
+from .bundle_source import BuildProgress, GrowingBundle, OpenedBundle
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
 
 try:  # on Hugging Face ZeroGPU Spaces, GPU work runs inside functions decorated with spaces.GPU
@@ -46,24 +53,62 @@ class UploadLimits:
 
 
 def about_markdown(explorer: Explorer) -> str:
-    """What the bundle is: teacher, dataset, CLT settings and evaluation summary."""
-    m = explorer.bundle.manifest
-    teacher, dataset, settings = m["teacher"], m["dataset"], m.get("settings", {})
-    lines = [f"## Bundle `{explorer.bundle.name}`", "",
-             f"- **Teacher**: `{teacher['model']}`" + (f" (`{teacher['pretrained']}`)" if teacher.get("pretrained")
-                                                      else "") + f", {explorer.n_layers} blocks, "
+    """What the bundle is: teacher, dataset, retrieval, CLT settings and evaluation summary."""
+    bundle = explorer.bundle
+    m = bundle.manifest
+    dataset, settings = m["dataset"], m.get("settings", {})
+    index = explorer.index(explorer.clt_names[0])
+    lines = [f"## Bundle `{bundle.name}`", "",
+             f"- **Teacher**: {bundle.teacher_description} (`{m['teacher']['model']}`), {explorer.n_layers} blocks, "
              f"width {explorer.teacher.d_model}, {explorer.teacher.n_tokens} tokens",
              f"- **Dataset**: `{dataset['name']}`, {len(dataset['classnames'])} classes, "
              f"{len(dataset['templates'])} prompt templates",
-             f"- **Retrieval**: {len(explorer.thumbnails) if explorer.thumbnails else 0} indexed training images", ""]
+             f"- **Retrieval**: {len(explorer.thumbnails) if explorer.thumbnails else 0} indexed training images"
+             + (f", {index.mode} indexes" if index else ""), ""]
     lines += ["| CLT | sparsifier | features/layer | k | teacher | trained on |", "|---|---|---|---|---|---|"]
     for name in explorer.clt_names:
-        c = explorer.bundle.clt_config(name)
+        c = bundle.clt_config(name)
         lines.append(f"| {name} | {c.sparsifier} | {c.n_features} | {c.k} | `{c.teacher}` | "
                      f"{settings.get('train', {}).get('epochs', '?')} epochs |")
     if m.get("evaluation"):
         lines += ["", "### Evaluation", "", *evaluation_summary_markdown(m["evaluation"])]
     return "\n".join(lines)
+
+
+def about_figures(explorer: Explorer) -> tuple[go.Figure | None, go.Figure | None, go.Figure | None]:
+    """The bundle's training curves, reconstruction per layer and accuracy under cascaded replacement."""
+    bundle = explorer.bundle
+    logs = {name: bundle.training_log(name) for name in explorer.clt_names}
+    results = {name: r for name in explorer.clt_names if (r := bundle.evaluation(name)) is not None}
+    logs = {name: records for name, records in logs.items() if records}
+    return (training_figure(logs) if logs else None, reconstruction_figure(results, ALL) if results else None,
+            cascade_figure(results) if results else None)
+
+
+def progress_markdown(progress: BuildProgress | None, ready: bool) -> str:
+    """The banner of a first start: what the background build is doing and what is done."""
+    if progress is None or (progress.finished and not progress.failed):
+        return ""
+    lines = ["**Preparing the offline demo bundle** (first start only: it is kept under `checkpoints/` for the next "
+             "start). " + ("Analyses work now; the other CLTs, their indexes and their evaluation appear here when "
+                          "they are ready." if ready else "Analyze is enabled as soon as the first CLT has its "
+                                                          "retrieval index.")]
+    if progress.running:
+        bar = progress.bar
+        detail = ""
+        if bar and bar.get("total"):
+            detail = f" — {bar['description']}: {int(bar['done'])} / {int(bar['total'])} " \
+                     f"({100 * bar['done'] / bar['total']:.0f}%)"
+        lines.append(f"Now: **{progress.running}**{detail}")
+    done = [f"{'✗' if s['status'] == 'failed' else '✓'} {s['step']} ({s['seconds']:.0f} s)" for s in progress.steps]
+    if done:
+        lines.append("Done: " + " · ".join(done))
+    failed = [s for s in progress.steps if s["status"] == "failed"]
+    for step in failed:
+        lines.append(f"**{step['step']} failed**: {step['detail']} (the log is `{progress.log}`)")
+    if progress.exit_code not in (None, 0) and not failed:
+        lines.append(f"**The build stopped** (exit code {progress.exit_code}); the log is `{progress.log}`.")
+    return "\n\n".join(lines)
 
 
 def _labels(predictions: list) -> dict[str, float]:
@@ -206,13 +251,55 @@ class RetrievalPanel:
                 **{row: gr.Row(visible=layer == 0) for layer, row in enumerate(self.rows)}}
 
 
-class App:
-    """Callbacks bound to one explorer; the panels are attached by :func:`build_ui`."""
+class AboutPanel:
+    """What the bundle is, and its evaluation as figures."""
 
-    def __init__(self, explorer: Explorer, limits: UploadLimits):
-        self.explorer, self.limits = explorer, limits
-        self.n_layers = explorer.n_layers
+    def __init__(self):
+        self.text = gr.Markdown(label="About this bundle", elem_id="about")
+        self.training = gr.Plot(label="Training curves", elem_id="about_training")
+        self.reconstruction = gr.Plot(label="Reconstruction per layer (all tokens)", elem_id="about_reconstruction")
+        self.cascade = gr.Plot(label="Accuracy under cascaded replacement", elem_id="about_cascade")
+        self.components = [self.text, self.training, self.reconstruction, self.cascade]
+
+    def render(self, explorer: Explorer) -> dict:
+        return dict(zip(self.components, (about_markdown(explorer), *about_figures(explorer))))
+
+
+class App:
+    """Callbacks bound to one bundle source; the panels are attached by :func:`build_ui`."""
+
+    def __init__(self, source: OpenedBundle | GrowingBundle, limits: UploadLimits):
+        self.source, self.limits = source, limits
+        self.n_layers = source.n_layers
         self._thumbnail_dir = Path(tempfile.mkdtemp(prefix="clt-explorer-thumbnails-"))
+
+    @property
+    def explorer(self) -> Explorer:
+        """The explorer, or a message for the user while the default bundle has no CLT yet."""
+        explorer = self.source.explorer()
+        if explorer is None:
+            raise gr.Error("The demo bundle is still being prepared; Analyze is enabled as soon as its first CLT is "
+                           "ready (see the progress at the top of the page).")
+        return explorer
+
+    def poll(self, version, clt):
+        """The page's view of the bundle source: the build's banner, and, when the bundle changed since this page
+        last looked (``version``), its CLTs, examples and About tab."""
+        explorer = self.source.explorer()
+        progress = self.source.progress()
+        out = {self.status: gr.Markdown(progress_markdown(progress, explorer is not None),
+                                        visible=self.source.building or bool(progress and progress.failed)),
+               self.timer: gr.Timer(active=self.source.building)}
+        if explorer is None or explorer.version == version:
+            return out
+        names = explorer.clt_names
+        return {**out, self.version: explorer.version, self.run: gr.Button(interactive=True),
+                self.clt: gr.Dropdown(choices=names, value=clt if clt in names else names[0]),
+                self.examples: [str(path) for path in explorer.examples()], **self.about.render(explorer)}
+
+    def pick_example(self, selected: gr.SelectData):
+        """The clicked example image, as the upload."""
+        return str(self.explorer.examples()[selected.index])
 
     def _image(self, path: str | None) -> Image.Image:
         try:
@@ -299,31 +386,31 @@ class App:
         return {self.terms.kept: list(range(self.n_layers))}
 
 
-def build_ui(explorer: Explorer, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
-    """The Blocks app for one explorer."""
-    app = App(explorer, limits)
-    L = explorer.n_layers
-    with gr.Blocks(title=f"CLT Explorer — {explorer.bundle.name}") as demo:
-        gr.Markdown(f"# CLT Explorer\nCross-Layer Transcoders on `{explorer.bundle.manifest['teacher']['model']}` "
-                    f"· bundle `{explorer.bundle.name}` · {L} layers. Upload an image to see what each layer's sparse "
-                    f"codes retrieve, which layers build its representation, and how the prediction changes when "
-                    f"the CLT replaces the MLPs.")
+def build_ui(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
+    """The Blocks app for an explorer, or for a bundle source (the default bundle may still be building)."""
+    source = OpenedBundle(source) if isinstance(source, Explorer) else source
+    app = App(source, limits)
+    L = source.n_layers
+    with gr.Blocks(title=f"CLT Explorer — {source.title}") as demo:
+        gr.Markdown(f"# CLT Explorer\nCross-Layer Transcoders on **{source.title}** · {L} layers. Upload an image "
+                    f"to see what each layer's sparse codes retrieve, which layers build its representation, and how "
+                    f"the prediction changes when the CLT replaces the MLPs.")
+        app.status = gr.Markdown(visible=source.building, elem_id="status")
         with gr.Tab("Explore"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
                     upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
                     app.preview = gr.Image(label="Uploaded image", type="pil", interactive=False, height=220,
                                            elem_id="preview")
-                    examples = [[str(p)] for p in explorer.examples()]
-                    if examples:
-                        gr.Examples(examples, inputs=[upload], label="Examples from the test split")
-                    clt = gr.Dropdown(explorer.clt_names, value=explorer.clt_names[0], label="CLT", elem_id="clt")
+                    app.examples = gr.Gallery(label="Examples from the test split: click one", columns=4, height=150,
+                                              allow_preview=False, show_label=True, elem_id="examples")
+                    app.clt = gr.Dropdown(source.clt_names, value=source.clt_names[0], label="CLT", elem_id="clt")
                     tokens = gr.Radio(list(TOKEN_SETS), value=CLS, label="Tokens the CLT replaces", elem_id="tokens")
                     start = gr.Slider(0, L - 1, value=0, step=1, label="Replace blocks s → L-1: s", elem_id="start")
                     target = gr.Slider(0, L - 1, value=L - 1, step=1, label="Target layer l (retrieval rows 0..l)",
                                        elem_id="target")
                     top_k = gr.Slider(1, 10, value=3, step=1, label="Top-K retrieved images", elem_id="top_k")
-                    run = gr.Button("Analyze", variant="primary", elem_id="analyze")
+                    app.run = gr.Button("Analyze", variant="primary", interactive=False, elem_id="analyze")
                 with gr.Column(scale=2):
                     app.predictions = PredictionsPanel()
                     app.terms = LayerTermsPanel(L)
@@ -333,21 +420,26 @@ def build_ui(explorer: Explorer, limits: UploadLimits = UploadLimits()) -> gr.Bl
             with gr.Accordion("Analysis data (JSON)", open=False):
                 app.data = gr.JSON(label="Analysis data", elem_id="data")
         with gr.Tab("About"):
-            gr.Markdown(about_markdown(explorer))
+            app.about = AboutPanel()
+        app.version = gr.State(None)
+        app.timer = gr.Timer(2.0, active=source.building)
 
-        controls = [upload, clt, tokens, start, target, top_k, app.heatmaps.tokens, app.terms.kept]
+        controls = [upload, app.clt, tokens, start, target, top_k, app.heatmaps.tokens, app.terms.kept]
         outputs = app.analysis_outputs
-        run.click(app.analyze, controls, outputs, api_name="analyze")
-        gr.on([upload.change, clt.change, target.change, top_k.change], app.refresh, controls, outputs,
+        app.run.click(app.analyze, controls, outputs, api_name="analyze")
+        gr.on([upload.change, app.clt.change, target.change, top_k.change], app.refresh, controls, outputs,
               api_name="refresh", trigger_mode="always_last")
         gr.on([tokens.change, start.change, app.terms.kept.change], app.predict,
-              [upload, clt, tokens, start, app.terms.kept], app.predictions.components, api_name="predict",
+              [upload, app.clt, tokens, start, app.terms.kept], app.predictions.components, api_name="predict",
               trigger_mode="always_last")
-        app.terms.keep_top.click(app.keep_top_terms, [upload, clt, tokens, app.terms.m], app.terms.components,
+        app.terms.keep_top.click(app.keep_top_terms, [upload, app.clt, tokens, app.terms.m], app.terms.components,
                                  api_name="keep_top_terms")
-        app.terms.remove_top.click(app.remove_top_term, [upload, clt, tokens], app.terms.components,
+        app.terms.remove_top.click(app.remove_top_term, [upload, app.clt, tokens], app.terms.components,
                                    api_name="remove_top_term")
         app.terms.keep_all.click(app.keep_all_terms, None, [app.terms.kept], api_name="keep_all_terms")
         app.heatmaps.tokens.change(app.heatmaps.render, [app.data, app.heatmaps.tokens], app.heatmaps.components,
                                    api_name="heatmaps")
+        app.examples.select(app.pick_example, None, [upload], api_name="pick_example")
+        poll_outputs = [app.status, app.timer, app.run, app.clt, app.examples, app.version, *app.about.components]
+        gr.on([demo.load, app.timer.tick], app.poll, [app.version, app.clt], poll_outputs, api_name="status")
     return demo

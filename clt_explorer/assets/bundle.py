@@ -13,6 +13,7 @@ This module is the only one that knows the layout; everything else asks :class:`
     examples/                            a few test images for the app (PNG)
     zeroshot.safetensors                 cached class text embeddings (saves the app minutes at start-up)
     report.html (+ plotly.min.js)        the bundle's report, readable offline
+    build_status.json, build.log         while the app builds its default bundle: what the build is doing
 
 bundle.json names the teacher (open_clip architecture + pretrained tag, or ``local-dir:teacher``
 relative to the bundle), the dataset (adapter name, options, class names, templates) and, per CLT
@@ -22,6 +23,7 @@ must stay inside the bundle. The manifest changes only through the typed methods
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +50,9 @@ THUMBNAILS_DIR = "thumbnails"
 EXAMPLES_DIR = "examples"
 ZEROSHOT_FILE = "zeroshot.safetensors"
 REPORT_FILE = "report.html"
+BUILD_STATUS_FILE = "build_status.json"
+BUILD_LOG_FILE = "build.log"
+BUILD_LOCK_FILE = ".build.lock"
 FORMAT = "clt-explorer-bundle"
 VERSION = 1
 HF_PREFIX = "hf://"
@@ -64,6 +69,21 @@ _DATASET_OPTIONAL = {"options", "train_split", "test_split", "label_rule"}
 def find_bundles(folder: str | Path) -> list[Path]:
     """The bundle folders directly inside ``folder``, by name."""
     return sorted(path.parent for path in Path(folder).glob(f"*/{MANIFEST}"))
+
+
+def build_status_file(root: str | Path) -> Path:
+    """Where a build started by the app reports its progress (beside the manifest, before there is one)."""
+    return Path(root) / BUILD_STATUS_FILE
+
+
+def build_log_file(root: str | Path) -> Path:
+    """Where a build started by the app writes its output."""
+    return Path(root) / BUILD_LOG_FILE
+
+
+def build_lock_file(root: str | Path) -> Path:
+    """The lock that keeps two builds from writing one bundle at once."""
+    return Path(root) / BUILD_LOCK_FILE
 
 
 def evaluation_file(clt_folder: Path) -> Path:
@@ -262,6 +282,13 @@ class Bundle:
         path = self.evaluation_path(name)
         return read_json(path) if path.is_file() else None
 
+    def training_log(self, name: str) -> list[dict]:
+        """The training log of CLT ``name``, one record per logged step (empty when it has none)."""
+        path = self.training_log_path(name)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def layer_terms(self, name: str) -> dict | None:
         """The layer-term experiment's results of CLT ``name``, when it has been run."""
         path = self.layer_terms_path(name)
@@ -301,6 +328,15 @@ class Bundle:
     def _register(self, key: str, default: str) -> None:
         self.manifest.setdefault(key, default)
         self.save()
+
+    @property
+    def teacher_description(self) -> str:
+        """What the teacher is, in words ("tiny CLIP trained on synthetic shapes", "ViT-B/32 (OpenAI)")."""
+        teacher = self.manifest["teacher"]
+        if teacher.get("description"):
+            return teacher["description"]
+        model, pretrained = teacher["model"], teacher.get("pretrained")
+        return f"{model} ({Path(pretrained).name if '/' in pretrained else pretrained})" if pretrained else model
 
     def teacher_model_name(self) -> str:
         """The open_clip model name, with a bundle-relative ``local-dir:`` resolved to an absolute path."""

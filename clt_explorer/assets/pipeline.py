@@ -33,11 +33,14 @@ from ..retrieval.thumbnails import ThumbnailStore, build_thumbnails
 from ..storage import atomic_path
 from ..training.tiny_clip import train_tiny_clip
 from ..training.train import TrainConfig, default_device, is_trained, train_clt, world
-from .bundle import LOCAL_TEACHER, Bundle, find_bundles, validate_name
+from .build_status import StatusWriter
+from .bundle import LOCAL_TEACHER, Bundle, validate_name
 from .evaluation_runs import evaluate_bundle, layer_terms_bundle
 
 TINY_TEACHER = "tiny-clip"
 BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-16-quickgelu", "openai")}
+DESCRIPTIONS = {TINY_TEACHER: "tiny CLIP trained on synthetic shapes", "ViT-B-32": "ViT-B/32 (OpenAI)",
+                "ViT-B-16": "ViT-B/16 (OpenAI)"}
 N_EXAMPLES = 8
 
 
@@ -71,7 +74,7 @@ class BundleJob:
     """Longest side of the training-image thumbnails, in pixels."""
     batch_size: int = 64
     """Images per teacher forward pass (evaluation, indexing)."""
-    tiny_clip_steps: int = 450
+    tiny_clip_steps: int = 600
     """Training steps of the offline tiny CLIP."""
     seed: int = 0
     """Seed of the image subsets and of the tiny CLIP."""
@@ -84,8 +87,27 @@ class BundleJob:
 
     @property
     def name(self) -> str:
-        backbone = Path(self.backbone[len(LOCAL_DIR):]).name if self.backbone.startswith(LOCAL_DIR) else self.backbone
+        """``<dataset>-<backbone>``: a local folder by its name, ``ARCH:file.safetensors`` by the architecture and
+        the file's stem, ``ARCH:TAG`` by both."""
+        if self.backbone.startswith(LOCAL_DIR):
+            backbone = Path(self.backbone[len(LOCAL_DIR):]).name
+        else:
+            model, _, pretrained = self.backbone.partition(":")
+            weights = Path(pretrained).stem if pretrained.endswith(".safetensors") else pretrained
+            backbone = f"{model}-{weights}" if weights else model
         return validate_name(f"{self.dataset}-{backbone.replace('/', '-').replace(':', '-')}".lower(), "bundle name")
+
+    @property
+    def teacher_description(self) -> str:
+        """What the teacher is, in words (shown by the app, the report and the model card)."""
+        if self.backbone in DESCRIPTIONS:
+            return DESCRIPTIONS[self.backbone]
+        if self.backbone.startswith(LOCAL_DIR):
+            return f"open_clip model from the folder {Path(self.backbone[len(LOCAL_DIR):]).name}"
+        model, _, pretrained = self.backbone.partition(":")
+        if pretrained.endswith(".safetensors"):
+            return f"{model} with the weights {Path(pretrained).name}"
+        return f"{model} ({pretrained})" if pretrained else f"{model} (random weights)"
 
     def teacher_spec(self) -> tuple[str, str | None]:
         """(open_clip model name, pretrained tag) of the backbone; ``ARCH:TAG`` names any open_clip model.
@@ -110,8 +132,9 @@ class StepReport:
 class Builder:
     """Runs the steps of one bundle and records what happened to each."""
 
-    def __init__(self, job: BundleJob, out_root: Path, device: torch.device, progress: bool):
-        self.job, self.device, self.progress = job, device, progress
+    def __init__(self, job: BundleJob, out_root: Path, device: torch.device, progress: bool,
+                 status: StatusWriter | None = None):
+        self.job, self.device, self.progress, self.status = job, device, progress, status
         self.root = out_root / job.name
         self.reports: list[StepReport] = []
         self.rank, self.world_size = world()
@@ -119,19 +142,26 @@ class Builder:
     def step(self, name: str, done: Callable[[], bool], run: Callable[[], str | None]) -> bool:
         """Run ``run`` unless ``done()``; returns whether the step's outputs exist afterwards."""
         start = time.time()
+        if self.status:
+            self.status.started(name)
         try:
             if done():
-                self.reports.append(StepReport(self.job.name, name, "skipped", 0.0, "already complete"))
+                self._report(StepReport(self.job.name, name, "skipped", 0.0, "already complete"))
                 return True
             detail = run() or ""
-            self.reports.append(StepReport(self.job.name, name, "built", time.time() - start, detail))
+            self._report(StepReport(self.job.name, name, "built", time.time() - start, detail))
             return True
         except Exception as error:  # one failed step must not lose the others; the summary says why
             self._failed(name, error, time.time() - start)
             return False
 
+    def _report(self, report: StepReport) -> None:
+        self.reports.append(report)
+        if self.status:
+            self.status.finished(report)
+
     def _failed(self, name: str, error: Exception, seconds: float = 0.0) -> None:
-        self.reports.append(StepReport(self.job.name, name, "failed", seconds, f"{type(error).__name__}: {error}"))
+        self._report(StepReport(self.job.name, name, "failed", seconds, f"{type(error).__name__}: {error}"))
         if self.progress:
             traceback.print_exc()
 
@@ -246,8 +276,9 @@ class Builder:
                        "train_split": split_name(job.dataset, "train"), "test_split": split_name(job.dataset, "test")}
             if job.dataset == "coco":
                 dataset["label_rule"] = LABEL_RULE
-            bundle = Bundle.create(self.root, job.name, {"model": model, **({"pretrained": pretrained}
-                                                                            if pretrained else {})}, dataset)
+            teacher = {"model": model, "description": job.teacher_description,
+                       **({"pretrained": pretrained} if pretrained else {})}
+            bundle = Bundle.create(self.root, job.name, teacher, dataset)
         if self.rank == 0:
             bundle.set_settings(_settings(self.job))
         return bundle
@@ -337,12 +368,12 @@ def _settings(job: BundleJob) -> dict:
 
 
 def build_bundles(jobs: list[BundleJob], out_root: str | Path, device: torch.device | None = None,
-                  progress: bool = True) -> list[StepReport]:
-    """Build every job's bundle under ``out_root``; returns one report per step."""
+                  progress: bool = True, status: StatusWriter | None = None) -> list[StepReport]:
+    """Build every job's bundle under ``out_root``; returns one report per step (also told to ``status``)."""
     device = device or default_device()
     reports = []
     for job in jobs:
-        reports += Builder(job, Path(out_root), device, progress).build()
+        reports += Builder(job, Path(out_root), device, progress, status).build()
     return reports
 
 
@@ -350,11 +381,11 @@ SYNTHETIC_OPTIONS = {"n_train": 20000, "n_test": 2000, "image_size": 64}
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "clt-explorer" / "data"
 
 PRESETS: dict[str, dict] = {
-    # the offline default: tiny CLIP on synthetic shapes, CPU-sized (minutes on 2 cores)
+    # the offline default: tiny CLIP on synthetic shapes, CPU-sized (the first CLT in under two minutes on 2 cores)
     "demo": {"datasets": ["synthetic"], "backbones": [TINY_TEACHER],
              "job": {"expansion": 8, "k": 32, "eval_images": 2000, "retrieval_images": 10000, "thumbnail_size": 64,
                      "batch_size": 250,
-                     "train": TrainConfig(epochs=2, lr=2e-3, batch_tokens=2048, chunk_images=512, warmup_steps=20,
+                     "train": TrainConfig(epochs=1, lr=2e-3, batch_tokens=2048, chunk_images=512, warmup_steps=20,
                                           dead_after_tokens=200_000, checkpoint_every=100)}},
     # real CLIP ViT-B/32 on a CIFAR-100 subset: one consumer GPU, or a patient CPU
     "quick": {"datasets": ["cifar100"], "backbones": ["ViT-B-32"],
@@ -384,18 +415,3 @@ def preset_jobs(preset: str, datasets: list[str] | None = None, backbones: list[
     train = dataclasses.replace(settings.pop("train", TrainConfig()), **(train_overrides or {}))
     return [BundleJob(dataset=d, backbone=b, train=train, dataset_options=dataset_options(d, data_root), **settings)
             for d in datasets or chosen["datasets"] for b in backbones or chosen["backbones"]]
-
-
-def default_bundle(checkpoints: str | Path, progress: bool = True) -> Bundle:
-    """The first bundle under ``checkpoints/`` (by name), else the demo bundle built there (cached for the
-    next start)."""
-    checkpoints = Path(checkpoints)
-    found = find_bundles(checkpoints)
-    if found:
-        return Bundle.load(found[0])
-    jobs = preset_jobs("demo")
-    reports = build_bundles(jobs, checkpoints, progress=progress)
-    failed = [r for r in reports if r.status == "failed"]
-    if failed:
-        raise RuntimeError(f"building the offline demo bundle failed: {failed}")
-    return Bundle.load(checkpoints / jobs[0].name)

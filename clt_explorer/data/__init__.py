@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .cifar100 import CIFAR100
 from .coco import coco
 from .errors import DatasetMissing

@@ -22,13 +22,19 @@ class CIFAR100(Dataset):
 
         if split not in ("train", "test"):
             raise ValueError(f"CIFAR-100 splits are 'train' and 'test', got {split!r}")
+        folder = Path(root) / TorchvisionCIFAR100.base_folder
         try:
             self.data = TorchvisionCIFAR100(str(root), train=split == "train", download=download)
-        except Exception as error:  # offline download failures and missing files both end here
+        except Exception as error:  # offline download failures, missing and altered files all end here
+            if folder.is_dir() and any(folder.iterdir()):
+                raise DatasetMissing(
+                    f"the CIFAR-100 files under {folder} do not pass torchvision's MD5 check ({error}): only the "
+                    f"official archive's files are read (they are pickles). Remove the folder and download it again, "
+                    f"or copy the official extracted 'cifar-100-python' folder there."
+                ) from error
             raise DatasetMissing(
-                f"CIFAR-100 ({split}) is not under {Path(root) / 'cifar-100-python'} and could not be downloaded "
-                f"({error}). Download it once with network access (download=True) or copy the extracted "
-                f"'cifar-100-python' folder there."
+                f"CIFAR-100 ({split}) is not under {folder} and could not be downloaded ({error}). Download it "
+                f"once with network access (download=True) or copy the extracted 'cifar-100-python' folder there."
             ) from error
         self.classnames = cifar100_classnames()
         self.templates = cifar_templates()

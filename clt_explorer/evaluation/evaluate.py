@@ -12,13 +12,13 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.teacher import MLPSurrogate, Teacher
 from ..model.tokens import TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
+from ..progress import tqdm
 from .metrics import FaithfulnessAccumulator, ReconstructionAccumulator
 
 RESULTS_VERSION = 2  # 2: contributions for all token sets, per-template accuracies; older results are recomputed

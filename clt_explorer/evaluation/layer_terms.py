@@ -35,13 +35,13 @@ import numpy as np
 import scipy.stats
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Capture, Teacher
 from ..model.tokens import CLS, PATCHES, TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
+from ..progress import tqdm
 from .metrics import AgreementAccumulator
 
 RESULTS_VERSION = 1

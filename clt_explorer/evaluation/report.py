@@ -11,6 +11,7 @@ import warnings
 from importlib.resources import files
 from pathlib import Path
 
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -24,6 +25,13 @@ FAITHFULNESS_COLUMNS = ["layers", "tokens", "delta_acc", "flip_pct", "kl", "top1
 FAITHFULNESS_FORMATS = {"delta_acc": "{:+.2f}", "flip_pct": "{:.1f}", "top1_agree": "{:.1f}", "top5_agree": "{:.1f}"}
 DATASET_LABELS = {"cifar100": "CIFAR-100", "coco": "COCO", "imagenet100": "ImageNet-100"}
 BACKBONE_LABELS = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16"}
+
+
+COLOURS = plotly.colors.qualitative.D3  # one colour per CLT, the same in every panel of a figure
+
+
+def colours(names) -> dict[str, str]:
+    return {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(names)}
 
 
 def paper_rows(name: str) -> list[dict]:
@@ -263,15 +271,57 @@ def prompt_sensitivity_figure(results: dict, name: str) -> go.Figure:
 def reconstruction_figure(results: dict[str, dict], tokens: str = ALL) -> go.Figure:
     """Cosine, MSE (log scale) and R^2 per layer for each CLT (figures 6-10)."""
     figure = make_subplots(rows=1, cols=3, subplot_titles=("cosine similarity", "MSE (log)", "R²"))
+    colour = colours(results)
     for name, r in results.items():
         per_layer = r["reconstruction"][tokens]
         layers = list(range(len(per_layer["r2"])))
         for col, metric in enumerate(("cosine", "mse", "r2"), start=1):
             figure.add_trace(go.Scatter(x=layers, y=per_layer[metric], mode="lines+markers", name=name,
-                                        legendgroup=name, showlegend=col == 1), row=1, col=col)
+                                        legendgroup=name, showlegend=col == 1, line={"color": colour[name]}),
+                             row=1, col=col)
     figure.update_yaxes(type="log", row=1, col=2)
     figure.update_xaxes(title_text="layer")
     figure.update_layout(title=f"Reconstruction per layer ({tokens} tokens)", height=380, width=1100)
+    return figure
+
+
+def cascade_figure(results: dict[str, dict]) -> go.Figure:
+    """Zero-shot accuracy with the CLT replacing blocks s..L-1, against the start layer s, one panel per token set,
+    one line per CLT, beside the unmodified teacher (tables 6-23 as curves)."""
+    first = next(iter(results.values()))
+    token_sets = [t for t in TOKEN_SETS if t in first["cascade"]]
+    figure = make_subplots(rows=1, cols=len(token_sets), shared_yaxes=True,
+                           subplot_titles=[f"{t} tokens replaced" for t in token_sets])
+    starts = first["cascade"]["starts"]
+    colour = colours(results)
+    for col, tokens in enumerate(token_sets, start=1):
+        for name, r in results.items():
+            figure.add_trace(go.Scatter(x=starts, y=[m["accuracy"] for m in r["cascade"][tokens]], mode="lines+markers",
+                                        name=name, legendgroup=name, showlegend=col == 1, line={"color": colour[name]}),
+                             row=1, col=col)
+        figure.add_trace(go.Scatter(x=starts, y=[first["cascade"]["baseline"]] * len(starts), mode="lines",
+                                    name="teacher", legendgroup="teacher", showlegend=col == 1,
+                                    line={"color": "black", "dash": "dash"}), row=1, col=col)
+    figure.update_xaxes(title_text="first replaced block s (CLT in blocks s..L-1)", dtick=1)
+    figure.update_yaxes(title_text="top-1 accuracy (%)", col=1)
+    figure.update_layout(title="Accuracy under cascaded replacement", height=380, width=1100)
+    return figure
+
+
+def training_figure(logs: dict[str, list[dict]]) -> go.Figure:
+    """Training curves per CLT from its log: the loss and the mean fraction of variance unexplained (1 - R²)."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("loss (log)", "mean FVU over layers (log)"))
+    colour = colours(logs)
+    for name, records in logs.items():
+        steps = [r["step"] for r in records]
+        line = {"color": colour[name]}
+        figure.add_trace(go.Scatter(x=steps, y=[r["loss"] for r in records], mode="lines", name=name,
+                                    legendgroup=name, line=line), row=1, col=1)
+        figure.add_trace(go.Scatter(x=steps, y=[sum(r["fvu"]) / len(r["fvu"]) for r in records], mode="lines",
+                                    name=name, legendgroup=name, showlegend=False, line=line), row=1, col=2)
+    figure.update_yaxes(type="log")
+    figure.update_xaxes(title_text="training step")
+    figure.update_layout(title="Training", height=360, width=1100)
     return figure
 
 

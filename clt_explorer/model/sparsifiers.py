@@ -30,6 +30,7 @@ class SparseCodes:
             raise ValueError("SparseCodes needs values and indices, or a dense tensor")
         self._values, self._indices, self._dense = values, indices, dense
         self.n_features = n_features
+        self.held_sparse = dense is None  # made in the sparse form: decoding can gather without searching first
 
     @classmethod
     def from_dense(cls, z: torch.Tensor) -> "SparseCodes":

@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from ..data import image_batches
 from ..data.resources import as_format_strings
+from ..progress import tqdm
 from ..storage import load_tensors, save_tensors
 from .teacher import Teacher
 

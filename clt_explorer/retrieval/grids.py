@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
 from ..model.tokens import CLS
+from ..progress import tqdm
 from .index import DESCRIPTOR_TOKENS, descriptors
 from .thumbnails import ThumbnailStore
 

@@ -31,13 +31,13 @@ import numpy as np
 import scipy.sparse
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
 from ..model.sparsifiers import SparseCodes
 from ..model.teacher import Teacher
 from ..model.tokens import CLS, PATCHES, TOKEN_GROUPS, token_index
+from ..progress import tqdm
 from ..storage import AssetError, atomic_path, check_keys, read_json, write_json
 
 DESCRIPTOR_TOKENS = TOKEN_GROUPS  # the CLS code, and the mean of the patch codes

@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from ..storage import AssetError, atomic_path, check_keys, load_tensors, read_json, save_tensors, write_json
 
 IMAGES, INDEX, META = "images.bin", "index.safetensors", "meta.json"

@@ -15,16 +15,16 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data import preprocess_all
 from ..data.synthetic import CLASSNAMES, TEMPLATES, SyntheticShapes
 from ..model.teacher import LOCAL_DIR, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, Teacher
+from ..progress import tqdm
 from ..storage import save_tensors, write_json
 
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 PREPROCESS_CONFIG = {
@@ -62,7 +62,7 @@ def save_open_clip_folder(model: open_clip.CLIP, model_cfg: dict, preprocess_cfg
     write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
-def train_tiny_clip(folder: str | Path, steps: int = 450, batch_size: int = 256, lr: float = 2e-3,
+def train_tiny_clip(folder: str | Path, steps: int = 600, batch_size: int = 256, lr: float = 3e-3,
                     n_train: int = 20000, seed: int = 0, progress: bool = True) -> Teacher:
     """Train the tiny CLIP on synthetic shapes (CPU, a few minutes), save it to ``folder``, return it
     loaded back from disk as a :class:`Teacher`."""

@@ -25,12 +25,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..evaluation.metrics import ReconstructionAccumulator
 from ..model.clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CLTOutput, CrossLayerTranscoder
 from ..model.sparsifiers import SparseCodes
 from ..model.teacher import Teacher
+from ..progress import tqdm
 from ..storage import AssetError, check_keys, read_json, write_bytes, write_json
 from .activations import ActivationStream, Position
 from .checkpointing import load_checkpoint, save_checkpoint
