@@ -17,13 +17,14 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-from bench_retrieval import synthetic_descriptors
+from bench_retrieval import compact_index, synthetic_descriptors
 from PIL import Image
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
@@ -33,7 +34,8 @@ from clt_explorer.assets.bundle import LOCAL_TEACHER, Bundle
 from clt_explorer.assets.default_bundle import default_bundle
 from clt_explorer.data.resources import cifar100_classnames, cifar_templates
 from clt_explorer.model.zeroshot import ZeroShotClassifier
-from clt_explorer.retrieval.index import SparseIndex, truncate
+from clt_explorer.retrieval.build import COMPACT_DEFAULTS
+from clt_explorer.retrieval.compact import FORMAT
 from clt_explorer.retrieval.thumbnails import build_thumbnails
 from clt_explorer.storage import write_json
 from clt_explorer.training.tiny_clip import save_open_clip_folder
@@ -77,15 +79,15 @@ def build_true_size_bundle(folder: Path) -> Path:
     print(f"teacher and CLT written ({time.time() - start:.0f} s); generating {N_IMAGES} synthetic descriptors")
     descriptors = synthetic_descriptors(N_IMAGES, 12288, 128, 49, seed=0)
     retrieval = bundle.retrieval_dir("relu_topk")
-    keep = {"cls": 128, "patches": 448}
     for tokens in ("cls", "patches"):
-        index = SparseIndex.build(*truncate(descriptors[tokens], keep[tokens]), 12288, 1024)
-        index.save(retrieval / f"{tokens}.sparse")
+        with tempfile.TemporaryDirectory() as workdir:
+            compact_index(descriptors[tokens], COMPACT_DEFAULTS["budget"], Path(workdir)).save(
+                retrieval / f"{tokens}.compact")
     del descriptors
     # every layer names the same index: the same bytes, mapped once per layer as real ones would be
-    write_json(retrieval / "manifest.json", {"mode": "compact", "n_images": N_IMAGES, "n_layers": 12,
-                                             "n_features": 12288, "settings": {"keep": keep, "query_keep": 1024},
-                                             "files": {t: [f"{t}.sparse"] * 12 for t in ("cls", "patches")}})
+    write_json(retrieval / "manifest.json", {"format": FORMAT, "mode": "compact", "n_images": N_IMAGES,
+                                             "n_layers": 12, "n_features": 12288, "settings": COMPACT_DEFAULTS,
+                                             "files": {t: [f"{t}.compact"] * 12 for t in ("cls", "patches")}})
     build_thumbnails(RandomColours(N_IMAGES), range(N_IMAGES), bundle.thumbnails_dir, size=96, progress=True)
     bundle.set_thumbnails()
     ZeroShotClassifier.build(teacher, bundle.classnames, bundle.templates).save(bundle.zeroshot_file, teacher)

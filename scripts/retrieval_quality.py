@@ -11,7 +11,7 @@ import json
 
 from clt_explorer.assets.bundle import open_bundle
 from clt_explorer.assets.evaluation_runs import bundle_test_split
-from clt_explorer.retrieval.index import same_class_rates
+from clt_explorer.retrieval.quality import same_class_rates
 
 
 def main() -> None:

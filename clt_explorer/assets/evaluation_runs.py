@@ -19,7 +19,8 @@ from ..evaluation.layer_terms import RESULTS_VERSION as LAYER_TERMS_VERSION
 from ..evaluation.layer_terms import run_layer_terms
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
-from ..retrieval.grids import DESCRIPTOR_TITLES, exact_neighbours, retrieval_grid
+from ..retrieval.exact import exact_neighbours
+from ..retrieval.grids import DESCRIPTOR_TITLES, retrieval_grid
 from ..storage import atomic_path, read_json, write_json
 from .bundle import Bundle, evaluation_file, layer_terms_file
 

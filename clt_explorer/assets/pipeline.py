@@ -28,7 +28,9 @@ from ..model.sparsifiers import SPARSIFIERS, sparsifier_class
 from ..model.teacher import LOCAL_DIR, OPEN_CLIP_FILES, Teacher
 from ..model.tokens import ALL, TOKEN_SETS
 from ..model.zeroshot import ZeroShotClassifier, zero_shot_accuracy
-from ..retrieval.index import MODES, RetrievalIndex, build_retrieval
+from ..retrieval.build import COMPACT_DEFAULTS, build_retrieval
+from ..retrieval.index import MODES, RetrievalIndex
+from ..retrieval.quality import held_out_pixels
 from ..retrieval.thumbnails import ThumbnailStore, build_thumbnails
 from ..storage import atomic_path
 from ..training.tiny_clip import train_tiny_clip
@@ -42,6 +44,7 @@ BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-1
 DESCRIPTIONS = {TINY_TEACHER: "tiny CLIP trained on synthetic shapes", "ViT-B-32": "ViT-B/32 (OpenAI)",
                 "ViT-B-16": "ViT-B/16 (OpenAI)"}
 N_EXAMPLES = 8
+RECALL_QUERIES = 200  # held-out images whose exact top-10 measures each index's recall
 
 
 @dataclass
@@ -70,6 +73,8 @@ class BundleJob:
     """Index a random subset of N training images (default: all)."""
     retrieval_mode: str = "compact"
     """Retrieval index kind: compact (for the app) or exact (FAISS flat, large)."""
+    retrieval_budget: float = COMPACT_DEFAULTS["budget"]
+    """Bytes of a compact index's fine tier, as a share of the exact index's (more: higher recall)."""
     thumbnail_size: int = 96
     """Longest side of the training-image thumbnails, in pixels."""
     batch_size: int = 64
@@ -200,18 +205,19 @@ class Builder:
         for name in names:
             if self.world_size == 1 and not self._train_step(bundle, teacher, training_set, name):
                 continue
-            self._clt_steps(bundle, teacher, train_data, indices, name)
+            self._clt_steps(bundle, teacher, train_data, test_data, indices, name)
         return self.reports
 
     def _train_step(self, bundle: Bundle, teacher: Teacher, data, name: str) -> bool:
         return self.step(f"train {name}", lambda: is_trained(bundle.clt_dir(name)),
                          lambda: self._train(bundle, teacher, data, name))
 
-    def _clt_steps(self, bundle: Bundle, teacher: Teacher, train_data, indices: list[int], name: str) -> None:
+    def _clt_steps(self, bundle: Bundle, teacher: Teacher, train_data, test_data, indices: list[int],
+                   name: str) -> None:
         """Everything after training one CLT (a CLT is loaded only by a step that runs, not to find a step
         complete). The CLT is registered once it has its index, so that the app never sees it half made."""
         self.step(f"retrieval {name}", lambda: self._retrieval_done(bundle, name, len(indices)),
-                  lambda: self._retrieval(bundle, teacher, train_data, indices, name))
+                  lambda: self._retrieval(bundle, teacher, train_data, test_data, indices, name))
         bundle.add_clt(name)
         self.step(f"evaluate {name}", lambda: bundle.evaluation_path(name).is_file(),
                   lambda: self._evaluate(bundle, teacher, name))
@@ -339,12 +345,18 @@ class Builder:
         RetrievalIndex.load(bundle.retrieval_dir(name), config.n_layers, config.n_features, count)
         return True
 
-    def _retrieval(self, bundle: Bundle, teacher: Teacher, train_data, indices: list[int], name: str) -> str:
+    def _retrieval(self, bundle: Bundle, teacher: Teacher, train_data, test_data, indices: list[int],
+                   name: str) -> str:
+        """The indexes, with their recall@10 against exact search measured on held-out images in the same pass."""
         clt = bundle.load_clt(name, teacher, self.device)
+        queries = held_out_pixels(teacher, test_data, RECALL_QUERIES, self.job.batch_size)
+        compact = {"budget": self.job.retrieval_budget} if self.job.retrieval_mode == "compact" else {}
         index = build_retrieval(teacher, clt, train_data, indices, self.job.retrieval_mode,
-                                batch_size=self.job.batch_size, progress=self.progress)
+                                batch_size=self.job.batch_size, progress=self.progress, recall_queries=queries,
+                                **compact)
         index.save(bundle.retrieval_dir(name))
-        return f"{index.mode}, {index.n_images} images, {index.nbytes / 1e6:.1f} MB"
+        recall = [r for per_layer in index.settings["recall_at_10"].values() for r in per_layer]
+        return f"{index.mode}, {index.n_images} images, {index.nbytes / 1e6:.1f} MB, recall@10 >= {min(recall):.3f}"
 
 
 def evaluation_summary(results: dict) -> dict:
@@ -362,9 +374,9 @@ def evaluation_summary(results: dict) -> dict:
 
 
 def _settings(job: BundleJob) -> dict:
-    return {"backbone": job.backbone, "expansion": job.expansion, "k": job.k, "train": job.train.to_dict(),
-            "train_images": job.train_images, "eval_images": job.eval_images, "retrieval_images": job.retrieval_images,
-            "retrieval_mode": job.retrieval_mode, "thumbnail_size": job.thumbnail_size, "seed": job.seed}
+    """The job's settings as the manifest records them (the dataset and the CLTs are recorded on their own)."""
+    return {key: value for key, value in dataclasses.asdict(job).items()
+            if key not in ("dataset", "dataset_options", "sparsifiers")}
 
 
 def build_bundles(jobs: list[BundleJob], out_root: str | Path, device: torch.device | None = None,

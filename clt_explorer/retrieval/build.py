@@ -1,0 +1,85 @@
+"""Building a CLT's retrieval indexes in one pass over the corpus: descriptors of every image, spooled into the
+exact or the compact index of each (token set, layer), and the exact top-10 of a few held-out images, so that the
+index's recall is measured on the bundle's own codes while it is built."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data import image_batches
+from ..model.clt import CrossLayerTranscoder
+from ..model.teacher import Teacher
+from ..progress import tqdm
+from .compact import CompactBuilder, fine_width
+from .exact import ExactTopK, image_descriptors
+from .index import DESCRIPTOR_TOKENS, MODES, ExactIndex, RetrievalIndex
+from .quality import index_recall
+
+
+class _ExactSpool:
+    """Dense descriptors of one (token set, layer) gathered batch by batch in a float32 memory map on disk (never
+    all dense layers in RAM), indexed at the end."""
+
+    def __init__(self, n_images: int, n_features: int, workdir: Path, name: str):
+        self.dense = np.lib.format.open_memmap(workdir / f"{name}.npy", "w+", np.float32, (n_images, n_features))
+        self.row = 0
+
+    def add(self, batch: np.ndarray) -> None:
+        self.dense[self.row:self.row + batch.shape[0]] = batch
+        self.row += batch.shape[0]
+
+    def finish(self) -> ExactIndex:
+        return ExactIndex.build(self.dense)
+
+
+COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 64, "query_keep": 512, "candidates": 300}
+
+
+@torch.no_grad()
+def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, indices: Sequence[int],
+                    mode: str = "compact", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                    recall_queries: torch.Tensor | None = None, **compact) -> RetrievalIndex:
+    """Stream ``dataset[indices]`` through teacher and CLT and index its descriptors (row r = indices[r]). The
+    compact mode's settings (``COMPACT_DEFAULTS``): the fine tier may take ``budget`` x the exact index's bytes,
+    or ``min_bytes`` per index when that is more (so small corpora keep every entry), the coarse tier keeps
+    ``coarse_keep`` entries per image, a query uses its ``query_keep`` largest entries to find ``candidates``
+    images that the fine tier ranks. With ``recall_queries`` (preprocessed held-out images), the same pass finds
+    their exact top-10 and the index's settings record its recall@10 against it (per token set and layer)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    unknown = set(compact) - set(COMPACT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown compact index settings {sorted(unknown)}; known: {sorted(COMPACT_DEFAULTS)}")
+    settings = {**COMPACT_DEFAULTS, **compact} if mode == "compact" else {}
+    c, n = clt.config, len(indices)
+    with tempfile.TemporaryDirectory(prefix="clt-retrieval-") as workdir:
+        def spool(name: str):
+            if mode == "exact":
+                return _ExactSpool(n, c.n_features, Path(workdir), name)
+            width = fine_width(n, c.n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"])
+            return CompactBuilder(n, c.n_features, width, Path(workdir), name, settings["coarse_keep"],
+                                  settings["query_keep"], settings["candidates"])
+
+        spools = {tokens: [spool(f"{tokens}{layer}") for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
+        exact = None if recall_queries is None else ExactTopK(image_descriptors(teacher, clt, recall_queries), 10)
+        batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers)
+        for pixels, _, _ in tqdm(batches, desc=f"indexing {c.sparsifier} codes", disable=not progress):
+            batch = image_descriptors(teacher, clt, pixels)
+            for tokens, per_layer in batch.items():
+                for layer, rows in enumerate(per_layer):
+                    spools[tokens][layer].add(rows)
+            if exact is not None:
+                exact.add(batch)
+        index = RetrievalIndex({tokens: [s.finish() for s in per_layer] for tokens, per_layer in spools.items()},
+                               mode, settings)
+    if exact is not None:
+        query = image_descriptors(teacher, clt, recall_queries)
+        index.settings["recall_at_10"] = index_recall(index, query, exact.result())
+        index.settings["recall_queries"] = len(recall_queries)
+    return index
