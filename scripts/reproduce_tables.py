@@ -1,11 +1,13 @@
 """Reproduce the paper's tables and figures for one bundle and lay them beside the paper's numbers.
 
-Writes into --out: cascade_accuracy.csv (the columns of the paper's tables 6-23), faithfulness.csv
+Writes into --out report.html (one page that opens offline: plotly.js embedded once, every figure, table and
+retrieval grid) and the pieces: cascade_accuracy.csv (the columns of the paper's tables 6-23), faithfulness.csv
 (table 5's columns, for the primary CLT) and faithfulness_<clt>.csv, reconstruction.csv,
 paper_comparison.csv and paper_faithfulness_comparison.csv when the bundle matches a configuration of
 the paper, layer_terms.csv (the remove / retain experiment on the final representation), tables.md,
-results.json and layer_terms.json, plotly figures (HTML, and PNG when a Chromium is found) of
-reconstruction, contributions, prompt sensitivity and the layer-term curves, and static retrieval grids
+results.json and layer_terms.json, plotly figures (HTML beside one plotly.min.js, and PNG and SVG when a
+Chromium-based browser is found) of reconstruction, contributions, cascaded replacement, prompt sensitivity
+and the layer-term curves, and static retrieval grids
 like figures 4 and 5 (grid_<clt>_<n>_<cls|patches>.png: the top-3 training images per layer for a
 few of the bundle's example images, by exact search).
 
@@ -20,9 +22,15 @@ import time
 from pathlib import Path
 
 from clt_explorer.assets.bundle import open_bundle
-from clt_explorer.assets.evaluation_runs import evaluate_bundle, layer_terms_bundle, write_retrieval_grids
+from clt_explorer.assets.evaluation_runs import (
+    bundle_about,
+    evaluate_bundle,
+    layer_terms_bundle,
+    write_retrieval_grids,
+)
 from clt_explorer.evaluation.layer_terms import summary_lines
-from clt_explorer.evaluation.report import markdown_table, paper_comparison, write_report
+from clt_explorer.evaluation.report import write_report
+from clt_explorer.evaluation.tables import markdown_table, paper_comparison
 from clt_explorer.storage import write_json
 from clt_explorer.training.train import default_device
 
@@ -48,9 +56,8 @@ def main() -> None:
     out = Path(args.out)
     write_json(out / "results.json", results)
     write_json(out / "layer_terms.json", terms)
-    written = write_report(results, out, args.primary, terms)
-    written += write_retrieval_grids(bundle, out, n_queries=args.grid_images, batch_size=args.batch_size,
-                                     device=device)
+    grids = write_retrieval_grids(bundle, out, n_queries=args.grid_images, batch_size=args.batch_size, device=device)
+    written = [*grids, *write_report(results, out, args.primary, terms, bundle_about(bundle), grids)]
     comparison = paper_comparison(results)
     if comparison:
         print("Cascade accuracy (%), ours beside the paper's:\n")

@@ -1,6 +1,6 @@
 import copy
 
-from clt_explorer.evaluation.report import (
+from clt_explorer.evaluation.tables import (
     FAITHFULNESS_COLUMNS,
     cascade_columns,
     cascade_markdown,
@@ -55,3 +55,16 @@ def test_clts_are_keyed_by_name_not_by_sparsifier():
     compared = [r for r in paper_comparison(results) if r["tokens"] == "cls" and r["start_layer"] == "0"]
     assert {(r["clt"], r["sparsifier"], r["ours"], r["paper"]) for r in compared} == {
         ("relu_topk", "relu_topk", "61.00", "61.74"), ("rtk_k64", "relu_topk", "55.00", "61.74")}
+
+
+def test_without_a_browser_the_images_are_skipped_with_a_message(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+    import pytest
+
+    from clt_explorer.evaluation import report
+
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="needs a Chromium-based browser and none was found.*apt-get install chromium"):
+        assert report.write_images({"f": go.Figure(go.Scatter(x=[0, 1], y=[1, 2]))}, tmp_path) == []
+    assert list(tmp_path.iterdir()) == []

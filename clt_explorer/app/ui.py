@@ -12,6 +12,7 @@ refused with a clear message.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,8 @@ import gradio as gr
 import plotly.graph_objects as go
 from PIL import Image
 
-from ..evaluation.report import (
-    cascade_figure,
-    contribution_heatmap,
-    evaluation_summary_markdown,
-    reconstruction_figure,
-    training_figure,
-)
+from ..evaluation.figures import cascade_figure, contribution_heatmap, reconstruction_figure, training_figure
+from ..evaluation.tables import evaluation_summary_markdown
 from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import write_bytes
 from .analysis import Analysis, Explorer, Predictions, SourceScore, keep_top, remove_top
@@ -263,10 +259,20 @@ class AboutPanel:
         self.training = gr.Plot(label="Training curves", elem_id="about_training")
         self.reconstruction = gr.Plot(label="Reconstruction per layer (all tokens)", elem_id="about_reconstruction")
         self.cascade = gr.Plot(label="Accuracy under cascaded replacement", elem_id="about_cascade")
-        self.components = [self.text, self.training, self.reconstruction, self.cascade]
+        self.report = gr.File(label="The bundle's report: one page that opens offline (report.html)",
+                              elem_id="about_report")
+        self.components = [self.text, self.training, self.reconstruction, self.cascade, self.report]
 
-    def render(self, explorer: Explorer) -> dict:
-        return dict(zip(self.components, (about_markdown(explorer), *about_figures(explorer))))
+    def render(self, explorer: Explorer, staging: Path) -> dict:
+        """The About tab; the report is served from a copy in ``staging`` (the app's own temporary folder: Gradio
+        serves no file from elsewhere, e.g. the Hub cache)."""
+        report = explorer.bundle.report_path
+        served = None
+        if report.is_file():
+            served = staging / f"{explorer.bundle.name}-report.html"
+            shutil.copyfile(report, served)
+        return dict(zip(self.components, (about_markdown(explorer), *about_figures(explorer),
+                                          str(served) if served else None)))
 
 
 class App:
@@ -275,7 +281,7 @@ class App:
     def __init__(self, source: OpenedBundle | GrowingBundle, limits: UploadLimits):
         self.source, self.limits = source, limits
         self.n_layers = source.n_layers
-        self._thumbnail_dir = Path(tempfile.mkdtemp(prefix="clt-explorer-thumbnails-"))
+        self._served = Path(tempfile.mkdtemp(prefix="clt-explorer-files-"))  # files Gradio may serve
 
     @property
     def explorer(self) -> Explorer:
@@ -299,7 +305,8 @@ class App:
         names = explorer.clt_names
         return {**out, self.version: explorer.version, self.run: gr.Button(interactive=True),
                 self.clt: gr.Dropdown(choices=names, value=clt if clt in names else names[0]),
-                self.examples: [str(path) for path in explorer.examples()], **self.about.render(explorer)}
+                self.examples: [str(path) for path in explorer.examples()],
+                **self.about.render(explorer, self._served)}
 
     def pick_example(self, selected: gr.SelectData):
         """The clicked example image, as the upload."""
@@ -313,7 +320,7 @@ class App:
 
     def thumbnail_file(self, thumbnail_id: int) -> str:
         """A thumbnail as a JPEG file (written once, served as is: no re-encoding per request)."""
-        path = self._thumbnail_dir / f"{thumbnail_id}.jpg"
+        path = self._served / f"{thumbnail_id}.jpg"
         if not path.is_file():
             write_bytes(path, self.explorer.thumbnails.jpeg(thumbnail_id))
         return str(path)

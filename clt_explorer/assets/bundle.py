@@ -12,7 +12,7 @@ This module is the only one that knows the layout; everything else asks :class:`
     thumbnails/                          training-image thumbnails (row i of every index is thumbnail i)
     examples/                            a few test images for the app (PNG)
     zeroshot.safetensors                 cached class text embeddings (saves the app minutes at start-up)
-    report.html (+ plotly.min.js)        the bundle's report, readable offline
+    report/report.html                   the bundle's report, one page readable offline (+ its tables and figures)
     build_status.json, build.log         while the app builds its default bundle: what the build is doing
 
 bundle.json names the teacher (open_clip architecture + pretrained tag, or ``local-dir:teacher``
@@ -49,6 +49,7 @@ FEATURES_DIR = "features"
 THUMBNAILS_DIR = "thumbnails"
 EXAMPLES_DIR = "examples"
 ZEROSHOT_FILE = "zeroshot.safetensors"
+REPORT_DIR = "report"
 REPORT_FILE = "report.html"
 BUILD_STATUS_FILE = "build_status.json"
 BUILD_LOG_FILE = "build.log"
@@ -256,8 +257,13 @@ class Bundle:
         return self._registered("zeroshot", ZEROSHOT_FILE)
 
     @property
+    def report_dir(self) -> Path:
+        """Where the bundle's report is written (its page, tables and figures)."""
+        return self.root / REPORT_DIR
+
+    @property
     def report_path(self) -> Path:
-        return self.root / REPORT_FILE
+        return self.report_dir / REPORT_FILE
 
     # ---- what the bundle holds -----------------------------------------------------------------
 

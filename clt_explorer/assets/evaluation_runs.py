@@ -17,6 +17,7 @@ from ..evaluation.evaluate import RESULTS_VERSION as EVALUATION_VERSION
 from ..evaluation.evaluate import evaluate_clt
 from ..evaluation.layer_terms import RESULTS_VERSION as LAYER_TERMS_VERSION
 from ..evaluation.layer_terms import run_layer_terms
+from ..evaluation.report import write_report
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
 from ..retrieval.exact import exact_neighbours
@@ -148,6 +149,35 @@ def layer_terms_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max
                 and start in (None, result["start"]))
 
     return runs.run(names, layer_terms_file, matches, compute, force)
+
+
+def bundle_about(bundle: Bundle) -> dict:
+    """What the bundle is, for its report: facts, its CLTs and the settings it was built with."""
+    m = bundle.manifest
+    dataset = m["dataset"]
+    facts = {"bundle": bundle.name, "teacher": f"{bundle.teacher_description} ({m['teacher']['model']})",
+             "dataset": f"{dataset['name']}: {len(dataset['classnames'])} classes, {len(dataset['templates'])} "
+                        f"prompt templates", "created": m.get("created", "")}
+    thumbnails = bundle.load_thumbnails()
+    if thumbnails is not None:
+        facts["indexed training images"] = len(thumbnails)
+    clts = []
+    for name in bundle.clt_names:
+        c = bundle.clt_config(name)
+        clts.append({"CLT": name, "sparsifier": c.sparsifier, "layers": c.n_layers, "width d": c.d_model,
+                     "features per layer": c.n_features, "k": c.k, "parameters": f"{c.n_parameters / 1e6:.1f}M"})
+    return {"name": bundle.name, "facts": facts, "clts": clts, "settings": m.get("settings", {})}
+
+
+def write_bundle_report(bundle: Bundle, out: Path | None = None, clts: list[str] | None = None,
+                        grids: list[Path] = (), primary: str | None = None,
+                        image_formats: tuple[str, ...] = ("png", "svg"), **runs) -> list[Path]:
+    """The bundle's report (tables, figures, report.html) into ``out`` (default: the bundle's report folder), from
+    its evaluation and layer-term results (computed first where missing; ``runs`` go to both)."""
+    results = evaluate_bundle(bundle, clts, **runs)
+    terms = layer_terms_bundle(bundle, clts, **runs)
+    return write_report(results, out or bundle.report_dir, primary, terms, bundle_about(bundle), list(grids),
+                        image_formats)
 
 
 def dataset_labels(bundle: Bundle) -> dict:

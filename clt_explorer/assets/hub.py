@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..evaluation.report import evaluation_summary_markdown
+from ..evaluation.tables import evaluation_summary_markdown
 from ..storage import write_bytes
 from ..training.outputs import CHECKPOINTS_DIR
 from .bundle import Bundle, validate_repo_id

@@ -37,7 +37,7 @@ from ..training.tiny_clip import train_tiny_clip
 from ..training.train import TrainConfig, default_device, is_trained, train_clt, world
 from .build_status import StatusWriter
 from .bundle import LOCAL_TEACHER, Bundle, validate_name
-from .evaluation_runs import evaluate_bundle, layer_terms_bundle
+from .evaluation_runs import evaluate_bundle, layer_terms_bundle, write_bundle_report
 
 TINY_TEACHER = "tiny-clip"
 BACKBONES = {"ViT-B-32": ("ViT-B-32-quickgelu", "openai"), "ViT-B-16": ("ViT-B-16-quickgelu", "openai")}
@@ -206,6 +206,7 @@ class Builder:
             if self.world_size == 1 and not self._train_step(bundle, teacher, training_set, name):
                 continue
             self._clt_steps(bundle, teacher, train_data, test_data, indices, name)
+        self.step("report", lambda: self._report_written(bundle), lambda: self._write_report(bundle, teacher))
         return self.reports
 
     def _train_step(self, bundle: Bundle, teacher: Teacher, data, name: str) -> bool:
@@ -337,6 +338,22 @@ class Builder:
                                     force=True, progress=self.progress, teacher=teacher)[name]
         return "; ".join(f"{tokens}: top-1 removal {r['top1_removal_drop']['dataset']:+.2f} points, "
                          f"Spearman {r['spearman_c_vs_drop']:.2f}" for tokens, r in result["tokens"].items())
+
+    def _report_written(self, bundle: Bundle) -> bool:
+        """The report is newer than every result it shows."""
+        results = [path for name in bundle.clt_names
+                   for path in (bundle.evaluation_path(name), bundle.layer_terms_path(name)) if path.is_file()]
+        return bundle.report_path.is_file() and all(bundle.report_path.stat().st_mtime >= path.stat().st_mtime
+                                                     for path in results)
+
+    def _write_report(self, bundle: Bundle, teacher: Teacher) -> str:
+        evaluated = [name for name in bundle.clt_names if bundle.layer_terms_path(name).is_file()]
+        if not evaluated:
+            return "nothing evaluated yet"
+        written = write_bundle_report(bundle, clts=evaluated, teacher=teacher, device=self.device,
+                                      progress=self.progress)
+        images = sum(path.suffix in (".png", ".svg") for path in written)
+        return f"{bundle.report_path.relative_to(bundle.root)}, {images} images"
 
     def _retrieval_done(self, bundle: Bundle, name: str, count: int) -> bool:
         if not RetrievalIndex.exists(bundle.retrieval_dir(name)):

@@ -216,12 +216,13 @@ def summary_lines(name: str, tokens: str, result: dict, baseline: float) -> list
     """The two-line summary: "top-1 removal costs X points; top-m retention keeps Y% of baseline accuracy"."""
     r = result["tokens"][tokens]
     drop, m = r["top1_removal_drop"], r["retention_m"]
-    kept = r["retention_accuracy"]
+    kept = {ranking: f"{100 * accuracy / baseline:.1f}%" if baseline else "n/a (the teacher scores 0%)"
+            for ranking, accuracy in r["retention_accuracy"].items()}
     return [f"{name}, {tokens} tokens: top-1 removal costs {drop['dataset']:.2f} points (ranked by the dataset's C; "
             f"{drop['image']:.2f} by each image's C); Spearman(C, drop) = {r['spearman_c_vs_drop']:.2f}.",
-            f"{name}, {tokens} tokens: top-{m} retention keeps {100 * kept['dataset'] / baseline:.1f}% of baseline "
-            f"accuracy ({100 * kept['image'] / baseline:.1f}% by each image's C, {100 * kept['random'] / baseline:.1f}%"
-            f" for {m} random layers, {100 * kept['bottom'] / baseline:.1f}% for the bottom {m})."]
+            f"{name}, {tokens} tokens: top-{m} retention keeps {kept['dataset']} of baseline accuracy "
+            f"({kept['image']} by each image's C, {kept['random']} for {m} random layers, {kept['bottom']} for the "
+            f"bottom {m})."]
 
 
 def csv_rows(name: str, result: dict) -> list[dict]:
