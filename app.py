@@ -34,9 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bundle", default=env("CLT_EXPLORER_BUNDLE"),
                         help="bundle folder, a bundle name under checkpoints/, or hf://owner/repo")
     parser.add_argument("--revision", default=env("CLT_EXPLORER_REVISION"), help="Hub revision (commit) to pin")
-    parser.add_argument("--host", default=env("CLT_EXPLORER_HOST", "127.0.0.1"),
-                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=int(env("CLT_EXPLORER_PORT", "7860")))
+    parser.add_argument("--host", default=env("CLT_EXPLORER_HOST") or env("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 to serve the network; a Space sets "
+                             "$GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int,
+                        default=int(env("CLT_EXPLORER_PORT") or env("GRADIO_SERVER_PORT") or "7860"))
     parser.add_argument("--share", action="store_true", help="open a public gradio.live link")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clt-dtype", choices=["float32", "bfloat16"],

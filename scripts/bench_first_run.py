@@ -19,35 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from app_process import free_port, fresh_copy, page_up
 from gradio_client import Client, handle_file
 
 from clt_explorer.assets.build_status import read_status
 from clt_explorer.assets.bundle import build_status_file
 from clt_explorer.data.synthetic import SyntheticShapes
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).parent))
-from load_test import free_port  # noqa: E402
-
-
-def fresh_copy(target: Path) -> None:
-    """The repository's files as a clone would have them, with this working tree's changes (no checkpoints/)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
-
-
-def page_up(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url, timeout=2).status == 200
-    except OSError:
-        return False
 
 
 def main() -> None:

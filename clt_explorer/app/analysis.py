@@ -27,6 +27,7 @@ from ..assets.bundle import Bundle
 from ..evaluation.layer_terms import keep_sources, source_order
 from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
 from ..model.clt import CrossLayerTranscoder
+from ..model.sparsifiers import SparseCodes
 from ..model.tokens import CLS, TOKEN_SETS, token_index
 from ..retrieval.index import RetrievalIndex, descriptors
 
@@ -72,6 +73,23 @@ class SourceScore:
 
     layer: int
     score: float
+
+
+@dataclass
+class ModelPass:
+    """The part of an analysis that needs the models, every tensor on the CPU: this image's codes in the teacher's
+    pass, its MLP outputs and their reconstruction, its contributions C(s->l), and the predictions."""
+
+    clt: str
+    tokens: str
+    start: int
+    kept: list[int]
+    codes: list[SparseCodes]
+    ys: torch.Tensor
+    yhat: torch.Tensor
+    contributions: dict[str, list[list[float]]]
+    predictions: Predictions
+    seconds: float
 
 
 @dataclass
@@ -242,11 +260,12 @@ class Explorer:
                            float(kl_divergence(teacher_logits, surrogate_logits)[0]))
 
     @torch.no_grad()
-    def analyze(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
-                target: int | None = None, top_k: int = 3, kept_sources: Sequence[int] | None = None) -> Analysis:
-        """Everything the app shows for one image, with CLT ``clt`` (a name of the bundle)."""
+    def model_pass(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
+                   kept_sources: Sequence[int] | None = None) -> ModelPass:
+        """The model's part of an analysis: the teacher's pass with hooks, the codes, the reconstruction, the
+        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space)."""
         began = time.perf_counter()
-        target = self._check(clt, tokens, start, target, top_k)
+        self._check(clt, tokens, start, None, 1)
         kept = self._kept(kept_sources)
         model = self.clt(clt)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
@@ -255,12 +274,25 @@ class Explorer:
         yhat = model.decode(codes).float()
         contributions = {group: model.contributions([c.take_tokens(token_index(group)) for c in codes]).tolist()
                          for group in TOKEN_SETS}
-        retrievals = self._retrieve(clt, codes, target, top_k)
         predictions = self._predict(pixels, clt, tokens, start, capture.embeddings, kept)
-        return Analysis(clt, tokens, start, target, top_k, kept, predictions, ranking_of(contributions[tokens]),
-                        contributions,
-                        self.dataset_contributions(clt), retrievals,
-                        _quality(capture.ys.float(), yhat, codes), time.perf_counter() - began)
+        return ModelPass(clt, tokens, start, kept, [c.cpu() for c in codes], capture.ys.float().cpu(), yhat.cpu(),
+                         contributions, predictions, time.perf_counter() - began)
+
+    def assemble(self, model: ModelPass, target: int | None = None, top_k: int = 3) -> Analysis:
+        """The rest of an analysis, without the model: retrieval up to layer ``target``, per-layer quality, the
+        image's ranking of source layers."""
+        began = time.perf_counter()
+        target = self._check(model.clt, model.tokens, model.start, target, top_k)
+        return Analysis(model.clt, model.tokens, model.start, target, top_k, model.kept, model.predictions,
+                        ranking_of(model.contributions[model.tokens]), model.contributions,
+                        self.dataset_contributions(model.clt), self._retrieve(model.clt, model.codes, target, top_k),
+                        _quality(model.ys, model.yhat, model.codes), model.seconds + time.perf_counter() - began)
+
+    def analyze(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
+                target: int | None = None, top_k: int = 3, kept_sources: Sequence[int] | None = None) -> Analysis:
+        """Everything the app shows for one image, with CLT ``clt`` (a name of the bundle)."""
+        self._check(clt, tokens, start, target, top_k)
+        return self.assemble(self.model_pass(image, clt, tokens, start, kept_sources), target, top_k)
 
     def _retrieve(self, clt: str, codes, target: int, top_k: int) -> dict[str, list[list[Neighbour]]]:
         index = self.index(clt)

@@ -25,17 +25,40 @@ from ..evaluation.figures import cascade_figure, contribution_heatmap, reconstru
 from ..evaluation.tables import evaluation_summary_markdown
 from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import write_bytes
-from .analysis import Analysis, Explorer, Predictions, SourceScore, keep_top, remove_top
+from .analysis import Analysis, Explorer, ModelPass, Predictions, SourceScore, keep_top, remove_top
 from .bundle_source import BuildProgress, GrowingBundle, OpenedBundle
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
+
+GPU_SECONDS = 10  # the longest a model pass may hold a ZeroGPU device (it takes well under a second)
 
 try:  # on Hugging Face ZeroGPU Spaces, GPU work runs inside functions decorated with spaces.GPU
     import spaces
 
-    gpu = spaces.GPU
+    def on_gpu(fn):
+        """Run ``fn`` on a ZeroGPU device, asking for a short ``duration``: the queue favours short requests."""
+        return spaces.GPU(duration=GPU_SECONDS)(fn)
 except ImportError:  # anywhere else the decorator does nothing
-    def gpu(fn):
+    def on_gpu(fn):
         return fn
+
+
+# Only the model passes run inside the GPU functions (they count against a visitor's daily ZeroGPU minutes);
+# reading the upload, retrieval, thumbnails, heatmaps and rendering run outside them.
+
+@on_gpu
+def model_pass(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int, kept: list[int]) -> ModelPass:
+    return explorer.model_pass(image, clt, tokens, start, kept)
+
+
+@on_gpu
+def replaced_predictions(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int,
+                         kept: list[int]) -> Predictions:
+    return explorer.predict(image, clt, tokens, start, kept)
+
+
+@on_gpu
+def source_ranking(explorer: Explorer, image: Image.Image, clt: str, tokens: str) -> list[SourceScore]:
+    return explorer.source_ranking(image, clt, tokens)
 
 THEME = gr.themes.Soft()
 CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600}"
@@ -344,14 +367,15 @@ class App:
         return [self.preview, *self.predictions.components, self.terms.ranking, *self.heatmaps.components,
                 *self.quality.components, self.data, *self.retrieval.components]
 
-    @gpu
     def analyze(self, path, clt, tokens, start, target, top_k, heatmap_tokens, kept,
                 progress=gr.Progress(track_tqdm=True)):
         """Full analysis of an uploaded image (error when there is none)."""
         image = self._image(path)
         progress(0.1, desc="analysing")
+        explorer = self.explorer
         try:
-            analysis = self.explorer.analyze(image, clt, tokens, int(start), int(target), int(top_k), kept)
+            model = model_pass(explorer, image, clt, tokens, int(start), [int(s) for s in kept])
+            analysis = explorer.assemble(model, int(target), int(top_k))
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return self.render(image, analysis, heatmap_tokens)
@@ -362,7 +386,6 @@ class App:
             return self.empty()
         return self.analyze(path, clt, tokens, start, target, top_k, heatmap_tokens, kept)
 
-    @gpu
     def predict(self, path, clt, tokens, start, kept):
         """Only the predictions, for a new replacement range, token set or set of kept source terms."""
         if not path:
@@ -370,18 +393,17 @@ class App:
         image = self._image(path)
         try:
             kept = sorted(int(s) for s in kept)
-            p = self.explorer.predict(image, clt, tokens, int(start), kept)
+            p = replaced_predictions(self.explorer, image, clt, tokens, int(start), kept)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return self.predictions.render(p, tokens, int(start), self.n_layers, kept)
 
-    @gpu
     def choose_terms(self, path, clt, tokens, m=None):
         """Kept sources from this image's ranking: its top-m (``m`` given), or all but its top-1."""
         if not path:
             raise gr.Error("No image: upload an image (or pick an example) first.")
         try:
-            ranking = self.explorer.source_ranking(self._image(path), clt, tokens)
+            ranking = source_ranking(self.explorer, self._image(path), clt, tokens)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         kept = remove_top(ranking) if m is None else keep_top(ranking, int(m))
@@ -399,6 +421,11 @@ class App:
 
 def build_ui(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
     """The Blocks app for an explorer, or for a bundle source (the default bundle may still be building)."""
+    return build_app(source, limits).demo
+
+
+def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLimits = UploadLimits()) -> App:
+    """The app's callbacks with their page (``app.demo``): the benchmarks render through it as the page does."""
     source = OpenedBundle(source) if isinstance(source, Explorer) else source
     app = App(source, limits)
     L = source.n_layers
@@ -453,4 +480,5 @@ def build_ui(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLimi
         app.examples.select(app.pick_example, None, [upload], api_name="pick_example")
         poll_outputs = [app.status, app.timer, app.run, app.clt, app.examples, app.version, *app.about.components]
         gr.on([demo.load, app.timer.tick], app.poll, [app.version, app.clt], poll_outputs, api_name="status")
-    return demo
+    app.demo = demo
+    return app

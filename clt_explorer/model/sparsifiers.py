@@ -61,6 +61,12 @@ class SparseCodes:
             self._dense = out.scatter(-1, self._indices, self._values)
         return self._dense
 
+    def cpu(self) -> "SparseCodes":
+        """The same codes on the CPU (detached), in the form they are held."""
+        if self._dense is not None and self._values is None:
+            return SparseCodes.from_dense(self._dense.detach().cpu())
+        return SparseCodes(self.values.detach().cpu(), self.indices.cpu(), n_features=self.n_features)
+
     def take_tokens(self, index: slice) -> "SparseCodes":
         """The codes of some tokens: ``index`` applies to the axis before the feature axis."""
         if self._dense is not None:

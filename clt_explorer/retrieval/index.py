@@ -18,6 +18,7 @@ On disk (a folder per CLT): manifest.json + ``{tokens}_{layer:02d}.compact`` (fo
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -137,18 +138,24 @@ class RetrievalIndex:
         return out
 
     def save(self, folder: str | Path) -> None:
+        """Write every index and the manifest into a new folder that then replaces ``folder`` (nothing of an older
+        index stays behind)."""
         folder = Path(folder)
+        staging = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         files = {}
         for tokens, per_layer in self.indexes.items():
             files[tokens] = []
             for layer, index in enumerate(per_layer):
                 name = f"{tokens}_{layer:02d}{index.suffix}"
-                index.save(folder / name)
+                index.save(staging / name)
                 files[tokens].append(name)
-        write_json(folder / MANIFEST, {"format": FORMAT, "mode": self.mode, "n_images": self.n_images,
-                                       "n_layers": self.n_layers,
-                                       "n_features": self.indexes[CLS][0].n_features, "files": files,
-                                       "settings": self.settings})
+        write_json(staging / MANIFEST, {"format": FORMAT, "mode": self.mode, "n_images": self.n_images,
+                                        "n_layers": self.n_layers, "n_features": self.indexes[CLS][0].n_features,
+                                        "files": files, "settings": self.settings})
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
 
     @staticmethod
     def exists(folder: str | Path) -> bool:
