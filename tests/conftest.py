@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -14,6 +19,35 @@ from clt_explorer.app.analysis import Explorer
 from clt_explorer.app.ui import CSS, THEME, UploadLimits, build_ui
 from clt_explorer.model.teacher import LOCAL_DIR, Teacher
 from clt_explorer.training.tiny_clip import PREPROCESS_CONFIG, TINY_CLIP_CONFIG, save_open_clip_folder
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+
+@contextlib.contextmanager
+def chromium(viewport: dict, **options):
+    """Debian's chromium driven by Playwright with a fresh profile (the test is skipped without the browser, and
+    fails instead when CLT_REQUIRE_BROWSER is set, as in CI)."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CLT_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS, viewport=viewport, **options)
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> Teacher:

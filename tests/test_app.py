@@ -1,19 +1,12 @@
 """The running app, driven through gradio_client and through a real browser (Playwright + Debian chromium)."""
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ARTIFACTS, chromium
 from gradio_client import handle_file
 from PIL import Image
-
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-quic"]
 
 
 def named(client, api_name, outputs):
@@ -102,50 +95,37 @@ def test_empty_submit_gets_a_clear_message_and_the_server_keeps_serving(client, 
 
 @pytest.mark.browser
 def test_browser_upload_renders_everything_and_range_changes_update_predictions(app_url, explorer):
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CLT_REQUIRE_BROWSER"):
-            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": 1400, "height": 1800})
-            page = browser.new_page()
-            page.goto(app_url)
-            expect(page).to_have_title("CLT Explorer — tiny CLIP trained on synthetic shapes · bundle "
-                                       f"{explorer.bundle.name}")
-            page.locator("#examples img").nth(3).click()  # an example image, clicked
-            expect(page.locator("#upload")).to_contain_text(explorer.examples()[3].stem, timeout=30_000)
-            last = explorer.n_layers - 1
-            expect(page.locator(f"#gallery_{last}_cls img").first).to_be_visible(timeout=60_000)
-            expect(page.locator(f"#gallery_{last}_patches img").first).to_be_visible()
-            expect(page.locator("#image_heatmap .js-plotly-plot")).to_be_visible()
-            expect(page.locator("#dataset_heatmap .js-plotly-plot")).to_be_visible()
-            expect(page.locator("#summary")).to_contain_text(f"blocks 0→{last}")
-            expect(page.locator("#teacher")).to_contain_text("%")
-            number = page.locator("#start input[type=number]")
-            number.fill("2")
-            number.press("Enter")
-            expect(page.locator("#summary")).to_contain_text(f"blocks 2→{last}", timeout=30_000)
-            page.locator("#tokens").get_by_text("patches", exact=True).click()
-            expect(page.locator("#summary")).to_contain_text("the patches tokens", timeout=30_000)
-            page.locator("#tokens").get_by_text("cls", exact=True).click()
-            page.locator("#remove_top").click()
-            expect(page.locator("#summary")).to_contain_text("keeping only the terms of source layers",
-                                                             timeout=30_000)
-            expect(page.locator("#source_ranking")).to_contain_text("C(s→L-1)")
-            page.get_by_role("tab", name="About").click()
-            expect(page.locator("#about")).to_contain_text("tiny CLIP trained on synthetic shapes")
-            for figure in ("about_training", "about_reconstruction", "about_cascade"):
-                expect(page.locator(f"#{figure} .js-plotly-plot")).to_be_visible(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "about.png"), full_page=True)
-            page.get_by_role("tab", name="Explore").click()
-            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
-            browser.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium({"width": 1400, "height": 1800}) as browser:
+        page = browser.new_page()
+        page.goto(app_url)
+        expect(page).to_have_title("CLT Explorer — tiny CLIP trained on synthetic shapes · bundle "
+                                   f"{explorer.bundle.name}")
+        page.locator("#examples img").nth(3).click()  # an example image, clicked
+        expect(page.locator("#upload")).to_contain_text(explorer.examples()[3].stem, timeout=30_000)
+        last = explorer.n_layers - 1
+        expect(page.locator(f"#gallery_{last}_cls img").first).to_be_visible(timeout=60_000)
+        expect(page.locator(f"#gallery_{last}_patches img").first).to_be_visible()
+        expect(page.locator("#image_heatmap .js-plotly-plot")).to_be_visible()
+        expect(page.locator("#dataset_heatmap .js-plotly-plot")).to_be_visible()
+        expect(page.locator("#summary")).to_contain_text(f"blocks 0→{last}")
+        expect(page.locator("#teacher")).to_contain_text("%")
+        number = page.locator("#start input[type=number]")
+        number.fill("2")
+        number.press("Enter")
+        expect(page.locator("#summary")).to_contain_text(f"blocks 2→{last}", timeout=30_000)
+        page.locator("#tokens").get_by_text("patches", exact=True).click()
+        expect(page.locator("#summary")).to_contain_text("the patches tokens", timeout=30_000)
+        page.locator("#tokens").get_by_text("cls", exact=True).click()
+        page.locator("#remove_top").click()
+        expect(page.locator("#summary")).to_contain_text("keeping only the terms of source layers",
+                                                         timeout=30_000)
+        expect(page.locator("#source_ranking")).to_contain_text("C(s→L-1)")
+        page.get_by_role("tab", name="About").click()
+        expect(page.locator("#about")).to_contain_text("tiny CLIP trained on synthetic shapes")
+        for figure in ("about_training", "about_reconstruction", "about_cascade"):
+            expect(page.locator(f"#{figure} .js-plotly-plot")).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "about.png"), full_page=True)
+        page.get_by_role("tab", name="Explore").click()
+        page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)

@@ -1,12 +1,7 @@
 """The bundle's report page opens anywhere: every figure draws from the page alone, with the network off."""
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
-from test_app import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
+from conftest import ARTIFACTS, chromium
 
 from clt_explorer.assets.evaluation_runs import write_bundle_report
 
@@ -34,35 +29,20 @@ def test_the_report_has_every_part_and_no_cdn(report, tiny_bundle):
 
 @pytest.mark.browser
 def test_every_figure_of_the_report_draws_offline(report):
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CLT_REQUIRE_BROWSER"):
-            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     out, _ = report
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                           args=CHROMIUM_FLAGS, viewport={"width": 1300, "height": 900},
-                                                           offline=True)
-            requests = []
-            page = browser.new_page()
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto((out / "report.html").as_uri())
-            page.wait_for_load_state("load")
-            figures = page.locator("div.figure")
-            assert figures.count() == 8  # reconstruction x 3, contributions, cascade, prompts, layer terms x 2
-            for i in range(figures.count()):
-                figure = figures.nth(i)
-                figure.scroll_into_view_if_needed()
-                assert figure.locator(".js-plotly-plot .main-svg").count() >= 1, figure.get_attribute("id")
-                drawn = figure.locator(".main-svg .trace, .main-svg .hm, .main-svg image").count()
-                assert drawn > 0, figure.get_attribute("id")
-            assert [url for url in requests if not url.startswith(("file:", "data:"))] == []
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
-            browser.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium({"width": 1300, "height": 900}, offline=True) as browser:
+        requests = []
+        page = browser.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto((out / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        figures = page.locator("div.figure")
+        assert figures.count() == 8  # reconstruction x 3, contributions, cascade, prompts, layer terms x 2
+        for i in range(figures.count()):
+            figure = figures.nth(i)
+            figure.scroll_into_view_if_needed()
+            assert figure.locator(".js-plotly-plot .main-svg").count() >= 1, figure.get_attribute("id")
+            drawn = figure.locator(".main-svg .trace, .main-svg .hm, .main-svg image").count()
+            assert drawn > 0, figure.get_attribute("id")
+        assert [url for url in requests if not url.startswith(("file:", "data:"))] == []
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)

@@ -29,6 +29,7 @@ from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
 from ..model.clt import CrossLayerTranscoder
 from ..model.sparsifiers import SparseCodes
 from ..model.tokens import CLS, TOKEN_SETS, token_index
+from ..retrieval.features import FeatureStore
 from ..retrieval.index import RetrievalIndex, descriptors
 
 BF16_ABOVE_BYTES = 2**30  # CLTs larger than this run in bfloat16 on a CPU by default
@@ -93,6 +94,16 @@ class ModelPass:
 
 
 @dataclass
+class ReplacedPass:
+    """One image's pass with the CLT replacing MLPs: zero-shot logits [1, C], the final residual at the CLS token
+    [1, d] and the (edited) codes of the replaced tokens per layer."""
+
+    logits: torch.Tensor
+    final_cls: torch.Tensor
+    codes: list[SparseCodes]
+
+
+@dataclass
 class Analysis:
     clt: str
     tokens: str
@@ -128,10 +139,17 @@ def remove_top(ranking: list[SourceScore]) -> list[int]:
     return sorted(s.layer for s in ranking[1:])
 
 
-def _top(logits: torch.Tensor, classnames: list[str], k: int = 5) -> list[Prediction]:
+def top_predictions(logits: torch.Tensor, classnames: list[str], k: int = 5) -> list[Prediction]:
+    """The k most probable classes of one image's logits [C]."""
     probabilities = logits.double().softmax(-1)
     values, indices = probabilities.topk(min(k, len(classnames)))
     return [Prediction(classnames[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
+
+
+def compare(reference: torch.Tensor, changed: torch.Tensor, classnames: list[str]) -> Predictions:
+    """Top-5 of one image's reference and changed logits [1, C], whether the top-1 changed, KL(reference || changed)."""
+    return Predictions(top_predictions(reference[0], classnames), top_predictions(changed[0], classnames),
+                       bool(reference.argmax() != changed.argmax()), float(kl_divergence(reference, changed)[0]))
 
 
 class Explorer:
@@ -145,6 +163,7 @@ class Explorer:
         self.thumbnails = bundle.load_thumbnails()
         self._clts: dict[str, CrossLayerTranscoder] = {}
         self._indexes: dict[str, RetrievalIndex | None] = {}
+        self._feature_stores: dict[str, FeatureStore] = {}
         self._dataset_contributions: dict[str, dict | None] = {}
         self._lock = threading.Lock()
         self._manifest_mtime = bundle.manifest_path.stat().st_mtime_ns if bundle.manifest_path.is_file() else None
@@ -198,6 +217,16 @@ class Explorer:
                 self._indexes[name] = index
             return self._indexes.get(name)
 
+    def feature_store(self, name: str) -> FeatureStore | None:
+        """The feature statistics of CLT ``name`` (None while the bundle has none)."""
+        with self._lock:
+            if name not in self._feature_stores and self.thumbnails is not None:
+                store = self.bundle.load_feature_store(name, len(self.thumbnails))
+                if store is None:  # not built yet: look again next time
+                    return None
+                self._feature_stores[name] = store
+            return self._feature_stores.get(name)
+
     def dataset_contributions(self, name: str) -> dict[str, list[list[float]]] | None:
         """Dataset-level C_{s->l} of CLT ``name`` from its evaluation (None while it has none; read once)."""
         with self._lock:
@@ -208,7 +237,7 @@ class Explorer:
                 self._dataset_contributions[name] = results["contributions"]
             return self._dataset_contributions[name]
 
-    def _kept(self, kept_sources: Sequence[int] | None) -> list[int]:
+    def kept_or_all(self, kept_sources: Sequence[int] | None) -> list[int]:
         """The sources the final layer keeps (all by default), checked."""
         kept = list(range(self.n_layers)) if kept_sources is None else sorted({int(s) for s in kept_sources})
         if any(not 0 <= s < self.n_layers for s in kept):
@@ -235,7 +264,8 @@ class Explorer:
         layer keeping only the source terms ``kept_sources`` (all by default)."""
         self._check(clt, tokens, start, None, 1)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
-        return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels), self._kept(kept_sources))
+        return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels),
+                             self.kept_or_all(kept_sources))
 
     @torch.no_grad()
     def source_ranking(self, image: Image.Image, clt: str, tokens: str = CLS) -> list[SourceScore]:
@@ -245,19 +275,26 @@ class Explorer:
         codes = model.encode_sparse(self.teacher.capture(self.teacher.preprocess_images([image]).to(self.device)).xs)
         return ranking_of(model.contributions([c.take_tokens(token_index(tokens)) for c in codes]).tolist())
 
-    def _predict(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, teacher_embedding: torch.Tensor,
-                 kept: list[int]) -> Predictions:
+    def term_weights(self, kept: list[int]) -> torch.Tensor | None:
+        """The term mask of a final layer keeping the source terms ``kept`` (None when it keeps them all)."""
         mask = torch.zeros(self.n_layers, dtype=torch.bool)
         mask[kept] = True
-        weights = None if mask.all() else keep_sources(self.n_layers, mask).to(self.device)
-        with self.teacher.replace_mlps(self.clt(clt).surrogate(term_weights=weights), start, tokens):
-            surrogate_embedding = self.teacher.encode_images(pixels)
-        teacher_logits = self.classifier.logits(teacher_embedding)
-        surrogate_logits = self.classifier.logits(surrogate_embedding)
-        names = self.classifier.classnames
-        return Predictions(_top(teacher_logits[0], names), _top(surrogate_logits[0], names),
-                           bool(teacher_logits.argmax() != surrogate_logits.argmax()),
-                           float(kl_divergence(teacher_logits, surrogate_logits)[0]))
+        return None if mask.all() else keep_sources(self.n_layers, mask).to(self.device)
+
+    @torch.no_grad()
+    def replaced_pass(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],
+                      feature_scales: dict[tuple[int, int], float] | None = None) -> ReplacedPass:
+        """The pass with CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final layer keeping the source
+        terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}."""
+        surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales)
+        with self.teacher.replace_mlps(surrogate, start, tokens):
+            embeddings, final_cls = self.teacher.encode_with_final(pixels)
+        return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes)
+
+    def _predict(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, teacher_embedding: torch.Tensor,
+                 kept: list[int]) -> Predictions:
+        return compare(self.classifier.logits(teacher_embedding),
+                       self.replaced_pass(pixels, clt, tokens, start, kept).logits, self.classifier.classnames)
 
     @torch.no_grad()
     def model_pass(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
@@ -266,7 +303,7 @@ class Explorer:
         contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space)."""
         began = time.perf_counter()
         self._check(clt, tokens, start, None, 1)
-        kept = self._kept(kept_sources)
+        kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
         capture = self.teacher.capture(pixels)

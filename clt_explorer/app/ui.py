@@ -4,9 +4,9 @@ The page is built from panels; each panel creates its components and turns resul
 {component: value}, so a callback returns the union of the panels it updates and nothing depends on
 the position of an output. Every event has an ``api_name``, so the app is also a documented API
 (``/analyze``, ``/refresh``, ``/predict``, ``/heatmaps``, ``/keep_top_terms``, ``/remove_top_term``,
-``/keep_all_terms``). Analyses are CPU-bound: ``concurrency``
-of them run at once and up to ``queue_size`` wait in Gradio's queue; beyond that a request is
-refused with a clear message.
+``/keep_all_terms``; on the Features tab ``/features``, ``/feature_card``, ``/pick_feature_<layer>``,
+``/intervene``). Analyses are CPU-bound: ``concurrency`` of them run at once and up to ``queue_size``
+wait in Gradio's queue; beyond that a request is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import write_bytes
 from .analysis import Analysis, Explorer, ModelPass, Predictions, SourceScore, keep_top, remove_top
 from .bundle_source import BuildProgress, GrowingBundle, OpenedBundle
+from .feature_panel import FeaturesPanel
+from .features import FeatureCard, ImageFeatures, Intervention, feature_card, image_features, intervene, parse_feature
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
 
 GPU_SECONDS = 10  # the longest a model pass may hold a ZeroGPU device (it takes well under a second)
@@ -59,6 +62,24 @@ def replaced_predictions(explorer: Explorer, image: Image.Image, clt: str, token
 @on_gpu
 def source_ranking(explorer: Explorer, image: Image.Image, clt: str, tokens: str) -> list[SourceScore]:
     return explorer.source_ranking(image, clt, tokens)
+
+
+@on_gpu
+def ranked_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int, kept: list[int],
+                    per_layer: int, max_cls_rate: float | None) -> ImageFeatures:
+    return image_features(explorer, image, clt, tokens, start, kept, per_layer, max_cls_rate)
+
+
+@on_gpu
+def opened_card(explorer: Explorer, image: Image.Image | None, clt: str, layer: int, feature: int, tokens: str,
+                start: int, kept: list[int]) -> FeatureCard:
+    return feature_card(explorer, clt, layer, feature, image, tokens, start, kept)
+
+
+@on_gpu
+def edited_predictions(explorer: Explorer, image: Image.Image, clt: str, scales: dict[tuple[int, int], float],
+                       tokens: str, start: int, kept: list[int]) -> Intervention:
+    return intervene(explorer, image, clt, scales, tokens, start, kept)
 
 THEME = gr.themes.Soft()
 CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600}"
@@ -305,6 +326,7 @@ class App:
         self.source, self.limits = source, limits
         self.n_layers = source.n_layers
         self._served = Path(tempfile.mkdtemp(prefix="clt-explorer-files-"))  # files Gradio may serve
+        weakref.finalize(self, shutil.rmtree, self._served, ignore_errors=True)  # removed with the app, or at exit
 
     @property
     def explorer(self) -> Explorer:
@@ -418,6 +440,52 @@ class App:
     def keep_all_terms(self):
         return {self.terms.kept: list(range(self.n_layers))}
 
+    def rank_features(self, path, clt, tokens, start, kept, max_rate, per_layer):
+        """This image's top features per layer (the Features tab)."""
+        if not path:
+            return self.features.empty_features("Upload an image (or pick an example) on the Explore tab first.")
+        image = self._image(path)
+        try:
+            result = ranked_features(self.explorer, image, clt, tokens, int(start), [int(s) for s in kept],
+                                     int(per_layer), None if max_rate >= 100 else max_rate / 100)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        return self.features.render_features(result, image, self.explorer)
+
+    def open_feature_card(self, path, clt, text, tokens, start, kept, scale):
+        """The card of feature ``text`` ("layer:feature"), with the image's predictions at the slider's scale."""
+        image = self._image(path) if path else None
+        kept = [int(s) for s in kept]
+        try:
+            layer, feature = parse_feature(text)
+            card = opened_card(self.explorer, image, clt, layer, feature, tokens, int(start), kept)
+            edited = None if image is None else edited_predictions(self.explorer, image, clt, {(layer, feature): scale},
+                                                                   tokens, int(start), kept)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        return {**self.features.render_card(card, image, self.explorer, int(start)),
+                **self.features.render_intervention(edited, f"{layer}:{feature}", scale)}
+
+    def pick_feature(self, layer: int):
+        """The callback of layer ``layer``'s gallery: the clicked feature's card."""
+        def pick(path, clt, picks, tokens, start, kept, scale, selected: gr.SelectData):
+            text = "{}:{}".format(*picks[layer][selected.index])
+            return {self.features.feature: text, **self.open_feature_card(path, clt, text, tokens, start, kept, scale)}
+        return pick
+
+    def scale_feature(self, path, clt, text, tokens, start, kept, scale):
+        """The predictions with the open feature scaled (the card's slider)."""
+        if not path or not text:
+            return self.features.render_intervention(None, text, scale)
+        kept = [int(s) for s in kept]
+        try:
+            layer, feature = parse_feature(text)
+            edited = edited_predictions(self.explorer, self._image(path), clt, {(layer, feature): float(scale)}, tokens,
+                                        int(start), kept)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        return self.features.render_intervention(edited, f"{layer}:{feature}", scale)
+
 
 def build_ui(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
     """The Blocks app for an explorer, or for a bundle source (the default bundle may still be building)."""
@@ -457,6 +525,8 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
             app.retrieval = RetrievalPanel(L, app.thumbnail_file)
             with gr.Accordion("Analysis data (JSON)", open=False):
                 app.data = gr.JSON(label="Analysis data", elem_id="data")
+        with gr.Tab("Features") as features_tab:
+            app.features = FeaturesPanel(L)
         with gr.Tab("About"):
             app.about = AboutPanel()
         app.version = gr.State(None)
@@ -478,6 +548,20 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
         app.heatmaps.tokens.change(app.heatmaps.render, [app.data, app.heatmaps.tokens], app.heatmaps.components,
                                    api_name="heatmaps")
         app.examples.select(app.pick_example, None, [upload], api_name="pick_example")
+        panel = app.features
+        gr.on([features_tab.select, panel.rank.click, panel.max_rate.release, panel.per_layer.release],
+              app.rank_features, [upload, app.clt, tokens, start, app.terms.kept, panel.max_rate, panel.per_layer],
+              panel.list_components, api_name="features", trigger_mode="always_last")
+        card_inputs = [upload, app.clt, panel.feature, tokens, start, app.terms.kept, panel.scale]
+        card_outputs = panel.card_components + panel.intervention_components
+        gr.on([panel.open.click, panel.feature.submit], app.open_feature_card, card_inputs, card_outputs,
+              api_name="feature_card")
+        for layer, gallery in enumerate(panel.galleries):
+            gallery.select(app.pick_feature(layer), [upload, app.clt, panel.picks, tokens, start, app.terms.kept,
+                                                     panel.scale], [panel.feature, *card_outputs],
+                           api_name=f"pick_feature_{layer}")
+        panel.scale.change(app.scale_feature, card_inputs, panel.intervention_components, api_name="intervene",
+                           trigger_mode="always_last")
         poll_outputs = [app.status, app.timer, app.run, app.clt, app.examples, app.version, *app.about.components]
         gr.on([demo.load, app.timer.tick], app.poll, [app.version, app.clt], poll_outputs, api_name="status")
     app.demo = demo

@@ -33,6 +33,7 @@ import torch
 from ..model.clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CrossLayerTranscoder
 from ..model.teacher import LOCAL_DIR, Teacher
 from ..model.zeroshot import ZeroShotClassifier
+from ..retrieval.features import FeatureStore
 from ..retrieval.index import RetrievalIndex
 from ..retrieval.thumbnails import ThumbnailStore
 from ..storage import AssetError, check_keys, download_snapshot, is_repo_id, read_json, write_json
@@ -382,6 +383,13 @@ class Bundle:
             return None
         config = self.clt_config(name)
         return RetrievalIndex.load(self.retrieval_dir(name), config.n_layers, config.n_features, n_images)
+
+    def load_feature_store(self, name: str, n_images: int) -> FeatureStore | None:
+        """The feature statistics of CLT ``name`` over the ``n_images`` indexed images (None while it has none)."""
+        if not FeatureStore.exists(self.features_dir(name)):
+            return None
+        config = self.clt_config(name)
+        return FeatureStore(self.features_dir(name), config.n_layers, config.n_features, n_images)
 
     @staticmethod
     def check_clt(clt: CrossLayerTranscoder, teacher: Teacher, folder: Path) -> CrossLayerTranscoder:

@@ -1,10 +1,10 @@
-"""Build complete bundles end to end: teacher, CLTs, evaluation, retrieval indexes, thumbnails.
+"""Build complete bundles end to end: teacher, CLTs, retrieval indexes, feature statistics, evaluation, thumbnails.
 
 Every step writes its outputs atomically and is skipped when they exist and load; CLT training
 resumes from its latest checkpoint. In one process the shared steps come first, then each CLT's
-steps in turn (train, index, evaluate), so that the first CLT is complete as early as possible.
-Under torchrun every rank trains every CLT first (the data is sharded) and rank 0 alone does
-everything else and writes the bundle. Where files go is :class:`Bundle`'s business.
+steps in turn (train, index, feature statistics, evaluate, layer terms), so that the first CLT is
+complete as early as possible. Under torchrun every rank trains every CLT first (the data is sharded)
+and rank 0 alone does everything else and writes the bundle. Where files go is :class:`Bundle`'s business.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..model.teacher import LOCAL_DIR, OPEN_CLIP_FILES, Teacher
 from ..model.tokens import ALL, TOKEN_SETS
 from ..model.zeroshot import ZeroShotClassifier, zero_shot_accuracy
 from ..retrieval.build import COMPACT_DEFAULTS, build_retrieval
+from ..retrieval.features import build_feature_store
 from ..retrieval.index import MODES, RetrievalIndex
 from ..retrieval.quality import held_out_pixels
 from ..retrieval.thumbnails import ThumbnailStore, build_thumbnails
@@ -220,6 +221,8 @@ class Builder:
         self.step(f"retrieval {name}", lambda: self._retrieval_done(bundle, name, len(indices)),
                   lambda: self._retrieval(bundle, teacher, train_data, test_data, indices, name))
         bundle.add_clt(name)
+        self.step(f"features {name}", lambda: bundle.load_feature_store(name, len(indices)) is not None,
+                  lambda: self._features(bundle, teacher, train_data, indices, name))
         self.step(f"evaluate {name}", lambda: bundle.evaluation_path(name).is_file(),
                   lambda: self._evaluate(bundle, teacher, name))
         bundle.set_evaluation_summary({n: evaluation_summary(bundle.evaluation(n)) for n in bundle.clt_names
@@ -354,6 +357,12 @@ class Builder:
                                       progress=self.progress)
         images = sum(path.suffix in (".png", ".svg") for path in written)
         return f"{bundle.report_path.relative_to(bundle.root)}, {images} images"
+
+    def _features(self, bundle: Bundle, teacher: Teacher, train_data, indices: list[int], name: str) -> str:
+        """Per-feature statistics over the retrieval corpus (the app's feature cards)."""
+        store = build_feature_store(teacher, bundle.load_clt(name, teacher, self.device), train_data, indices,
+                                    bundle.features_dir(name), batch_size=self.job.batch_size, progress=self.progress)
+        return f"{store.n_images} images, top {store.top_n} per feature, {store.nbytes / 1e6:.1f} MB"
 
     def _retrieval_done(self, bundle: Bundle, name: str, count: int) -> bool:
         if not RetrievalIndex.exists(bundle.retrieval_dir(name)):

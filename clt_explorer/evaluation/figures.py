@@ -119,6 +119,28 @@ def contribution_heatmap(matrix: list[list[float]], title: str = "") -> go.Figur
     return figure
 
 
+def reach_figure(norms: list[float], layer: int, replaced_from: int = 0) -> go.Figure:
+    """A feature's reach: ||W_dec[s→l][f]|| for each target l >= s, the targets the cascade replaces in colour."""
+    targets = list(range(layer, layer + len(norms)))
+    figure = go.Figure(go.Bar(x=targets, y=norms, marker_color=[COLOURS[0] if t >= replaced_from else "#c7c7c7"
+                                                                for t in targets]))
+    figure.update_layout(title=f"Reach of a layer-{layer} feature", xaxis_title="target layer l",
+                         yaxis_title="decoder row norm", height=320,
+                         template="simple_white", font={"size": 13}, xaxis={"dtick": 1})
+    return figure
+
+
+def class_effect_figure(towards: list[tuple[str, float]], away: list[tuple[str, float]], where: str) -> go.Figure:
+    """The classes a feature's direct effect pushes towards and away from (logit change per unit of code)."""
+    rows = [*away, *towards[::-1]]  # drawn bottom to top: the strongest push towards on top
+    figure = go.Figure(go.Bar(x=[v for _, v in rows], y=[n for n, _ in rows], orientation="h",
+                              marker_color=[COLOURS[2] if v >= 0 else COLOURS[0] for _, v in rows]))
+    figure.update_layout(title=f"Direct effect on the logits<br><sup>linearised at {where}</sup>", height=340,
+                         xaxis_title="logit change per unit of code", template="simple_white", font={"size": 13},
+                         margin={"l": 140})
+    return figure
+
+
 def contributions_figure(results: dict[str, dict]) -> go.Figure:
     """Figures 11-16: a row per CLT, a column per token group, one colour scale for every panel."""
     names = list(results)

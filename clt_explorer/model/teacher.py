@@ -95,8 +95,9 @@ class Teacher:
         self.blocks = list(visual.transformer.resblocks)
         self.n_layers = len(self.blocks)
         self.d_model = visual.transformer.width
-        grid = visual.grid_size
-        self.n_tokens = 1 + grid[0] * grid[1]
+        self.grid = tuple(visual.grid_size)  # patch rows x columns; patch token 1 + i is row i // columns
+        self.n_tokens = 1 + self.grid[0] * self.grid[1]
+        self.resize_mode = getattr(visual, "preprocess_cfg", {}).get("resize_mode", "shortest")
         self.image_size = visual.image_size
         self._thread = threading.local()
         for layer, block in enumerate(self.blocks):
@@ -179,18 +180,25 @@ class Teacher:
         def record(layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
             xs[layer], ys[layer] = x, y
 
-        self._thread.final_sink = final = []
-        try:
-            with self._acting(record):
-                embeddings = self.model.encode_image(pixels.to(self.device))
-        finally:
-            self._thread.final_sink = None
-        return Capture(torch.stack(xs), torch.stack(ys), final[0], embeddings)
+        with self._acting(record):
+            embeddings, final_cls = self.encode_with_final(pixels)
+        return Capture(torch.stack(xs), torch.stack(ys), final_cls, embeddings)
 
     @torch.no_grad()
+    def encode_with_final(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image embeddings [B, D] and the final residual stream at the CLS token [B, d] (the final LayerNorm's
+        input) of one pass; inside :meth:`replace_mlps`, of the replaced pass."""
+        self._thread.final_sink = final = []
+        try:
+            embeddings = self.model.encode_image(pixels.to(self.device))
+        finally:
+            self._thread.final_sink = None
+        return embeddings, final[0]
+
     def readout(self, final_cls: torch.Tensor) -> torch.Tensor:
         """Image embeddings [B, D] from the final residual stream at the CLS token [B, d]: all that follows the
-        last block is the final LayerNorm and the projection (a CLS-pooled tower without attention pooling)."""
+        last block is the final LayerNorm and the projection (a CLS-pooled tower without attention pooling).
+        Differentiable in ``final_cls`` (the readout's gradient linearises it around one image)."""
         visual = self.model.visual
         out = visual.ln_post(final_cls)
         return out @ visual.proj if visual.proj is not None else out
