@@ -1,7 +1,11 @@
 """The feature drill-down: the statistics store against a brute-force recomputation, the readout's linearisation,
 the attribution against ablation, interventions through the surrogate, and the Features tab in the app."""
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +146,19 @@ def test_attribution_at_the_last_block_predicts_the_ablation(explorer, image, na
         assert drop == pytest.approx(row.attribution, rel=0.15, abs=1e-4), row
         checked += 1
     assert checked == explorer.n_layers
+
+
+@pytest.mark.slow
+def test_the_attribution_script_finds_top_features_that_matter_more_than_random_ones(tiny_bundle, tmp_path):
+    script = Path(__file__).parent.parent / "scripts" / "feature_attribution.py"
+    done = subprocess.run([sys.executable, str(script), "--bundle", str(tiny_bundle.root), "--clt", "relu_topk",
+                           "--max-images", "6", "--starts", "last", "--out", str(tmp_path / "records.csv")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [overall] = json.loads(done.stdout.strip().splitlines()[-1])["overall"]
+    assert overall["cases"] == 6 * 4 and overall["start"] == 3  # every layer of the tiny CLIP has 5 active codes
+    assert overall["mean drop, top"] > overall["mean drop, random"] and overall["share top wins"] >= 0.75
+    assert len((tmp_path / "records.csv").read_text().splitlines()) == 1 + 6 * 4
 
 
 def test_the_patch_map_of_a_feature_is_its_code_in_the_teachers_pass(explorer, image):

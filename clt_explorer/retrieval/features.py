@@ -96,15 +96,14 @@ class FeatureStatistics:
         self.max_abs[layer] = torch.maximum(self.max_abs[layer], magnitude.max(0).values)
         peak = z.gather(1, token[:, None]).squeeze(1)  # signed [B, F]
         scores = torch.cat([self.top_score[layer], magnitude.masked_fill(magnitude == 0, float("-inf")).T], 1)
-        best, pick = scores.topk(self.top_n, dim=1)  # [F, N]
-        empty = best == float("-inf")  # fewer than N images fire
-        new = (pick >= self.top_n) & ~empty  # slots filled from this batch
+        best, pick = scores.topk(self.top_n, dim=1)  # [F, N], sorted: empty slots (-inf) last
+        new = (pick >= self.top_n) & (best > float("-inf"))  # filled from this batch, by images where f fires
+        # an old slot moves to its new place; an empty one gathers the old last slot, empty too
         kept = pick.clamp(max=self.top_n - 1)
-        ids = self.top_ids[layer].gather(1, kept).masked_fill(empty, -1)
-        peaks = self.top_peak[layer].gather(1, kept).masked_fill(empty, 0.0)
+        ids = self.top_ids[layer].gather(1, kept)
+        peaks = self.top_peak[layer].gather(1, kept)
         maps = self.maps[layer].gather(1, kept[..., None].expand(-1, -1, self.maps.shape[-1]))
-        maps[empty] = 0
-        scales = self.scales[layer].gather(1, kept).masked_fill(empty, 1.0)
+        scales = self.scales[layer].gather(1, kept)
         feature, slot = new.nonzero(as_tuple=True)
         image = pick[feature, slot] - self.top_n
         ids[feature, slot] = self.n_images + image
