@@ -16,7 +16,7 @@ unmodified teacher's pass:
 On disk (``Bundle.features_dir``): ``stats.safetensors`` (per feature), ``top.safetensors`` (top images and patch
 maps) and ``meta.json``, written last. One pass of the teacher and the CLT over the corpus; memory holds the running
 top-N (the store's own size) and one batch of dense codes of one layer. At ViT-B/32 scale (12 x 12288 features,
-N = 16, 49 patches) the store is about 126 MB, 116 MB of it the patch maps (``scripts/bench_app.py`` builds one).
+N = 16, 49 patches) the store is about 147 MB, 116 MB of it the patch maps (``scripts/bench_app.py`` builds one).
 """
 
 from __future__ import annotations
