@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -162,7 +162,7 @@ class Explorer:
         self.classifier = bundle.load_classifier(self.teacher)
         self.thumbnails = bundle.load_thumbnails()
         self._clts: dict[str, CrossLayerTranscoder] = {}
-        self._indexes: dict[str, RetrievalIndex | None] = {}
+        self._indexes: dict[str, RetrievalIndex] = {}
         self._feature_stores: dict[str, FeatureStore] = {}
         self._dataset_contributions: dict[str, dict | None] = {}
         self._lock = threading.Lock()
@@ -209,23 +209,21 @@ class Explorer:
 
     def index(self, name: str) -> RetrievalIndex | None:
         """The retrieval indexes of CLT ``name`` (None while the bundle has none)."""
-        with self._lock:
-            if name not in self._indexes and self.thumbnails is not None:
-                index = self.bundle.load_index(name, len(self.thumbnails))
-                if index is None:  # not built yet: look again next time
-                    return None
-                self._indexes[name] = index
-            return self._indexes.get(name)
+        return self._per_corpus(self._indexes, name, self.bundle.load_index)
 
     def feature_store(self, name: str) -> FeatureStore | None:
         """The feature statistics of CLT ``name`` (None while the bundle has none)."""
+        return self._per_corpus(self._feature_stores, name, self.bundle.load_feature_store)
+
+    def _per_corpus(self, cache: dict, name: str, load: Callable[[str, int], object | None]):
+        """CLT ``name``'s asset over the indexed corpus, ``load(name, n_images)`` once it exists (not cached while
+        it does not: it may be built meanwhile)."""
         with self._lock:
-            if name not in self._feature_stores and self.thumbnails is not None:
-                store = self.bundle.load_feature_store(name, len(self.thumbnails))
-                if store is None:  # not built yet: look again next time
-                    return None
-                self._feature_stores[name] = store
-            return self._feature_stores.get(name)
+            if name not in cache and self.thumbnails is not None:
+                asset = load(name, len(self.thumbnails))
+                if asset is not None:
+                    cache[name] = asset
+            return cache.get(name)
 
     def dataset_contributions(self, name: str) -> dict[str, list[list[float]]] | None:
         """Dataset-level C_{s->l} of CLT ``name`` from its evaluation (None while it has none; read once)."""
