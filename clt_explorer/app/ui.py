@@ -81,6 +81,7 @@ def edited_predictions(explorer: Explorer, image: Image.Image, clt: str, scales:
                        tokens: str, start: int, kept: list[int]) -> Intervention:
     return intervene(explorer, image, clt, scales, tokens, start, kept)
 
+
 THEME = gr.themes.Soft()
 CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600}"
 DESCRIPTOR_LABELS = {CLS: "CLS code", PATCHES: "patch-mean code"}
@@ -459,8 +460,9 @@ class App:
         try:
             layer, feature = parse_feature(text)
             card = opened_card(self.explorer, image, clt, layer, feature, tokens, int(start), kept)
-            edited = None if image is None else edited_predictions(self.explorer, image, clt, {(layer, feature): scale},
-                                                                   tokens, int(start), kept)
+            edited = None if image is None else edited_predictions(self.explorer, image, clt,
+                                                                   {(layer, feature): float(scale)}, tokens,
+                                                                   int(start), kept)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return {**self.features.render_card(card, image, self.explorer, int(start)),
