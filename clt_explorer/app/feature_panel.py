@@ -48,7 +48,7 @@ class FeaturesPanel:
                                        elem_id="features_per_layer")
             self.rank = gr.Button("Rank this image's features", variant="primary", elem_id="rank_features")
         self.summary = gr.Markdown(label="Features summary", elem_id="features_summary")
-        self.galleries = [gr.Gallery(label=f"layer {layer}", columns=PER_LAYER, height="auto",
+        self.galleries = [gr.Gallery(label=f"layer {layer}", columns=PER_LAYER, fit_columns=False, height="auto",
                                      allow_preview=False, elem_id=f"features_{layer}") for layer in range(n_layers)]
         self.picks = gr.State([])  # per layer, the features shown, in gallery order
         gr.Markdown("### Feature card")
@@ -63,7 +63,7 @@ class FeaturesPanel:
             self.reach = gr.Plot(label="Reach across layers", elem_id="feature_reach")
             self.classes = gr.Plot(label="Classes it pushes towards and away from", elem_id="feature_classes")
         self.top = gr.Gallery(label="Top training images, the feature's activation per patch", columns=8,
-                              height="auto", allow_preview=False, elem_id="feature_top")
+                              fit_columns=False, height="auto", allow_preview=False, elem_id="feature_top")
         self.scale = gr.Slider(*SCALE_RANGE, value=1.0, step=0.5, elem_id="feature_scale",
                                label="Scale of this feature at its source layer, inside the CLT replacement "
                                      "(1: unchanged, 0: ablated, negative: reversed)")
