@@ -15,6 +15,7 @@ import pytest
 import torch
 from gradio_client import Client
 
+from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.app.analysis import Explorer
 from clt_explorer.app.ui import CSS, THEME, UploadLimits, build_ui
 from clt_explorer.model.teacher import LOCAL_DIR, Teacher
@@ -57,6 +58,15 @@ def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> 
     model = open_clip.CLIP(**cfg)
     save_open_clip_folder(model, cfg, PREPROCESS_CONFIG, folder)
     return Teacher.load(LOCAL_DIR + str(folder))
+
+
+def random_clt(teacher: Teacher, expansion: int, sparsifier: str, k: int, seed: int) -> CrossLayerTranscoder:
+    """An untrained CLT for ``teacher`` with a non-zero decoder bias (so that a skipped bias shows)."""
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(teacher.n_layers, teacher.d_model, expansion, sparsifier, k))
+    with torch.no_grad():
+        clt.b_dec.normal_(0, 0.1)
+    return clt
 
 
 def random_pixels(teacher, n=3, seed=0):

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import random_clt
 
-from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer import CrossLayerTranscoder
 from clt_explorer.data.synthetic import CLASSNAMES, TEMPLATES, SyntheticShapes
 from clt_explorer.evaluation.evaluate import evaluate_clt
 from clt_explorer.evaluation.layer_terms import (
@@ -24,10 +25,8 @@ N_IMAGES = 40
 
 @pytest.fixture(scope="module")
 def setup(random_teacher):
-    torch.manual_seed(3)
-    clt = CrossLayerTranscoder(CLTConfig(random_teacher.n_layers, random_teacher.d_model, 2, "relu_topk", 8))
+    clt = random_clt(random_teacher, 2, "relu_topk", 8, seed=3)
     with torch.no_grad():
-        clt.b_dec.normal_(0, 0.1)
         clt.W_dec[1].mul_(20.0)  # one source that matters, so that removing it changes predictions
     classifier = ZeroShotClassifier.build(random_teacher, CLASSNAMES[:20], TEMPLATES)
     data = SyntheticShapes("test", n_images=N_IMAGES)

@@ -2,19 +2,14 @@
 
 import pytest
 import torch
-from conftest import Recorder, random_pixels
+from conftest import Recorder, random_clt, random_pixels
 
-from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.model.tokens import TOKEN_SETS, token_index
 
 
 @pytest.fixture(scope="module")
 def clt(random_teacher):
-    torch.manual_seed(2)
-    clt = CrossLayerTranscoder(CLTConfig(random_teacher.n_layers, random_teacher.d_model, 2, "abs_topk", 8))
-    with torch.no_grad():
-        clt.b_dec.normal_(0, 0.1)
-    return clt
+    return random_clt(random_teacher, 2, "abs_topk", 8, seed=2)
 
 
 def embed(teacher, surrogate, start, tokens, pixels):

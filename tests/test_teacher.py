@@ -1,9 +1,8 @@
 import open_clip
 import pytest
 import torch
-from conftest import Recorder, random_pixels
+from conftest import Recorder, random_clt, random_pixels
 
-from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.model.teacher import Teacher, TeacherMLPs
 from clt_explorer.model.tokens import token_index
 from clt_explorer.storage import save_tensors
@@ -11,11 +10,7 @@ from clt_explorer.storage import save_tensors
 
 @pytest.fixture(scope="module")
 def clt(random_teacher):
-    torch.manual_seed(1)
-    clt = CrossLayerTranscoder(CLTConfig(random_teacher.n_layers, random_teacher.d_model, 4, "relu_topk", 16))
-    with torch.no_grad():
-        clt.b_dec.normal_(0, 0.1)
-    return clt
+    return random_clt(random_teacher, 4, "relu_topk", 16, seed=1)
 
 
 @pytest.mark.parametrize("arch,tokens", [("ViT-B-32-quickgelu", 50), ("ViT-B-16-quickgelu", 197)])
