@@ -242,7 +242,9 @@ class Explorer:
             raise ValueError(f"source layers must be in [0, {self.n_layers - 1}], got {kept}")
         return kept
 
-    def _check(self, clt: str, tokens: str, start: int, target: int | None, top_k: int) -> int:
+    def check(self, clt: str, tokens: str, start: int, target: int | None = None, top_k: int = 1) -> int:
+        """Raise ``ValueError`` for a CLT, token set, start or target layer, or top-K this bundle does not have;
+        the target layer (L-1 by default)."""
         if clt not in self.clt_names:
             raise ValueError(f"unknown CLT {clt!r}; this bundle has {self.clt_names}")
         if tokens not in TOKEN_SETS:
@@ -260,7 +262,7 @@ class Explorer:
                 kept_sources: Sequence[int] | None = None) -> Predictions:
         """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final
         layer keeping only the source terms ``kept_sources`` (all by default)."""
-        self._check(clt, tokens, start, None, 1)
+        self.check(clt, tokens, start)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
         return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels),
                              self.kept_or_all(kept_sources))
@@ -268,7 +270,7 @@ class Explorer:
     @torch.no_grad()
     def source_ranking(self, image: Image.Image, clt: str, tokens: str = CLS) -> list[SourceScore]:
         """This image's source layers by C_{s->L-1} over ``tokens`` (its codes in the teacher's pass)."""
-        self._check(clt, tokens, 0, None, 1)
+        self.check(clt, tokens, 0)
         model = self.clt(clt)
         codes = model.encode_sparse(self.teacher.capture(self.teacher.preprocess_images([image]).to(self.device)).xs)
         return ranking_of(model.contributions([c.take_tokens(token_index(tokens)) for c in codes]).tolist())
@@ -300,7 +302,7 @@ class Explorer:
         """The model's part of an analysis: the teacher's pass with hooks, the codes, the reconstruction, the
         contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space)."""
         began = time.perf_counter()
-        self._check(clt, tokens, start, None, 1)
+        self.check(clt, tokens, start)
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
         pixels = self.teacher.preprocess_images([image]).to(self.device)
@@ -317,7 +319,7 @@ class Explorer:
         """The rest of an analysis, without the model: retrieval up to layer ``target``, per-layer quality, the
         image's ranking of source layers."""
         began = time.perf_counter()
-        target = self._check(model.clt, model.tokens, model.start, target, top_k)
+        target = self.check(model.clt, model.tokens, model.start, target, top_k)
         return Analysis(model.clt, model.tokens, model.start, target, top_k, model.kept, model.predictions,
                         ranking_of(model.contributions[model.tokens]), model.contributions,
                         self.dataset_contributions(model.clt), self._retrieve(model.clt, model.codes, target, top_k),
@@ -326,7 +328,7 @@ class Explorer:
     def analyze(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                 target: int | None = None, top_k: int = 3, kept_sources: Sequence[int] | None = None) -> Analysis:
         """Everything the app shows for one image, with CLT ``clt`` (a name of the bundle)."""
-        self._check(clt, tokens, start, target, top_k)
+        self.check(clt, tokens, start, target, top_k)
         return self.assemble(self.model_pass(image, clt, tokens, start, kept_sources), target, top_k)
 
     def _retrieve(self, clt: str, codes, target: int, top_k: int) -> dict[str, list[list[Neighbour]]]:

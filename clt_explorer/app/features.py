@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..evaluation.metrics import kl_divergence
-from ..model.attribution import check_feature, reach, readout_gradient, residual_directions
-from ..model.tokens import CLS, PATCHES, TOKEN_SETS, token_index
-from .analysis import Explorer, Prediction, top_predictions
+from ..model.attribution import reach, readout_gradient, residual_directions
+from ..model.surrogate import check_feature
+from ..model.tokens import CLS, PATCHES, token_index
+from .analysis import Explorer, Prediction, compare, top_predictions
 
 DEFAULT_MAX_CLS_RATE = 0.10  # the demo's features fire on 6.25% of CLS tokens on average; 10% hides the busiest ~20%
 PER_LAYER = 5
@@ -129,15 +129,6 @@ class Intervention:
     seconds: float
 
 
-def _check(explorer: Explorer, clt: str, tokens: str, start: int) -> None:
-    if clt not in explorer.clt_names:
-        raise ValueError(f"unknown CLT {clt!r}; this bundle has {explorer.clt_names}")
-    if tokens not in TOKEN_SETS:
-        raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
-    if not 0 <= start < explorer.n_layers:
-        raise ValueError(f"start layer must be in [0, {explorer.n_layers - 1}], got {start}")
-
-
 def _pixels(explorer: Explorer, image: Image.Image) -> torch.Tensor:
     return explorer.teacher.preprocess_images([image]).to(explorer.device)
 
@@ -155,7 +146,7 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
     (see the module's docstring), hiding features that fire on the CLS token of more than ``max_cls_rate`` of the
     training images (None: hide none)."""
     began = time.perf_counter()
-    _check(explorer, clt, tokens, start)
+    explorer.check(clt, tokens, start)
     if tokens == PATCHES:
         raise ValueError("feature attribution goes through the CLS token: choose the token set cls or all (with "
                          "only the patch tokens replaced, features reach the prediction through attention alone)")
@@ -199,9 +190,9 @@ def feature_card(explorer: Explorer, clt: str, layer: int, feature: int, image: 
     """Feature ``layer:feature`` of CLT ``clt``. Its class effects are linearised at ``image``'s replaced pass, or
     without an image at the training images' mean final residual (from the feature store)."""
     began = time.perf_counter()
-    _check(explorer, clt, tokens, start)
+    explorer.check(clt, tokens, start)
     model, teacher, store = explorer.clt(clt), explorer.teacher, explorer.feature_store(clt)
-    check_feature(model, layer, feature)
+    check_feature(layer, feature, model.config.n_layers, model.config.n_features)
     kept = explorer.kept_or_all(kept_sources)
     direction = residual_directions(model, teacher, layer, torch.tensor([feature]), start,
                                     explorer.term_weights(kept))[0]
@@ -240,19 +231,15 @@ def intervene(explorer: Explorer, image: Image.Image, clt: str, scales: dict[tup
     """Scale features {(layer, feature): scale} at their source layer inside the cascade replacement (0 ablates,
     negative values flip, large ones amplify): the edited codes change every target l >= s and all downstream."""
     began = time.perf_counter()
-    _check(explorer, clt, tokens, start)
-    model = explorer.clt(clt)
-    for layer, feature in scales:
-        check_feature(model, layer, feature)
+    explorer.check(clt, tokens, start)
     kept = explorer.kept_or_all(kept_sources)
     pixels = _pixels(explorer, image)
+    edited = explorer.replaced_pass(pixels, clt, tokens, start, kept, scales).logits  # first: it checks the scales
     teacher_logits = explorer.classifier.logits(explorer.teacher.encode_images(pixels))
     replaced = explorer.replaced_pass(pixels, clt, tokens, start, kept).logits
-    edited = explorer.replaced_pass(pixels, clt, tokens, start, kept, scales).logits
     names, top1 = explorer.classifier.classnames, int(replaced[0].argmax())
-    return Intervention({f"{s}:{f}": float(a) for (s, f), a in scales.items()},
-                        top_predictions(teacher_logits[0], names), top_predictions(replaced[0], names),
-                        top_predictions(edited[0], names),
-                        float(kl_divergence(teacher_logits, edited)[0]),
-                        bool(teacher_logits.argmax() != edited.argmax()), names[top1],
-                        float(edited[0, top1] - replaced[0, top1]), time.perf_counter() - began)
+    against_teacher = compare(teacher_logits, edited, names)
+    return Intervention({f"{s}:{f}": float(a) for (s, f), a in scales.items()}, against_teacher.teacher,
+                        top_predictions(replaced[0], names), against_teacher.surrogate, against_teacher.kl,
+                        against_teacher.flip, names[top1], float(edited[0, top1] - replaced[0, top1]),
+                        time.perf_counter() - began)

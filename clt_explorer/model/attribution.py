@@ -19,21 +19,14 @@ from __future__ import annotations
 import torch
 
 from .clt import CrossLayerTranscoder
+from .surrogate import check_feature
 from .teacher import Teacher
 from .zeroshot import ZeroShotClassifier
 
 
-def check_feature(clt: CrossLayerTranscoder, layer: int, feature: int) -> None:
-    """Raise ``ValueError`` for a (layer, feature) the CLT does not have."""
-    c = clt.config
-    if not (0 <= layer < c.n_layers and 0 <= feature < c.n_features):
-        raise ValueError(f"feature {layer}:{feature} does not exist: layers 0..{c.n_layers - 1}, "
-                         f"features 0..{c.n_features - 1}")
-
-
 def reach(clt: CrossLayerTranscoder, layer: int, feature: int) -> torch.Tensor:
     """||W_dec[s -> l][f]|| for every target l = s..L-1: [L - s]."""
-    check_feature(clt, layer, feature)
+    check_feature(layer, feature, clt.config.n_layers, clt.config.n_features)
     return clt.W_dec[layer][feature].detach().float().norm(dim=-1)
 
 

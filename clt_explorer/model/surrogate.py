@@ -40,14 +40,19 @@ def check_term_weights(term_weights: torch.Tensor | None, n_layers: int) -> torc
     return term_weights.float()
 
 
+def check_feature(layer: int, feature: int, n_layers: int, n_features: int) -> None:
+    """Raise ``ValueError`` for a feature ``layer:feature`` outside ``n_layers`` x ``n_features``."""
+    if not (0 <= layer < n_layers and 0 <= feature < n_features):
+        raise ValueError(f"feature {layer}:{feature} does not exist: layers 0..{n_layers - 1}, "
+                         f"features 0..{n_features - 1}")
+
+
 def feature_scale_vectors(feature_scales: dict[tuple[int, int], float] | None, n_layers: int, n_features: int
                           ) -> list[torch.Tensor | None]:
     """Per layer, a [F] vector of code scales (None where the layer has no edit)."""
     vectors: list[torch.Tensor | None] = [None] * n_layers
     for (layer, feature), scale in (feature_scales or {}).items():
-        if not (0 <= layer < n_layers and 0 <= feature < n_features):
-            raise ValueError(f"feature {layer}:{feature} does not exist: layers 0..{n_layers - 1}, "
-                             f"features 0..{n_features - 1}")
+        check_feature(layer, feature, n_layers, n_features)
         if not math.isfinite(scale):
             raise ValueError(f"the scale of feature {layer}:{feature} must be finite, got {scale}")
         if vectors[layer] is None:

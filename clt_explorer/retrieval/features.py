@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
+from ..model.surrogate import check_feature
 from ..model.teacher import Teacher
 from ..progress import tqdm
 from ..storage import AssetError, check_keys, load_tensors, read_json, save_tensors, write_json
@@ -196,9 +197,7 @@ class FeatureStore:
 
     def top_images(self, layer: int, feature: int) -> TopImages:
         """The feature's top images (only those where it fires), with their patch maps dequantised."""
-        if not (0 <= layer < self.n_layers and 0 <= feature < self.n_features):
-            raise ValueError(f"feature {layer}:{feature} does not exist: layers 0..{self.n_layers - 1}, "
-                             f"features 0..{self.n_features - 1}")
+        check_feature(layer, feature, self.n_layers, self.n_features)
         with safe_open(str(self.folder / TOP), "pt") as f:
             ids = f.get_slice("ids")[layer:layer + 1, feature:feature + 1][0, 0]
             peaks = f.get_slice("peaks")[layer:layer + 1, feature:feature + 1][0, 0]
