@@ -46,6 +46,7 @@ from clt_explorer.model.zeroshot import ZeroShotClassifier
 from clt_explorer.retrieval.build import COMPACT_DEFAULTS
 from clt_explorer.retrieval.compact import FORMAT
 from clt_explorer.retrieval.features import FeatureStatistics
+from clt_explorer.retrieval.index import RetrievalIndex
 from clt_explorer.retrieval.thumbnails import build_thumbnails
 from clt_explorer.storage import write_json
 from clt_explorer.training.tiny_clip import save_open_clip_folder
@@ -70,9 +71,11 @@ class RandomColours(torch.utils.data.Dataset):
 
 
 def build_true_size_bundle(folder: Path) -> Path:
-    """A random-weight bundle with the sizes of a real ViT-B/32 one (skipped when present)."""
-    if Bundle.exists(folder):
+    """A random-weight bundle with the sizes of a real ViT-B/32 one (skipped when present with indexes of this
+    version's format; rebuilt otherwise)."""
+    if Bundle.exists(folder) and RetrievalIndex.exists(Bundle.load(folder).retrieval_dir("relu_topk")):
         return folder
+    shutil.rmtree(folder, ignore_errors=True)
     start = time.time()
     torch.manual_seed(0)
     bundle = Bundle.create(folder, "true-size-random", {"model": LOCAL_TEACHER},

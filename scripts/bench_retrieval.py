@@ -4,7 +4,9 @@ share of the exact index's (N x F x 4 bytes), and the time of one query on one l
 Two modes:
 
 - ``--bundle DIR``: the bundle's own indexes on its real codes: 200 held-out images against exact search over the
-  indexed training images (streamed), per CLT, token set and layer.
+  indexed training images (streamed), per CLT, token set and layer. With ``--budget B``, indexes rebuilt from the
+  bundle's codes at that budget (``--coarse-keep``, no minimum size): the demo keeps every entry otherwise, and this
+  puts its real codes in the regime of a true-size index.
 - synthetic, true size (default: 50k images, F = 12288, k = 128, 49 patch tokens + CLS, as ViT-B/32): codes from a
   generator fitted to the demo bundle's real codes. Each image draws a pool of features (78% from its class's pool,
   the rest by a global Zipf popularity), each token picks k of them with Zipf(0.6) weights over the pool, values are
@@ -15,7 +17,8 @@ Two modes:
   patch mean then has ~2600 non-zeros with a long tail. ``--pool-per-patch 0`` keeps the pool at 11 k instead
   (~1240 non-zeros). The indexes and their exact reference are built for one layer; the app holds 2 x L per CLT.
 
-    python scripts/bench_retrieval.py [--bundle DIR] [--images 50000] [--budget 0.1] [--queries 200]
+    python scripts/bench_retrieval.py [--bundle DIR [--budget 0.1 --coarse-keep 16]] [--images 50000] [--budget 0.1]
+        [--queries 200]
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch
 
 from clt_explorer.assets.bundle import open_bundle
 from clt_explorer.assets.evaluation_runs import bundle_split
-from clt_explorer.retrieval.build import COMPACT_DEFAULTS
-from clt_explorer.retrieval.compact import CompactBuilder, fine_width, recall_at
+from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder
+from clt_explorer.retrieval.compact import recall_at
 from clt_explorer.retrieval.exact import image_descriptors
 from clt_explorer.retrieval.index import ExactIndex
 from clt_explorer.retrieval.quality import held_out_pixels, recall_against_exact
@@ -76,10 +79,7 @@ def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int
 def compact_index(database: np.ndarray, budget: float, workdir: Path):
     """The compact index of a descriptor matrix, with the app's settings and a byte budget."""
     n, n_features = database.shape
-    settings = {**COMPACT_DEFAULTS, "budget": budget}
-    width = fine_width(n, n_features, budget, settings["min_bytes"], settings["coarse_keep"])
-    builder = CompactBuilder(n, n_features, width, workdir, "bench", settings["coarse_keep"], settings["query_keep"],
-                             settings["candidates"])
+    builder = compact_builder(n, n_features, {**COMPACT_DEFAULTS, "budget": budget}, workdir, "bench")
     for start in range(0, n, 1000):
         builder.add(database[start:start + 1000])
     return builder.finish()
@@ -116,7 +116,7 @@ def synthetic(args: argparse.Namespace) -> dict:
             rows[budget] = {"recall_at_10": recall_at(reference.tolist(), found.tolist(), 10),
                             "index_bytes": index.nbytes, "share_of_exact": index.nbytes / exact_bytes,
                             "query_ms_per_layer": ms, "build_s": build,
-                            "fine_entries": int(index.arrays["fine_gaps"].shape[1])}
+                            "fine_bytes_per_image": int(index.arrays["fine_rows"].shape[1])}
             r = rows[budget]
             print(f"{tokens:8} {f'compact budget {budget:.0%}':24} {build:8.1f} {r['index_bytes'] / 1e6:9.1f} "
                   f"{100 * r['share_of_exact']:9.1f}% {ms:9.2f} {r['recall_at_10']:9.3f}")
@@ -134,13 +134,23 @@ def on_bundle(args: argparse.Namespace) -> dict:
     bundle = open_bundle(args.bundle)
     teacher, store = bundle.load_teacher(), bundle.load_thumbnails()
     train, test = bundle_split(bundle, "train"), bundle_split(bundle, "test")
+    pixels = held_out_pixels(teacher, test, args.queries)
+    if args.budget:
+        print(f"indexes rebuilt from the bundle's codes at a budget of {args.budget[0]:.1%} "
+              f"(coarse_keep {args.coarse_keep}, no minimum size)")
     print(f"{'CLT':10} {'tokens':8} {'recall@10 per layer':36} {'MB':>7} {'% of exact':>10} {'ms/query':>9}")
     results = {}
     for name in bundle.clt_names:
-        clt, index = bundle.load_clt(name, teacher), bundle.load_index(name, len(store))
-        recall = recall_against_exact(teacher, clt, index, train, store.dataset_indices, test, args.queries,
-                                      progress=False)
-        queries = image_descriptors(teacher, clt, held_out_pixels(teacher, test, args.queries))
+        clt = bundle.load_clt(name, teacher)
+        if args.budget:
+            index = build_retrieval(teacher, clt, train, store.dataset_indices, progress=False, recall_queries=pixels,
+                                    budget=args.budget[0], min_bytes=0, coarse_keep=args.coarse_keep)
+            recall = index.settings["recall_at_10"]
+        else:
+            index = bundle.load_index(name, len(store))
+            recall = recall_against_exact(teacher, clt, index, train, store.dataset_indices, test, args.queries,
+                                          progress=False)
+        queries = image_descriptors(teacher, clt, pixels)
         results[name] = {}
         for tokens, per_layer in recall.items():
             exact_bytes = len(store) * clt.config.n_features * 4
@@ -153,7 +163,8 @@ def on_bundle(args: argparse.Namespace) -> dict:
                   f"{100 * nbytes / exact_bytes:9.1f}% {ms:9.2f}")
     worst = min(r for per_clt in results.values() for t in per_clt.values() for r in t["recall_at_10"])
     print(f"{args.queries} held-out images of {bundle.name}; exact search over the {len(store)} indexed images")
-    return {"recall_at_10": worst, "mode": index.mode, "bundle": bundle.name, "per_clt": results}
+    return {"recall_at_10": worst, "mode": index.mode, "bundle": bundle.name, "budget": args.budget,
+            "per_clt": results}
 
 
 def main() -> None:
@@ -164,13 +175,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--patches", type=int, default=49)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--budget", type=float, nargs="+", default=[COMPACT_DEFAULTS["budget"]],
-                        help="fine-tier byte budgets as shares of the exact index (the first is summarised)")
+    parser.add_argument("--budget", type=float, nargs="+",
+                        help="compact index byte budgets as shares of the exact index (the first is summarised; "
+                             f"default {COMPACT_DEFAULTS['budget']}); with --bundle, rebuild its indexes at the first "
+                             "budget from its codes, with no minimum size")
+    parser.add_argument("--coarse-keep", type=int, default=COMPACT_DEFAULTS["coarse_keep"],
+                        help="coarse entries per image when --bundle rebuilds its indexes")
     parser.add_argument("--pool-per-patch", type=float, default=0.69)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(json.dumps(on_bundle(args) if args.bundle else synthetic(args)))
+    if args.bundle:
+        print(json.dumps(on_bundle(args)))
+    else:
+        args.budget = args.budget or [COMPACT_DEFAULTS["budget"]]
+        print(json.dumps(synthetic(args)))
 
 
 if __name__ == "__main__":

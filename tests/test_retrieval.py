@@ -5,7 +5,8 @@ import torch
 from clt_explorer.data import load_dataset
 from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.retrieval.build import build_retrieval
-from clt_explorer.retrieval.compact import CompactBuilder, encode_rows, fine_width
+from clt_explorer.retrieval.compact import CompactBuilder, fine_bytes
+from clt_explorer.retrieval.fine_rows import encode_fine_rows, fine_scores
 from clt_explorer.retrieval.index import DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, descriptors
 from clt_explorer.retrieval.quality import recall_against_exact, same_class_rates
 from clt_explorer.retrieval.thumbnails import ThumbnailStore, build_thumbnails
@@ -33,11 +34,11 @@ def test_descriptors_are_normalised_cls_code_and_patch_mean():
 
 
 def compact(database, width=None, tmp=None, **settings):
-    """A compact index of ``database`` (every entry kept unless ``width`` slots are fewer)."""
+    """A compact index of ``database`` (every entry kept unless ``width`` fine bytes per image are fewer)."""
     import tempfile
     from pathlib import Path
 
-    width = width or database.shape[1] + 2
+    width = width or 3 * (database.shape[1] + 2)
     builder = CompactBuilder(*database.shape, width, Path(tmp or tempfile.mkdtemp()), "t", **settings)
     for start in range(0, len(database), 64):
         builder.add(database[start:start + 64])
@@ -53,33 +54,90 @@ def test_compact_with_every_entry_is_exact_search_within_float16(signed):
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_ids, c_ids)]) >= 0.99
 
 
-def test_the_fine_tier_keeps_the_largest_entries_exactly_and_long_gaps_take_slots():
+def decode_fine_row(data, head_count, scale, signed, n_features):
+    """The dense vector a fine row stands for, read byte by byte as the format says (a reference for the vectorised
+    decoder): 3-byte head slots (gap, little-endian float16), then 1-byte tail slots (gap << 4 | code)."""
+    dense, feature = np.zeros(n_features), 0
+    for slot in range(head_count):
+        gap, low, high = data[3 * slot:3 * slot + 3]
+        feature += int(gap)
+        dense[feature] += np.frombuffer(bytes([low, high]), "<f2")[0]
+    feature = 0
+    for byte in data[3 * head_count:]:
+        feature += int(byte) >> 4
+        code = int(byte) & 15
+        if signed:
+            magnitude = (code - 8 if code > 8 else code) / 7
+            dense[feature] += (-1 if code > 8 else 1) * magnitude ** 2 * scale
+        else:
+            dense[feature] += (code / 15) ** 2 * scale
+    return dense
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_4_bits(signed):
     rng = np.random.default_rng(0)
-    vectors = np.zeros((6, 2000), np.float32)
-    vectors[:, rng.choice(2000, 50, replace=False)] = rng.normal(size=(6, 50))
-    vectors[0] = 0
-    vectors[0, [3, 700, 1999]] = [1.0, -2.0, 0.5]  # gaps of 697 and 1299 need 2 and 5 extra slots
-    for width in (60, 20, 8, 3):
-        gaps, values = encode_rows(vectors, width)
-        features = np.cumsum(gaps.astype(np.int64), axis=1)
-        for row in range(6):
-            kept = values[row] != 0
-            decoded = dict(zip(features[row][kept].tolist(), values[row][kept].astype(np.float32).tolist()))
-            strongest = np.argsort(-np.abs(vectors[row]), kind="stable")[:len(decoded)]
-            assert set(decoded) == set(strongest.tolist()), (width, row)
-            assert all(abs(vectors[row, f] - v) <= 1e-3 * abs(vectors[row, f]) for f, v in decoded.items())
-            slots = lambda ids: len(ids) + sum(max(0, (b - a - 1) // 255) for a, b in zip([0, *ids], ids))  # noqa
-            n = len(decoded)  # as many of the strongest as fit, with the slots of their long gaps
-            assert slots(sorted(strongest)) <= width
-            assert n == (vectors[row] != 0).sum() or slots(sorted(np.argsort(-np.abs(vectors[row]))[:n + 1])) > width
-        assert (values[0] != 0).sum() == {60: 3, 20: 3, 8: 2, 3: 1}[width]
-    assert fine_width(10_000, 512, 0.05, 32 * 2**20, 64) == 512 + 3  # a small corpus keeps every entry
-    assert fine_width(50_000, 12288, 0.1, 32 * 2**20, 64) == (0.1 * 12288 * 4 - 64 * 5 - 4) // 3
+    n_features = 2000
+    vectors = np.zeros((7, n_features), np.float32)
+    for row in vectors:
+        ids = rng.choice(n_features, 300, replace=False)
+        row[ids] = rng.normal(size=300) if signed else rng.exponential(size=300)
+    vectors[0] = 0  # an empty row
+    vectors[1] = 0
+    vectors[1, [3, 700, 1999]] = [1.0, -2.0 if signed else 2.0, 0.5]  # long gaps take extra head slots
+    vectors[2, :] = 0
+    vectors[2, ::40] = np.linspace(1, 0.01, 50)  # gaps of 40 take extra tail slots once the head is full
+    query = rng.normal(size=n_features).astype(np.float32)
+    for width, head_keep in ((3 * 2010, 8), (400, 8), (400, 64), (100, 8), (12, 8)):
+        rows = encode_fine_rows(vectors, width, head_keep)
+        assert rows.data.shape == (7, width)
+        decoded = np.stack([decode_fine_row(rows.data[r], int(rows.head_count[r]), float(rows.tail_scale[r]),
+                                            bool(rows.tail_signed[r]), n_features) for r in range(7)])
+        assert np.allclose(fine_scores(rows, query), decoded @ query, rtol=1e-5, atol=1e-6)
+        for r in range(7):
+            kept = np.flatnonzero(decoded[r])
+            order = np.argsort(-np.abs(vectors[r]), kind="stable")
+            assert set(kept) <= set(order[:len(kept) + 1]), (width, r)  # the strongest (a tail entry may code to 0)
+            head = [f for f in order[:len(kept)] if abs(decoded[r, f] - vectors[r, f]) <= 1e-3 * abs(vectors[r, f])]
+            n_head = int((vectors[r] != 0).sum()) if width == 3 * 2010 else min(head_keep, len(kept))
+            assert len(head) >= n_head, (width, r)  # float16: the whole row when it fits, else at least head_keep
+            step = 0.5 / (7 if signed else 15) + 1e-6  # the tail: within half a code on the square-root scale
+            scale = float(rows.tail_scale[r]) or 1
+            tail = np.setdiff1d(kept, head)
+            assert np.all(np.abs(np.sqrt(np.abs(decoded[r, tail]) / scale)
+                                 - np.sqrt(np.abs(vectors[r, tail]) / scale)) <= step), (width, r)
+            assert np.all(np.sign(decoded[r, tail]) == np.sign(vectors[r, tail]))
+    rows = encode_fine_rows(vectors[:2], 12, 8)  # 4 head slots: the two strongest of row 1 fit, with 2 extra slots
+    assert rows.head_count.tolist() == [0, 4]
+    decoded = decode_fine_row(rows.data[1], 4, float(rows.tail_scale[1]), bool(rows.tail_signed[1]), n_features)
+    assert dict(zip(*np.nonzero(decoded), decoded[decoded != 0])) == {3: 1.0, 700: vectors[1, 700]}
+
+
+def test_fine_rows_spend_spare_bytes_on_float16_and_score_closer_than_float16_alone():
+    """With bytes for every entry at 4 bits but not in float16, the head grows into what the tail leaves; and at the
+    same bytes a short float16 head with a 4-bit tail ranks like the exact cosine more often than float16 alone."""
+    database, queries = random_descriptors(400, f=1000, nnz=200), random_descriptors(40, f=1000, nnz=200, seed=1)
+    rows = encode_fine_rows(database, 500, 16)
+    tail_slots = [len(row) - 3 * h - np.argmax(row[::-1] != 0) for row, h in zip(rows.data, rows.head_count)]
+    assert (rows.head_count > 16).all() and (3 * rows.head_count + tail_slots <= 500).all()
+    exact = np.argsort(-(queries @ database.T), axis=1)[:, :10]
+
+    def recall(head_keep):
+        rows = encode_fine_rows(database, 200, head_keep)
+        found = np.argsort(-np.stack([fine_scores(rows, q) for q in queries]), axis=1)[:, :10]
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)])
+
+    assert recall(16) > recall(10**6) + 0.1  # head_keep 10**6: every byte in float16 head slots
+
+
+def test_fine_bytes_follow_the_budget_and_keep_small_corpora_whole():
+    assert fine_bytes(10_000, 512, 0.05, 32 * 2**20, 64) == 3 * (512 + 3)  # a small corpus keeps every entry
+    assert fine_bytes(50_000, 12288, 0.05, 32 * 2**20, 64) == int(0.05 * 12288 * 4 - 64 * 5 - 11)
 
 
 def test_every_indexed_vector_finds_itself_first():
     database = random_descriptors(300)
-    for index in (ExactIndex.build(database), compact(database, width=20, coarse_keep=8, query_keep=64)):
+    for index in (ExactIndex.build(database), compact(database, width=60, coarse_keep=8, query_keep=64)):
         _, ids = index.search(database, 3)
         assert (ids[:, 0] == np.arange(300)).all()
 
@@ -88,7 +146,7 @@ def test_every_indexed_vector_finds_itself_first():
 def test_save_load_round_trip_returns_identical_results(tmp_path, mode):
     database, queries = random_descriptors(100), torch.from_numpy(random_descriptors(5, seed=2))
     make = (lambda d: ExactIndex.build(d)) if mode == "exact" else (
-        lambda d: compact(d, width=30, coarse_keep=10, query_keep=30, candidates=20))
+        lambda d: compact(d, width=90, coarse_keep=10, query_keep=30, candidates=20))
     index = RetrievalIndex({tokens: [make(database), make(database[::-1].copy())] for tokens in DESCRIPTOR_TOKENS},
                            mode, {"budget": 0.1})
     index.save(tmp_path)

@@ -75,7 +75,7 @@ class BundleJob:
     retrieval_mode: str = "compact"
     """Retrieval index kind: compact (for the app) or exact (FAISS flat, large)."""
     retrieval_budget: float = COMPACT_DEFAULTS["budget"]
-    """Bytes of a compact index's fine tier, as a share of the exact index's (more: higher recall)."""
+    """Bytes of a compact index (both tiers), as a share of the exact index's (more: higher recall)."""
     thumbnail_size: int = 96
     """Longest side of the training-image thumbnails, in pixels."""
     batch_size: int = 64

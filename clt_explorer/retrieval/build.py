@@ -16,7 +16,7 @@ from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
 from ..progress import tqdm
-from .compact import CompactBuilder, fine_width
+from .compact import CompactBuilder, fine_bytes
 from .exact import ExactTopK, image_descriptors
 from .index import DESCRIPTOR_TOKENS, MODES, ExactIndex, RetrievalIndex
 from .quality import index_recall
@@ -38,7 +38,15 @@ class _ExactSpool:
         return ExactIndex.build(self.dense)
 
 
-COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 64, "query_keep": 512, "candidates": 300}
+COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 64, "query_keep": 512, "candidates": 300,
+                    "head_share": 0.1}
+
+
+def compact_builder(n_images: int, n_features: int, settings: dict, workdir: Path, name: str) -> CompactBuilder:
+    """A builder of the compact index of ``n_images`` descriptors with the given ``COMPACT_DEFAULTS``-style settings."""
+    width = fine_bytes(n_images, n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"])
+    return CompactBuilder(n_images, n_features, width, workdir, name, settings["coarse_keep"], settings["query_keep"],
+                          settings["candidates"], settings["head_share"])
 
 
 @torch.no_grad()
@@ -46,11 +54,13 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
                     mode: str = "compact", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
                     recall_queries: torch.Tensor | None = None, **compact) -> RetrievalIndex:
     """Stream ``dataset[indices]`` through teacher and CLT and index its descriptors (row r = indices[r]). The
-    compact mode's settings (``COMPACT_DEFAULTS``): the fine tier may take ``budget`` x the exact index's bytes,
+    compact mode's settings (``COMPACT_DEFAULTS``): the whole index may take ``budget`` x the exact index's bytes,
     or ``min_bytes`` per index when that is more (so small corpora keep every entry), the coarse tier keeps
     ``coarse_keep`` entries per image, a query uses its ``query_keep`` largest entries to find ``candidates``
-    images that the fine tier ranks. With ``recall_queries`` (preprocessed held-out images), the same pass finds
-    their exact top-10 and the index's settings record its recall@10 against it (per token set and layer)."""
+    images that the fine tier ranks; a fine row that cannot keep every entry in float16 spends at least
+    ``head_share`` of its bytes on its largest entries in float16. With ``recall_queries`` (preprocessed held-out
+    images), the same pass finds their exact top-10 and the index's settings record its recall@10 against it (per
+    token set and layer)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     unknown = set(compact) - set(COMPACT_DEFAULTS)
@@ -62,9 +72,7 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
         def spool(name: str):
             if mode == "exact":
                 return _ExactSpool(n, c.n_features, Path(workdir), name)
-            width = fine_width(n, c.n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"])
-            return CompactBuilder(n, c.n_features, width, Path(workdir), name, settings["coarse_keep"],
-                                  settings["query_keep"], settings["candidates"])
+            return compact_builder(n, c.n_features, settings, Path(workdir), name)
 
         spools = {tokens: [spool(f"{tokens}{layer}") for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
         exact = None if recall_queries is None else ExactTopK(image_descriptors(teacher, clt, recall_queries), 10)

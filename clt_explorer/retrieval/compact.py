@@ -4,14 +4,12 @@
   matrix whose columns are features. A query scores every image through the columns of its own
   ``query_keep`` largest entries and keeps the ``candidates`` best: this only has to find the true
   neighbours among a few hundred, not to rank them.
-- fine: each descriptor's largest entries, as many as the byte budget allows (all of them when they fit):
-  feature ids as 8-bit gaps to the previous id (a slot of gap 255 and value 0 only moves on) and values
-  in float16. The candidates are scored again against the whole query and the best k returned.
+- fine: each descriptor in a fixed number of bytes (:mod:`.fine_rows`): every entry in float16 when they fit, else
+  its largest ones in float16 and as many of the next ones as fit at 4 bits. The candidates are scored again
+  against the whole query and the best k returned.
 
-Descriptors are normalised with their full norm, so a fine score is the cosine minus what the entries
-left out would add, within float16 rounding: the exact cosine when every entry fits. Eight bits per
-value are not enough here: on the demo bundle's real codes, 8-bit values of every entry lose 1-4
-points of recall@10 against float16 (neighbours differ by very little), and float16 loses none.
+Descriptors are normalised with their full norm, so a fine score is the cosine less what the entries left out would
+add and the rounding of the 4-bit ones: the exact cosine within float16 rounding when every entry fits.
 
 On disk, a folder of .npy arrays (no pickles) and meta.json; ``FORMAT`` versions the layout.
 """
@@ -27,11 +25,11 @@ import numpy as np
 import scipy.sparse
 
 from ..storage import AssetError, check_keys, read_json, write_json
+from .fine_rows import HEAD_GAP_MAX, HEAD_SLOT_BYTES, FineRows, encode_fine_rows, fine_scores
 
-FORMAT = 2  # 1: one tier of truncated 8-bit entries (rebuilt automatically: it does not load)
-GAP_MAX = 255
-FINE_BYTES_PER_SLOT = 3  # an 8-bit gap and a float16 value
+FORMAT = 3  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16 (both rebuilt automatically)
 COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
+ROW_BYTES = 4 + 2 + 4 + 1  # per image: coarse scale, head slots, tail scale, tail signedness
 
 
 def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,49 +39,14 @@ def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]
     return indices, np.take_along_axis(vectors, indices, axis=1)
 
 
-def encode_rows(vectors: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each descriptor's largest non-zero entries as (gaps uint8, values float16) [n, width], sorted by feature,
-    with the slots that gaps longer than 255 need: as many entries as fit in ``width`` slots, the rest padding
-    (gap 0, value 0). Slot j holds the feature at the sum of the gaps up to j."""
-    n, n_features = vectors.shape
-    keep = min(width, n_features)
-    ids = np.argpartition(-np.abs(vectors), keep - 1, axis=1)[:, :keep]
-    ids = np.sort(np.where(np.take_along_axis(vectors, ids, 1) != 0, ids, n_features), axis=1)  # zeros last
-    valid = ids < n_features
-    steps = np.diff(ids, axis=1, prepend=0)
-    pads = np.where(valid, np.maximum(0, (steps - 1) // GAP_MAX), 0)
-    slot = np.cumsum(pads + valid, axis=1) - 1  # the slot of each entry
-    gaps, values = np.zeros((n, width), np.uint8), np.zeros((n, width), np.float16)
-    fits = slot.max(1, initial=-1) < width
-    rows = np.flatnonzero(fits)
-    gaps[rows] = np.where(np.arange(width) < slot[rows].max(1, initial=-1)[:, None] + 1, GAP_MAX, 0)  # pads first
-    r, j = np.nonzero(valid[rows])
-    row, at = rows[r], slot[rows[r], j]
-    gaps[row, at] = steps[row, j] - pads[row, j] * GAP_MAX  # then each entry overwrites its own slot
-    values[row, at] = vectors[row, ids[row, j]]
-    for row in np.flatnonzero(~fits):  # rare: long gaps push the row over its width; keep fewer entries
-        strongest = np.argsort(-np.abs(vectors[row]), kind="stable")[:int(valid[row].sum())]
-        n = len(strongest)
-        while n > 0 and _slots(np.sort(strongest[:n])) > width:
-            n -= 1
-        fewer = np.zeros_like(vectors[row])
-        fewer[strongest[:n]] = vectors[row, strongest[:n]]
-        encoded = encode_rows(fewer[None], width)
-        gaps[row], values[row] = encoded[0][0], encoded[1][0]
-    return gaps, values
-
-
-def _slots(ids: np.ndarray) -> int:
-    """Slots that sorted feature ids need, with the pads of their long gaps."""
-    steps = np.diff(ids, prepend=0)
-    return len(ids) + int(np.maximum(0, (steps - 1) // GAP_MAX).sum())
+FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed")  # in the order of FineRows
 
 
 class CompactIndex:
     """Two-tier cosine search; build it with :class:`CompactBuilder`."""
 
     suffix = ".compact"
-    ARRAYS = ("coarse_data", "coarse_indices", "coarse_indptr", "coarse_scale", "fine_gaps", "fine_values")
+    ARRAYS = ("coarse_data", "coarse_indices", "coarse_indptr", "coarse_scale", *FINE_ARRAYS)
 
     def __init__(self, arrays: dict[str, np.ndarray], n_features: int, query_keep: int, candidates: int):
         self.arrays, self.query_keep, self.candidates = arrays, query_keep, candidates
@@ -105,7 +68,6 @@ class CompactIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, rows) per query [Q, F]."""
         k = min(k, len(self))
-        gaps, values = self.arrays["fine_gaps"], self.arrays["fine_values"]
         scores_out, rows_out = [], []
         for query in np.asarray(queries, dtype=np.float32):
             columns, weights = top_entries(query[None], self.query_keep)
@@ -114,8 +76,7 @@ class CompactIndex:
             coarse *= self.arrays["coarse_scale"]
             n_candidates = min(len(self), max(k, self.candidates))
             candidates = np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])  # sorted: mmap reads
-            features = np.minimum(np.cumsum(gaps[candidates], axis=1, dtype=np.int64), self.n_features - 1)
-            fine = (query[features] * values[candidates].astype(np.float32)).sum(1)
+            fine = fine_scores(FineRows(*(self.arrays[name][candidates] for name in FINE_ARRAYS)), query)
             best = np.argsort(-fine, kind="stable")[:k]
             scores_out.append(fine[best])
             rows_out.append(candidates[best])
@@ -155,8 +116,7 @@ class CompactIndex:
         except (OSError, ValueError) as error:
             raise AssetError(f"{path}: unreadable index array ({error})") from error
         n, n_features = meta["shape"]
-        if not (arrays["coarse_scale"].shape == (n,) and arrays["fine_gaps"].shape[0] == n
-                and arrays["fine_gaps"].shape == arrays["fine_values"].shape):
+        if not all(arrays[name].shape[0] == n for name in ("coarse_scale", *FINE_ARRAYS)):
             raise AssetError(f"{path}: arrays of {n} rows expected, found {[a.shape for a in arrays.values()]}")
         try:
             index = cls(arrays, n_features, int(meta["query_keep"]), int(meta["candidates"]))
@@ -167,29 +127,33 @@ class CompactIndex:
 
 
 class CompactBuilder:
-    """Streams descriptors into a :class:`CompactIndex`: the fine tier goes to a memory map in ``workdir``, the
-    coarse entries (a few per row) stay in memory. ``fine_width`` slots per row hold the fine tier."""
+    """Streams descriptors into a :class:`CompactIndex`: the fine rows (``fine_bytes`` per image; in rows that do not
+    fit whole, at least ``head_share`` of them for float16 entries) go to a memory map in ``workdir``, the coarse
+    entries (a few per row) and the per-row numbers stay in memory."""
 
-    def __init__(self, n_images: int, n_features: int, fine_width: int, workdir: Path, name: str,
-                 coarse_keep: int = 64, query_keep: int = 512, candidates: int = 300):
+    def __init__(self, n_images: int, n_features: int, fine_bytes: int, workdir: Path, name: str,
+                 coarse_keep: int = 64, query_keep: int = 512, candidates: int = 300, head_share: float = 0.1):
         self.n_images, self.n_features, self.row = n_images, n_features, 0
         self.coarse_keep, self.query_keep, self.candidates = min(coarse_keep, n_features), query_keep, candidates
-        self.gaps = np.lib.format.open_memmap(workdir / f"{name}_gaps.npy", "w+", np.uint8, (n_images, fine_width))
-        self.values = np.lib.format.open_memmap(workdir / f"{name}_values.npy", "w+", np.float16,
-                                                (n_images, fine_width))
+        self.head_keep = max(1, round(head_share * fine_bytes / HEAD_SLOT_BYTES))
+        self.fine = np.lib.format.open_memmap(workdir / f"{name}_fine.npy", "w+", np.uint8, (n_images, fine_bytes))
+        self.per_row = {"head_count": np.zeros(n_images, np.uint16), "tail_scale": np.zeros(n_images, np.float32),
+                        "tail_signed": np.zeros(n_images, bool)}
         self.coarse_indices = np.zeros((n_images, self.coarse_keep), np.int64)
         self.coarse_values = np.zeros((n_images, self.coarse_keep), np.float32)
 
     def add(self, batch: np.ndarray) -> None:
         rows = slice(self.row, self.row + batch.shape[0])
         self.coarse_indices[rows], self.coarse_values[rows] = top_entries(batch, self.coarse_keep)
-        self.gaps[rows], self.values[rows] = encode_rows(batch, self.gaps.shape[1])
+        encoded = encode_fine_rows(batch, self.fine.shape[1], self.head_keep)
+        self.fine[rows] = encoded.data
+        for name, values in self.per_row.items():
+            values[rows] = getattr(encoded, name)
         self.row += batch.shape[0]
 
     def finish(self) -> CompactIndex:
-        """The index (its fine tier trimmed to the widest row actually used)."""
-        occupied = ((self.gaps != 0) | (self.values != 0)).any(0)
-        used = max(1, int(np.flatnonzero(occupied).max(initial=-1)) + 1)
+        """The index (its fine rows trimmed to the longest row actually used)."""
+        used = max(1, int(np.flatnonzero(self.fine.any(0)).max(initial=-1)) + 1)
         values = self.coarse_values
         signed = bool((values < 0).any())
         levels, dtype = (127, np.int8) if signed else (255, np.uint8)
@@ -202,17 +166,17 @@ class CompactBuilder:
         matrix = matrix.tocsc()
         arrays = {"coarse_data": matrix.data, "coarse_indices": matrix.indices.astype(np.int32),
                   "coarse_indptr": matrix.indptr.astype(np.int64), "coarse_scale": scale,
-                  "fine_gaps": np.array(self.gaps[:, :used]), "fine_values": np.array(self.values[:, :used])}
+                  "fine_rows": np.array(self.fine[:, :used]), **self.per_row}
         return CompactIndex(arrays, self.n_features, self.query_keep, self.candidates)
 
 
-def fine_width(n_images: int, n_features: int, budget: float, min_bytes: int, coarse_keep: int) -> int:
-    """Slots per row of the fine tier: what ``budget`` x the exact index's bytes (4 bytes per feature and image)
-    allows, or ``min_bytes`` for the whole index when that is more (small corpora keep every entry), never more
-    than a row could need (every feature, with the slots of its gaps)."""
+def fine_bytes(n_images: int, n_features: int, budget: float, min_bytes: int, coarse_keep: int) -> int:
+    """Bytes per fine row: what ``budget`` x the exact index's bytes (4 bytes per feature and image) leaves after the
+    coarse tier, or ``min_bytes`` for the whole index when that is more (small corpora keep every entry), never
+    more than a row could need (every feature in a float16 head slot, with the slots of its gaps)."""
     allowed = max(budget * n_images * n_features * 4, min_bytes) / n_images
-    slots = int((allowed - coarse_keep * COARSE_BYTES_PER_ENTRY - 4) // FINE_BYTES_PER_SLOT)
-    return max(1, min(slots, n_features + n_features // GAP_MAX + 1))
+    row = int(allowed - coarse_keep * COARSE_BYTES_PER_ENTRY - ROW_BYTES)
+    return max(HEAD_SLOT_BYTES, min(row, HEAD_SLOT_BYTES * (n_features + n_features // HEAD_GAP_MAX + 1)))
 
 
 def recall_at(reference: Sequence[Sequence[int]], found: Sequence[Sequence[int]], k: int) -> float:
