@@ -68,9 +68,9 @@ def decode_fine_row(data, head_count, scale, signed, n_features):
         code = int(byte) & 15
         if signed:
             magnitude = (code - 8 if code > 8 else code) / 7
-            dense[feature] += (-1 if code > 8 else 1) * magnitude ** 2 * scale
+            dense[feature] += (-1 if code > 8 else 1) * magnitude * scale
         else:
-            dense[feature] += (code / 15) ** 2 * scale
+            dense[feature] += code / 15 * scale
     return dense
 
 
@@ -101,11 +101,9 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
             head = [f for f in order[:len(kept)] if abs(decoded[r, f] - vectors[r, f]) <= 1e-3 * abs(vectors[r, f])]
             n_head = int((vectors[r] != 0).sum()) if width == 3 * 2010 else min(head_keep, len(kept))
             assert len(head) >= n_head, (width, r)  # float16: the whole row when it fits, else at least head_keep
-            step = 0.5 / (7 if signed else 15) + 1e-6  # the tail: within half a code on the square-root scale
-            scale = float(rows.tail_scale[r]) or 1
+            step = 0.5 / (7 if signed else 15) + 1e-6  # the tail: within half a code of its row's scale
             tail = np.setdiff1d(kept, head)
-            assert np.all(np.abs(np.sqrt(np.abs(decoded[r, tail]) / scale)
-                                 - np.sqrt(np.abs(vectors[r, tail]) / scale)) <= step), (width, r)
+            assert np.all(np.abs(decoded[r, tail] - vectors[r, tail]) <= step * rows.tail_scale[r]), (width, r)
             assert np.all(np.sign(decoded[r, tail]) == np.sign(vectors[r, tail]))
     rows = encode_fine_rows(vectors[:2], 12, 8)  # 4 head slots: the two strongest of row 1 fit, with 2 extra slots
     assert rows.head_count.tolist() == [0, 4]
