@@ -50,8 +50,7 @@ def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int) -> FineRow
     n, n_features = vectors.shape
     by_magnitude, nnz = _by_magnitude(vectors)
     first, head_slots = np.zeros(n, np.int64), np.full(n, width // HEAD_SLOT_BYTES)
-    _, most = _fit(by_magnitude, first, nnz, head_slots, HEAD_GAP_MAX, n_features)
-    whole = most == nnz
+    whole = _slot_count(_take(by_magnitude, first, nnz, n_features), HEAD_GAP_MAX, n_features) <= head_slots
     head = np.where(whole, nnz, _head_count(by_magnitude, nnz, width, head_keep, n_features, whole))
     head_ids, head = _fit(by_magnitude, first, head, head_slots, HEAD_GAP_MAX, n_features)
     head_bytes = HEAD_SLOT_BYTES * _slot_count(head_ids, HEAD_GAP_MAX, n_features)
@@ -162,7 +161,7 @@ def _fit(by_magnitude: np.ndarray, start: np.ndarray, count: np.ndarray, slots: 
     """The most entries (of magnitude ranks start..start+count, so the largest first) that fit in ``slots`` slots per
     row: their ids sorted by feature, and their number per row. Fewer entries never take more slots, but leaving
     one out may free more than one (the extra slots of its long gap), so: drop as many as a row has slots too many
-    until it fits, then search between that and the last count that did not fit."""
+    until it fits, try adding back 1, 2, 4, ... while they fit, then halve the last step."""
     def fitting(counts: np.ndarray) -> np.ndarray:
         return _slot_count(_take(by_magnitude, start, counts, n_features), gap_max, n_features) <= slots
 
@@ -174,6 +173,11 @@ def _fit(by_magnitude: np.ndarray, start: np.ndarray, count: np.ndarray, slots: 
             break
         too_many = np.where(over > 0, fits, too_many)
         fits = np.where(over > 0, np.maximum(0, fits - over), fits)
+    step = np.ones_like(fits)
+    while (growing := fits + step < too_many).any():
+        ok = growing & fitting(np.where(growing, fits + step, fits))
+        too_many = np.where(growing & ~ok, fits + step, too_many)
+        fits, step = np.where(ok, fits + step, fits), np.where(ok, 2 * step, step)
     while (too_many - fits > 1).any():
         middle = (fits + too_many) // 2
         ok = fitting(middle)
