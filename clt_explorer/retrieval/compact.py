@@ -29,7 +29,7 @@ from .fine_rows import HEAD_GAP_MAX, HEAD_SLOT_BYTES, FineRows, encode_fine_rows
 
 FORMAT = 3  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16 (both rebuilt automatically)
 COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
-ROW_BYTES = 4 + 2 + 4 + 1  # per image: coarse scale, head slots, tail scale, tail signedness
+ROW_BYTES = 4 + 4 + 4 + 1  # per image: coarse scale, head slots, tail scale, tail signedness
 
 
 def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +137,7 @@ class CompactBuilder:
         self.coarse_keep, self.query_keep, self.candidates = min(coarse_keep, n_features), query_keep, candidates
         self.head_keep = max(1, round(head_share * fine_bytes / HEAD_SLOT_BYTES))
         self.fine = np.lib.format.open_memmap(workdir / f"{name}_fine.npy", "w+", np.uint8, (n_images, fine_bytes))
-        self.per_row = {"head_count": np.zeros(n_images, np.uint16), "tail_scale": np.zeros(n_images, np.float32),
+        self.per_row = {"head_count": np.zeros(n_images, np.uint32), "tail_scale": np.zeros(n_images, np.float32),
                         "tail_signed": np.zeros(n_images, bool)}
         self.coarse_indices = np.zeros((n_images, self.coarse_keep), np.int64)
         self.coarse_values = np.zeros((n_images, self.coarse_keep), np.float32)

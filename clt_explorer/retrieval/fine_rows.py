@@ -58,7 +58,7 @@ def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int) -> FineRow
     data = np.zeros((n, width), np.uint8)
     _write_head(data, vectors, head_ids)
     scale, signed = _write_tail(data, vectors, tail_ids, head_bytes)
-    return FineRows(data, (head_bytes // HEAD_SLOT_BYTES).astype(np.uint16), scale, signed)
+    return FineRows(data, (head_bytes // HEAD_SLOT_BYTES).astype(np.uint32), scale, signed)
 
 
 def fine_scores(rows: FineRows, query: np.ndarray) -> np.ndarray:
