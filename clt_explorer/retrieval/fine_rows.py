@@ -13,7 +13,7 @@ all the others, and as many of the others as fit in the tail.
 
 Why (``scripts/bench_retrieval.py``; fine tier alone on the demo's real patch means, ReLU-TopK layers 1 / 3, at the
 bytes per non-zero of a true-size row at 5%): a cosine scored from twice as many entries, most at 4 bits, ranks
-closer to the exact one than half as many in float16 (0.85 / 0.89 of the exact top 10 against 0.57 / 0.66; 0.966
+closer to the exact one than half as many in float16 (0.85 / 0.89 of the exact top 10 against 0.57 / 0.66; 0.967
 against 0.897 on the true-size synthetic codes). Even steps beat a square-root scale, finer for small values, by 4-5
 points on real codes (large entries meet large query entries), and the largest entries still need float16.
 """
