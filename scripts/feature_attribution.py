@@ -31,7 +31,7 @@ def ablation_drops(explorer: Explorer, image, clt: str, tokens: str, start: int,
     """(layer, drop after ablating the top-n attributed features, drop after ablating n random active ones) for
     every layer with at least n features active at the CLS token; a drop is the predicted logit's decrease."""
     ranked = image_features(explorer, image, clt, tokens, start, per_layer=n, max_cls_rate=None)
-    pixels = explorer.teacher.preprocess_images([image]).to(explorer.device)
+    pixels = explorer.pixels(image)
     replaced = explorer.replaced_pass(pixels, clt, tokens, start, ranked.kept)
     drops = []
     for layer, rows in enumerate(ranked.layers):

@@ -235,6 +235,10 @@ class Explorer:
                 self._dataset_contributions[name] = results["contributions"]
             return self._dataset_contributions[name]
 
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One image preprocessed for the teacher, on the explorer's device: [1, 3, H, W]."""
+        return self.teacher.preprocess_images([image]).to(self.device)
+
     def kept_or_all(self, kept_sources: Sequence[int] | None) -> list[int]:
         """The sources the final layer keeps (all by default), checked."""
         kept = list(range(self.n_layers)) if kept_sources is None else sorted({int(s) for s in kept_sources})
@@ -263,7 +267,7 @@ class Explorer:
         """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final
         layer keeping only the source terms ``kept_sources`` (all by default)."""
         self.check(clt, tokens, start)
-        pixels = self.teacher.preprocess_images([image]).to(self.device)
+        pixels = self.pixels(image)
         return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels),
                              self.kept_or_all(kept_sources))
 
@@ -272,7 +276,7 @@ class Explorer:
         """This image's source layers by C_{s->L-1} over ``tokens`` (its codes in the teacher's pass)."""
         self.check(clt, tokens, 0)
         model = self.clt(clt)
-        codes = model.encode_sparse(self.teacher.capture(self.teacher.preprocess_images([image]).to(self.device)).xs)
+        codes = model.encode_sparse(self.teacher.capture(self.pixels(image)).xs)
         return ranking_of(model.contributions([c.take_tokens(token_index(tokens)) for c in codes]).tolist())
 
     def term_weights(self, kept: list[int]) -> torch.Tensor | None:
@@ -305,7 +309,7 @@ class Explorer:
         self.check(clt, tokens, start)
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
-        pixels = self.teacher.preprocess_images([image]).to(self.device)
+        pixels = self.pixels(image)
         capture = self.teacher.capture(pixels)
         codes = model.encode_sparse(capture.xs)
         yhat = model.decode(codes).float()

@@ -129,10 +129,6 @@ class Intervention:
     seconds: float
 
 
-def _pixels(explorer: Explorer, image: Image.Image) -> torch.Tensor:
-    return explorer.teacher.preprocess_images([image]).to(explorer.device)
-
-
 def _patch_map(codes, feature: int) -> list[float]:
     """A feature's code on every patch token of one image (codes of one layer [1, T, ...], teacher's pass)."""
     return codes.take_tokens(token_index(PATCHES)).dense()[0, :, feature].float().tolist()
@@ -154,7 +150,7 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
         raise ValueError(f"features per layer must be in [1, 50], got {per_layer}")
     kept = explorer.kept_or_all(kept_sources)
     model, teacher, store = explorer.clt(clt), explorer.teacher, explorer.feature_store(clt)
-    pixels = _pixels(explorer, image)
+    pixels = explorer.pixels(image)
     teacher_codes = model.encode_sparse(teacher.capture(pixels).xs)
     replaced = explorer.replaced_pass(pixels, clt, tokens, start, kept)
     predicted = int(replaced.logits[0].argmax())
@@ -198,7 +194,7 @@ def feature_card(explorer: Explorer, clt: str, layer: int, feature: int, image: 
                                     explorer.term_weights(kept))[0]
     activation = image_map = None
     if image is not None:
-        pixels = _pixels(explorer, image)
+        pixels = explorer.pixels(image)
         codes = model.encode_layer(layer, teacher.capture(pixels).xs[layer])
         activation, image_map = float(codes.dense()[0, 0, feature]), _patch_map(codes, feature)
         point, linearised_at = explorer.replaced_pass(pixels, clt, tokens, start, kept).final_cls[0], "this image"
@@ -233,7 +229,7 @@ def intervene(explorer: Explorer, image: Image.Image, clt: str, scales: dict[tup
     began = time.perf_counter()
     explorer.check(clt, tokens, start)
     kept = explorer.kept_or_all(kept_sources)
-    pixels = _pixels(explorer, image)
+    pixels = explorer.pixels(image)
     edited = explorer.replaced_pass(pixels, clt, tokens, start, kept, scales).logits  # first: it checks the scales
     teacher_logits = explorer.classifier.logits(explorer.teacher.encode_images(pixels))
     replaced = explorer.replaced_pass(pixels, clt, tokens, start, kept).logits
