@@ -129,3 +129,14 @@ def test_browser_upload_renders_everything_and_range_changes_update_predictions(
         page.screenshot(path=str(ARTIFACTS / "about.png"), full_page=True)
         page.get_by_role("tab", name="Explore").click()
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+
+def test_the_about_tab_serves_a_copy_of_the_report_made_once_per_bundle_version(explorer):
+    from clt_explorer.app.ui import UploadLimits, build_app
+
+    app = build_app(explorer, UploadLimits())
+    served = Path(app.poll(None, explorer.clt_names[0])[app.about.report])
+    assert served.read_bytes() == explorer.bundle.report_path.read_bytes()
+    made = served.stat().st_mtime_ns
+    again = Path(app.poll(None, explorer.clt_names[0])[app.about.report])  # another page opening
+    assert again == served and again.stat().st_mtime_ns == made

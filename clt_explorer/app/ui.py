@@ -25,7 +25,7 @@ from PIL import Image
 from ..evaluation.figures import cascade_figure, contribution_heatmap, reconstruction_figure, training_figure
 from ..evaluation.tables import evaluation_summary_markdown
 from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
-from ..storage import write_bytes
+from ..storage import atomic_path, write_bytes
 from .analysis import Analysis, Explorer, ModelPass, Predictions, SourceScore, keep_top, remove_top
 from .bundle_source import BuildProgress, GrowingBundle, OpenedBundle
 from .feature_panel import FeaturesPanel
@@ -310,12 +310,14 @@ class AboutPanel:
 
     def render(self, explorer: Explorer, staging: Path) -> dict:
         """The About tab; the report is served from a copy in ``staging`` (the app's own temporary folder: Gradio
-        serves no file from elsewhere, e.g. the Hub cache)."""
+        serves no file from elsewhere, e.g. the Hub cache), made once per version of the bundle, not per page."""
         report = explorer.bundle.report_path
         served = None
         if report.is_file():
-            served = staging / f"{explorer.bundle.name}-report.html"
-            shutil.copyfile(report, served)
+            served = staging / f"report-{explorer.version}" / f"{explorer.bundle.name}-report.html"
+            if not served.is_file():
+                with atomic_path(served) as tmp:
+                    shutil.copyfile(report, tmp)
         return dict(zip(self.components, (about_markdown(explorer), *about_figures(explorer),
                                           str(served) if served else None)))
 
