@@ -16,6 +16,12 @@ Two modes:
   image's pool grows with the number of patches (0.69 k per patch), the harsher of two readings: at true size a
   patch mean then has ~2600 non-zeros with a long tail. ``--pool-per-patch 0`` keeps the pool at 11 k instead
   (~1240 non-zeros). The indexes and their exact reference are built for one layer; the app holds 2 x L per CLT.
+  What it does not reproduce (demo, real / synthetic): the share of a patch mean's non-zeros in features active in
+  most images (0.59-0.74 / 0.11), the cosine of random pairs (0.55-0.72 / 0.23) and of the nearest neighbour
+  (0.89-0.93 / 0.42). Real neighbours are closer, so harder to rank, and real codes share features, which the
+  compact index's common block and correction use: for what a true-size index of real codes would do, rebuild the
+  demo's at the same fine-row bytes per non-zero (``--bundle DIR --budget 0.26``: 150 bytes for ~190 non-zeros, as a
+  true-size patch-mean row at 5% has 2,028 for ~2,580).
 
     python scripts/bench_retrieval.py [--bundle DIR [--budget 0.1 --coarse-keep 16]] [--images 50000] [--budget 0.1]
         [--queries 200]
@@ -34,8 +40,8 @@ import torch
 
 from clt_explorer.assets.bundle import open_bundle
 from clt_explorer.assets.evaluation_runs import bundle_split
-from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder
-from clt_explorer.retrieval.compact import recall_at
+from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder, needs_sample
+from clt_explorer.retrieval.compact import recall_at, spread_rows
 from clt_explorer.retrieval.exact import image_descriptors
 from clt_explorer.retrieval.index import ExactIndex
 from clt_explorer.retrieval.quality import held_out_pixels, recall_against_exact
@@ -79,7 +85,9 @@ def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int
 def compact_index(database: np.ndarray, budget: float, workdir: Path):
     """The compact index of a descriptor matrix, with the app's settings and a byte budget."""
     n, n_features = database.shape
-    builder = compact_builder(n, n_features, {**COMPACT_DEFAULTS, "budget": budget}, workdir, "bench")
+    settings = {**COMPACT_DEFAULTS, "budget": budget}
+    sample = database[spread_rows(n, settings["sample"])] if needs_sample(n, n_features, settings) else None
+    builder = compact_builder(n, n_features, settings, workdir, "bench", sample)
     for start in range(0, n, 1000):
         builder.add(database[start:start + 1000])
     return builder.finish()

@@ -5,8 +5,9 @@ import torch
 from clt_explorer.data import load_dataset
 from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.retrieval.build import build_retrieval
-from clt_explorer.retrieval.compact import CompactBuilder, fine_bytes
-from clt_explorer.retrieval.fine_rows import encode_fine_rows, fine_scores
+from clt_explorer.retrieval.compact import CompactBuilder, fine_bytes, spread_rows
+from clt_explorer.retrieval.fine_codec import COMMON_SHARE, fit_fine_codec
+from clt_explorer.retrieval.fine_rows import decode_fine_rows, encode_fine_rows, fine_scores
 from clt_explorer.retrieval.index import DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, descriptors
 from clt_explorer.retrieval.quality import recall_against_exact, same_class_rates
 from clt_explorer.retrieval.thumbnails import ThumbnailStore, build_thumbnails
@@ -33,13 +34,14 @@ def test_descriptors_are_normalised_cls_code_and_patch_mean():
     assert torch.equal(d["cls"][0][1], torch.zeros(30))  # an all-zero code stays zero
 
 
-def compact(database, width=None, tmp=None, **settings):
-    """A compact index of ``database`` (every entry kept unless ``width`` fine bytes per image are fewer)."""
+def compact(database, width=None, tmp=None, sample=None, **settings):
+    """A compact index of ``database`` (every entry kept unless ``width`` fine bytes per image are fewer; learning
+    from ``sample`` when given)."""
     import tempfile
     from pathlib import Path
 
     width = width or 3 * (database.shape[1] + 2)
-    builder = CompactBuilder(*database.shape, width, Path(tmp or tempfile.mkdtemp()), "t", **settings)
+    builder = CompactBuilder(*database.shape, width, Path(tmp or tempfile.mkdtemp()), "t", sample, **settings)
     for start in range(0, len(database), 64):
         builder.add(database[start:start + 64])
     return builder.finish()
@@ -54,10 +56,19 @@ def test_compact_with_every_entry_is_exact_search_within_float16(signed):
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_ids, c_ids)]) >= 0.99
 
 
-def decode_fine_row(data, head_count, scale, signed, n_features):
+def decode_fine_row(data, head_count, scale, signed, n_features, common=()):
     """The dense vector a fine row stands for, read byte by byte as the format says (a reference for the vectorised
-    decoder): 3-byte head slots (gap, little-endian float16), then 1-byte tail slots (gap << 4 | code)."""
-    dense, feature = np.zeros(n_features), 0
+    decoder): the common block (a 4-bit code per common feature, low nibble first), 3-byte head slots (gap,
+    little-endian float16), then 1-byte tail slots (gap << 4 | code)."""
+    def value(code):
+        if signed:
+            return (-1 if code > 8 else 1) * (code - 8 if code > 8 else code) / 7 * scale
+        return code / 15 * scale
+
+    dense = np.zeros(n_features)
+    for i, feature in enumerate(common):
+        dense[feature] += value(int(data[i // 2]) >> (4 * (i % 2)) & 15)
+    data, feature = data[(len(common) + 1) // 2:], 0
     for slot in range(head_count):
         gap, low, high = data[3 * slot:3 * slot + 3]
         feature += int(gap)
@@ -65,13 +76,13 @@ def decode_fine_row(data, head_count, scale, signed, n_features):
     feature = 0
     for byte in data[3 * head_count:]:
         feature += int(byte) >> 4
-        code = int(byte) & 15
-        if signed:
-            magnitude = (code - 8 if code > 8 else code) / 7
-            dense[feature] += (-1 if code > 8 else 1) * magnitude * scale
-        else:
-            dense[feature] += code / 15 * scale
+        dense[feature] += value(int(byte) & 15)
     return dense
+
+
+def decode_rows(rows, n_features, common=()):
+    return np.stack([decode_fine_row(rows.data[r], int(rows.head_count[r]), float(rows.tail_scale[r]),
+                                     bool(rows.tail_signed[r]), n_features, common) for r in range(len(rows.data))])
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -91,8 +102,8 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
     for width, head_keep in ((3 * 2010, 8), (400, 8), (400, 64), (100, 8), (12, 8)):
         rows = encode_fine_rows(vectors, width, head_keep)
         assert rows.data.shape == (7, width)
-        decoded = np.stack([decode_fine_row(rows.data[r], int(rows.head_count[r]), float(rows.tail_scale[r]),
-                                            bool(rows.tail_signed[r]), n_features) for r in range(7)])
+        decoded = decode_rows(rows, n_features)
+        assert np.allclose(decode_fine_rows(rows, n_features), decoded, atol=1e-7)
         assert np.allclose(fine_scores(rows, query), decoded @ query, rtol=1e-5, atol=1e-6)
         for r in range(7):
             kept = np.flatnonzero(decoded[r])
@@ -126,6 +137,100 @@ def test_fine_rows_spend_spare_bytes_on_float16_and_score_closer_than_float16_al
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)])
 
     assert recall(16) > recall(10**6) + 0.1  # head_keep 10**6: every byte in float16 head slots
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_common_features_take_a_4_bit_code_in_every_row_and_free_the_tail(signed):
+    """Common features are coded at a fixed place (within half a step, signs kept) unless in the float16 head; the
+    tail keeps the strongest of the other entries; scores of one query and of a query matrix match the reference."""
+    rng = np.random.default_rng(3)
+    n_features, common = 1000, np.arange(0, 1000, 5)  # every row has all 200 common features and 100 others
+    vectors = np.zeros((6, n_features), np.float32)
+    for row in vectors:
+        ids = np.concatenate([common, rng.choice(np.setdiff1d(np.arange(n_features), common), 100, replace=False)])
+        row[ids] = rng.normal(size=300) if signed else rng.exponential(size=300)
+    query = rng.normal(size=n_features).astype(np.float32)
+    rows = encode_fine_rows(vectors, 200, 8, common)
+    decoded = decode_rows(rows, n_features, common)
+    assert np.allclose(decode_fine_rows(rows, n_features, common), decoded, atol=1e-7)
+    assert np.allclose(fine_scores(rows, query, common), decoded @ query, rtol=1e-5, atol=1e-5)
+    step = 0.5 / (7 if signed else 15) + 1e-6
+    for r in range(6):
+        head = np.flatnonzero(np.abs(decoded[r] - vectors[r]) <= 1e-3 * np.abs(vectors[r]))
+        assert len(head) >= 8 and set(np.argsort(-np.abs(vectors[r]))[:8]) <= set(head)
+        coded = np.setdiff1d(common, head)
+        assert np.all(np.abs(decoded[r, coded] - vectors[r, coded]) <= step * rows.tail_scale[r])
+        assert np.all(decoded[r, coded] * vectors[r, coded] >= 0)
+        rare = np.setdiff1d(np.flatnonzero(vectors[r]), np.concatenate([common, head]))
+        kept = rare[decoded[r, rare] != 0]
+        strongest = rare[np.argsort(-np.abs(vectors[r, rare]), kind="stable")]
+        assert set(kept) <= set(strongest[:len(kept) + 1]) and len(kept) >= 10
+    kept_without = (decode_rows(encode_fine_rows(vectors, 200, 8), n_features) != 0).sum(1)
+    assert ((decoded != 0).sum(1) > kept_without + 10).all()  # 100 bytes of codes stand for 200 entries
+
+
+def test_the_codec_learns_nothing_from_whole_rows_else_common_features_and_directions():
+    rng = np.random.default_rng(4)
+    sample = np.zeros((300, 400), np.float32)
+    sample[:, :10] = rng.exponential(size=(300, 10)) + 1  # in every row
+    sample[:180, 10:20] = 1.0  # in 60% of the rows: a tight row would drop them where weak
+    for row in sample:
+        row[rng.choice(np.arange(20, 400), 30, replace=False)] = rng.exponential(size=30)
+    whole = fit_fine_codec(sample, 3 * 60, 8)
+    assert len(whole.common) == 0 and whole.directions.shape == (400, 0)
+    codec = fit_fine_codec(sample, 60, 8)
+    assert COMMON_SHARE == 2 / 3 and codec.common.tolist() == list(range(10))
+    assert np.allclose(codec.directions.T @ codec.directions, np.eye(8), atol=1e-5)
+    mean = sample.mean(0) / np.linalg.norm(sample.mean(0))
+    assert abs(mean @ codec.directions[:, 0]) > 0.9  # uncentred: the first direction follows the mean
+    assert len(fit_fine_codec(sample, 4, 8).common) == 4  # the block takes at most half of a 4-byte row
+
+
+def test_the_correction_stores_the_rows_loss_along_its_directions_and_queries_add_it_back():
+    """c = U^T (x - x') per image (x' its fine row, read by the reference decoder), and a score is q . x' + (U^T q) . c:
+    exact for queries in span U, the loss outside it otherwise."""
+    from clt_explorer.retrieval.fine_rows import FineRows
+
+    database, queries = random_descriptors(500, f=400, nnz=120), random_descriptors(20, f=400, nnz=120, seed=1)
+    database[:, :40] += 0.15  # a part every image shares, as real patch means do
+    database /= np.linalg.norm(database, axis=1, keepdims=True)
+    index = compact(database, 200, sample=database[spread_rows(500, 200)], directions=8, coarse_keep=40,
+                    query_keep=100, candidates=500)
+    arrays = index.arrays
+    directions, common = arrays["directions"], arrays["common_features"]
+    assert directions.shape == (400, 8) and common.tolist() == list(range(40))
+    decoded = decode_rows(FineRows(*(arrays[name] for name in ("fine_rows", "head_count", "tail_scale",
+                                                               "tail_signed"))), 400, common)
+    assert np.allclose(arrays["correction"], (database - decoded) @ directions, atol=2e-3)  # float16
+    along = (directions @ np.random.default_rng(5).normal(size=(8, 5))).T.astype(np.float32)
+    for query in (*queries, *along):
+        scores, ids = index.search(query[None], 10)
+        expected = decoded @ query + arrays["correction"].astype(np.float32) @ (directions.T @ query)
+        assert np.allclose(scores[0], expected[ids[0]], atol=1e-5)
+    scores, ids = index.search(along, 10)
+    assert np.allclose(scores, np.take_along_axis(along @ database.T, ids, 1), atol=2e-3)
+    without = compact(database, 200, sample=database[spread_rows(500, 200)], directions=0)
+    assert without.arrays["fine_rows"].shape[1] > arrays["fine_rows"].shape[1]  # the same bytes, all in rows
+
+
+def test_a_saved_index_keeps_its_codec_and_refuses_directions_of_another_shape(tmp_path):
+    from clt_explorer.retrieval.compact import CompactIndex
+
+    database, queries = random_descriptors(300, f=400, nnz=120), random_descriptors(5, f=400, nnz=120, seed=1)
+    index = compact(database, 200, sample=database[spread_rows(300, 150)], directions=4)
+    assert index.arrays["directions"].shape == (400, 4)
+    index.save(tmp_path / "i")
+    loaded = CompactIndex.load(tmp_path / "i")
+    assert all(np.array_equal(loaded.arrays[name], index.arrays[name]) for name in CompactIndex.ARRAYS)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.search(queries, 5), index.search(queries, 5)))
+    np.save(tmp_path / "i" / "directions.npy", np.zeros((400, 3), np.float32))
+    with pytest.raises(AssetError, match="correction directions or common features do not match 400 features"):
+        CompactIndex.load(tmp_path / "i")
+
+
+def test_spread_rows_cover_the_corpus_evenly():
+    assert spread_rows(10, 3).tolist() == [0, 4, 9] and spread_rows(3, 10).tolist() == [0, 1, 2]
+    assert len(spread_rows(50_000, 1024)) == 1024
 
 
 def test_fine_bytes_follow_the_budget_and_keep_small_corpora_whole():
@@ -243,6 +348,28 @@ def test_static_grids_come_from_an_exact_search_of_the_whole_corpus(tiny_bundle,
             assert np.allclose(scores, [[h.score for h in hits] for hits in found[tokens][layer]], atol=1e-5)
     written = write_retrieval_grids(tiny_bundle, tmp_path, ["abs_topk"], n_queries=2)
     assert sorted(p.name for p in written) == [f"grid_abs_topk_{q}_{t}.png" for q in (0, 1) for t in ("cls", "patches")]
+
+
+@pytest.mark.slow
+def test_an_index_whose_rows_lose_entries_learns_from_images_spread_over_the_corpus(tiny_bundle, tmp_path):
+    from clt_explorer.retrieval.build import COMPACT_DEFAULTS, compact_builder
+    from clt_explorer.retrieval.exact import image_descriptors
+
+    teacher, clt, store, _ = bundle_retrieval(tiny_bundle, "relu_topk")
+    train = load_dataset("synthetic", "train", **tiny_bundle.manifest["dataset"]["options"])
+    corpus, settings = store.dataset_indices[:600], {"budget": 0.3, "min_bytes": 0, "sample": 100}
+    index = build_retrieval(teacher, clt, train, corpus, progress=False, **settings)
+    pixels = teacher.preprocess_images([train[corpus[i]][0] for i in spread_rows(600, 100)])
+    sample = image_descriptors(teacher, clt, pixels)
+    assert index.indexes["patches"][0].arrays["directions"].shape[1] > 0  # patch means lose entries at this budget
+    for tokens in DESCRIPTOR_TOKENS:
+        for layer in range(clt.config.n_layers):
+            arrays = index.indexes[tokens][layer].arrays
+            codec = compact_builder(600, clt.config.n_features, {**COMPACT_DEFAULTS, **settings}, tmp_path, "x",
+                                    sample[tokens][layer]).codec
+            assert arrays["common_features"].tolist() == codec.common.tolist(), (tokens, layer)
+            overlap = np.abs(arrays["directions"].T @ codec.directions)  # equal up to sign and float rounding
+            assert np.allclose(np.diag(overlap), 1, atol=1e-3), (tokens, layer)
 
 
 @pytest.mark.slow

@@ -16,15 +16,15 @@ from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
 from ..progress import tqdm
-from .compact import CompactBuilder, fine_bytes
+from .compact import CompactBuilder, fine_bytes, spread_rows, whole_row_bytes
 from .exact import ExactTopK, image_descriptors
 from .index import DESCRIPTOR_TOKENS, MODES, ExactIndex, RetrievalIndex
 from .quality import index_recall
 
 
-class _ExactSpool:
+class _DenseSpool:
     """Dense descriptors of one (token set, layer) gathered batch by batch in a float32 memory map on disk (never
-    all dense layers in RAM), indexed at the end."""
+    all dense layers in RAM): indexed exactly at the end, or read as a compact index's sample."""
 
     def __init__(self, n_images: int, n_features: int, workdir: Path, name: str):
         self.dense = np.lib.format.open_memmap(workdir / f"{name}.npy", "w+", np.float32, (n_images, n_features))
@@ -39,14 +39,41 @@ class _ExactSpool:
 
 
 COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 64, "query_keep": 512, "candidates": 300,
-                    "head_share": 0.1}
+                    "head_share": 0.1, "directions": 32, "sample": 1024}
 
 
-def compact_builder(n_images: int, n_features: int, settings: dict, workdir: Path, name: str) -> CompactBuilder:
-    """A builder of the compact index of ``n_images`` descriptors with the given ``COMPACT_DEFAULTS``-style settings."""
-    width = fine_bytes(n_images, n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"])
-    return CompactBuilder(n_images, n_features, width, workdir, name, settings["coarse_keep"], settings["query_keep"],
-                          settings["candidates"], settings["head_share"])
+def compact_fine_bytes(n_images: int, n_features: int, settings: dict) -> int:
+    """Fine-tier bytes per image of a compact index with the given ``COMPACT_DEFAULTS``-style settings."""
+    return fine_bytes(n_images, n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"])
+
+
+def needs_sample(n_images: int, n_features: int, settings: dict) -> bool:
+    """Whether rows of such an index may lose entries, so that its builder learns from a sample."""
+    return compact_fine_bytes(n_images, n_features, settings) < whole_row_bytes(n_features)
+
+
+def compact_builder(n_images: int, n_features: int, settings: dict, workdir: Path, name: str,
+                    sample: np.ndarray | None = None) -> CompactBuilder:
+    """A builder of the compact index of ``n_images`` descriptors with the given ``COMPACT_DEFAULTS``-style settings,
+    learning from ``sample`` (descriptors spread over the corpus) where rows may lose entries."""
+    return CompactBuilder(n_images, n_features, compact_fine_bytes(n_images, n_features, settings), workdir, name,
+                          sample, settings["coarse_keep"], settings["query_keep"], settings["candidates"],
+                          settings["head_share"], settings["directions"])
+
+
+def _sample_descriptors(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, indices: Sequence[int],
+                        count: int, batch_size: int, num_workers: int, workdir: Path) -> dict[str, list[np.ndarray]]:
+    """Descriptors of ``count`` images spread evenly over ``indices`` (a corpus may come in class order), per token
+    set and layer, in memory maps under ``workdir``."""
+    chosen = [indices[i] for i in spread_rows(len(indices), count)]
+    c = clt.config
+    spools = {tokens: [_DenseSpool(len(chosen), c.n_features, workdir, f"sample_{tokens}{layer}")
+                       for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
+    for pixels, _, _ in image_batches(dataset, teacher.preprocess, batch_size, chosen, num_workers):
+        for tokens, per_layer in image_descriptors(teacher, clt, pixels).items():
+            for layer, rows in enumerate(per_layer):
+                spools[tokens][layer].add(rows)
+    return {tokens: [spool.dense for spool in per_layer] for tokens, per_layer in spools.items()}
 
 
 @torch.no_grad()
@@ -58,9 +85,10 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     or ``min_bytes`` per index when that is more (so small corpora keep every entry), the coarse tier keeps
     ``coarse_keep`` entries per image, a query uses its ``query_keep`` largest entries to find ``candidates``
     images that the fine tier ranks; a fine row that cannot keep every entry in float16 spends at least
-    ``head_share`` of its bytes on its largest entries in float16. With ``recall_queries`` (preprocessed held-out
-    images), the same pass finds their exact top-10 and the index's settings record its recall@10 against it (per
-    token set and layer)."""
+    ``head_share`` of its bytes on its largest entries in float16, and then the index learns its common features
+    and ``directions`` correction directions from the descriptors of ``sample`` images spread over the corpus,
+    computed first. With ``recall_queries`` (preprocessed held-out images), the same pass finds their exact top-10
+    and the index's settings record its recall@10 against it (per token set and layer)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     unknown = set(compact) - set(COMPACT_DEFAULTS)
@@ -69,12 +97,18 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     settings = {**COMPACT_DEFAULTS, **compact} if mode == "compact" else {}
     c, n = clt.config, len(indices)
     with tempfile.TemporaryDirectory(prefix="clt-retrieval-") as workdir:
-        def spool(name: str):
-            if mode == "exact":
-                return _ExactSpool(n, c.n_features, Path(workdir), name)
-            return compact_builder(n, c.n_features, settings, Path(workdir), name)
+        sample = None
+        if mode == "compact" and needs_sample(n, c.n_features, settings):
+            sample = _sample_descriptors(teacher, clt, dataset, indices, settings["sample"], batch_size, num_workers,
+                                         Path(workdir))
 
-        spools = {tokens: [spool(f"{tokens}{layer}") for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
+        def spool(tokens: str, layer: int):
+            if mode == "exact":
+                return _DenseSpool(n, c.n_features, Path(workdir), f"{tokens}{layer}")
+            return compact_builder(n, c.n_features, settings, Path(workdir), f"{tokens}{layer}",
+                                   None if sample is None else sample[tokens][layer])
+
+        spools = {tokens: [spool(tokens, layer) for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
         exact = None if recall_queries is None else ExactTopK(image_descriptors(teacher, clt, recall_queries), 10)
         batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers)
         for pixels, _, _ in tqdm(batches, desc=f"indexing {c.sparsifier} codes", disable=not progress):

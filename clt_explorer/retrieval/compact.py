@@ -5,17 +5,20 @@
   ``query_keep`` largest entries and keeps the ``candidates`` best: this only has to find the true
   neighbours among a few hundred, not to rank them.
 - fine: each descriptor in a fixed number of bytes (:mod:`.fine_rows`): every entry in float16 when they fit, else
-  its largest ones in float16 and as many of the next ones as fit at 4 bits. The candidates are scored again
-  against the whole query and the best k returned.
+  its largest ones in float16 and as many of the next ones as fit at 4 bits, with a correction of what that loses
+  along a few directions learnt from a sample (:mod:`.fine_codec`). The candidates are scored again against the
+  whole query and the best k returned.
 
 Descriptors are normalised with their full norm, so a fine score is the cosine less what the entries left out would
-add and the rounding of the 4-bit ones: the exact cosine within float16 rounding when every entry fits.
+add and the rounding of the 4-bit ones, both outside the correction directions: the exact cosine within float16
+rounding when every entry fits.
 
 On disk, a folder of .npy arrays (no pickles) and meta.json; ``FORMAT`` versions the layout.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import shutil
 from pathlib import Path
@@ -25,9 +28,11 @@ import numpy as np
 import scipy.sparse
 
 from ..storage import AssetError, check_keys, read_json, write_json
-from .fine_rows import HEAD_GAP_MAX, HEAD_SLOT_BYTES, FineRows, encode_fine_rows, fine_scores
+from .fine_codec import fit_fine_codec, lossless_codec
+from .fine_rows import HEAD_GAP_MAX, HEAD_SLOT_BYTES, FineRows, decode_fine_rows, encode_fine_rows, fine_scores
 
-FORMAT = 3  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16 (both rebuilt automatically)
+FORMAT = 4  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16; 3: no common block, no
+# correction (all rebuilt automatically)
 COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
 ROW_BYTES = 4 + 4 + 4 + 1  # per image: coarse scale, head slots, tail scale, tail signedness
 
@@ -40,13 +45,14 @@ def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]
 
 
 FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed")  # in the order of FineRows
+PER_ROW_ARRAYS = ("coarse_scale", *FINE_ARRAYS, "correction")
 
 
 class CompactIndex:
     """Two-tier cosine search; build it with :class:`CompactBuilder`."""
 
     suffix = ".compact"
-    ARRAYS = ("coarse_data", "coarse_indices", "coarse_indptr", "coarse_scale", *FINE_ARRAYS)
+    ARRAYS = ("coarse_data", "coarse_indices", "coarse_indptr", "common_features", "directions", *PER_ROW_ARRAYS)
 
     def __init__(self, arrays: dict[str, np.ndarray], n_features: int, query_keep: int, candidates: int):
         self.arrays, self.query_keep, self.candidates = arrays, query_keep, candidates
@@ -76,7 +82,10 @@ class CompactIndex:
             coarse *= self.arrays["coarse_scale"]
             n_candidates = min(len(self), max(k, self.candidates))
             candidates = np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])  # sorted: mmap reads
-            fine = fine_scores(FineRows(*(self.arrays[name][candidates] for name in FINE_ARRAYS)), query)
+            fine = fine_scores(FineRows(*(self.arrays[name][candidates] for name in FINE_ARRAYS)), query,
+                               self.arrays["common_features"])
+            if self.arrays["correction"].shape[1]:
+                fine += self.arrays["correction"][candidates].astype(np.float32) @ (query @ self.arrays["directions"])
             best = np.argsort(-fine, kind="stable")[:k]
             scores_out.append(fine[best])
             rows_out.append(candidates[best])
@@ -116,8 +125,11 @@ class CompactIndex:
         except (OSError, ValueError) as error:
             raise AssetError(f"{path}: unreadable index array ({error})") from error
         n, n_features = meta["shape"]
-        if not all(arrays[name].shape[0] == n for name in ("coarse_scale", *FINE_ARRAYS)):
+        if not all(arrays[name].shape[0] == n for name in PER_ROW_ARRAYS):
             raise AssetError(f"{path}: arrays of {n} rows expected, found {[a.shape for a in arrays.values()]}")
+        if (arrays["directions"].shape != (n_features, arrays["correction"].shape[1])
+                or np.any(arrays["common_features"] >= n_features)):
+            raise AssetError(f"{path}: correction directions or common features do not match {n_features} features")
         try:
             index = cls(arrays, n_features, int(meta["query_keep"]), int(meta["candidates"]))
             index.coarse.check_format(full_check=False)
@@ -127,28 +139,41 @@ class CompactIndex:
 
 
 class CompactBuilder:
-    """Streams descriptors into a :class:`CompactIndex`: the fine rows (``fine_bytes`` per image; in rows that do not
-    fit whole, at least ``head_share`` of them for float16 entries) go to a memory map in ``workdir``, the coarse
+    """Streams descriptors into a :class:`CompactIndex`: ``fine_bytes`` per image for the fine tier, its rows and, when
+    a ``sample`` of the descriptors (rows spread over the corpus) shows that rows lose entries, the correction of up
+    to ``directions`` directions (at most a quarter of the bytes); in rows that do not fit whole, at least
+    ``head_share`` of the row for float16 entries. The fine rows go to a memory map in ``workdir``, the coarse
     entries (a few per row) and the per-row numbers stay in memory."""
 
     def __init__(self, n_images: int, n_features: int, fine_bytes: int, workdir: Path, name: str,
-                 coarse_keep: int = 64, query_keep: int = 512, candidates: int = 300, head_share: float = 0.1):
+                 sample: np.ndarray | None = None, coarse_keep: int = 64, query_keep: int = 512,
+                 candidates: int = 300, head_share: float = 0.1, directions: int = 32):
         self.n_images, self.n_features, self.row = n_images, n_features, 0
         self.coarse_keep, self.query_keep, self.candidates = min(coarse_keep, n_features), query_keep, candidates
-        self.head_keep = max(1, round(head_share * fine_bytes / HEAD_SLOT_BYTES))
-        self.fine = np.lib.format.open_memmap(workdir / f"{name}_fine.npy", "w+", np.uint8, (n_images, fine_bytes))
+        per_direction = 2 + 4 * n_features / max(1, n_images)  # a float16 per image, a float32 per feature
+        affordable = int(fine_bytes / 4 / per_direction)  # beyond a quarter, the bytes rank as well in the rows
+        self.codec = (lossless_codec(n_features) if sample is None
+                      else fit_fine_codec(sample, fine_bytes, min(directions, affordable)))
+        n_directions = self.codec.directions.shape[1]
+        width = fine_bytes - math.ceil(n_directions * per_direction)
+        self.head_keep = max(1, round(head_share * width / HEAD_SLOT_BYTES))
+        self.fine = np.lib.format.open_memmap(workdir / f"{name}_fine.npy", "w+", np.uint8, (n_images, width))
         self.per_row = {"head_count": np.zeros(n_images, np.uint32), "tail_scale": np.zeros(n_images, np.float32),
-                        "tail_signed": np.zeros(n_images, bool)}
+                        "tail_signed": np.zeros(n_images, bool),
+                        "correction": np.zeros((n_images, n_directions), np.float16)}
         self.coarse_indices = np.zeros((n_images, self.coarse_keep), np.int64)
         self.coarse_values = np.zeros((n_images, self.coarse_keep), np.float32)
 
     def add(self, batch: np.ndarray) -> None:
         rows = slice(self.row, self.row + batch.shape[0])
         self.coarse_indices[rows], self.coarse_values[rows] = top_entries(batch, self.coarse_keep)
-        encoded = encode_fine_rows(batch, self.fine.shape[1], self.head_keep)
+        common, directions = self.codec.common, self.codec.directions
+        encoded = encode_fine_rows(batch, self.fine.shape[1], self.head_keep, common)
         self.fine[rows] = encoded.data
-        for name, values in self.per_row.items():
-            values[rows] = getattr(encoded, name)
+        for name in FINE_ARRAYS[1:]:
+            self.per_row[name][rows] = getattr(encoded, name)
+        if directions.shape[1]:
+            self.per_row["correction"][rows] = (batch - decode_fine_rows(encoded, self.n_features, common)) @ directions
         self.row += batch.shape[0]
 
     def finish(self) -> CompactIndex:
@@ -166,17 +191,29 @@ class CompactBuilder:
         matrix = matrix.tocsc()
         arrays = {"coarse_data": matrix.data, "coarse_indices": matrix.indices.astype(np.int32),
                   "coarse_indptr": matrix.indptr.astype(np.int64), "coarse_scale": scale,
+                  "common_features": self.codec.common.astype(np.int32), "directions": self.codec.directions,
                   "fine_rows": np.array(self.fine[:, :used]), **self.per_row}
         return CompactIndex(arrays, self.n_features, self.query_keep, self.candidates)
 
 
 def fine_bytes(n_images: int, n_features: int, budget: float, min_bytes: int, coarse_keep: int) -> int:
-    """Bytes per fine row: what ``budget`` x the exact index's bytes (4 bytes per feature and image) leaves after the
-    coarse tier, or ``min_bytes`` for the whole index when that is more (small corpora keep every entry), never
-    more than a row could need (every feature in a float16 head slot, with the slots of its gaps)."""
+    """Bytes per image for the fine tier (its row and correction): what ``budget`` x the exact index's bytes (4 bytes
+    per feature and image) leaves after the coarse tier, or ``min_bytes`` for the whole index when that is more
+    (small corpora keep every entry), never more than a row could need (:func:`whole_row_bytes`)."""
     allowed = max(budget * n_images * n_features * 4, min_bytes) / n_images
     row = int(allowed - coarse_keep * COARSE_BYTES_PER_ENTRY - ROW_BYTES)
-    return max(HEAD_SLOT_BYTES, min(row, HEAD_SLOT_BYTES * (n_features + n_features // HEAD_GAP_MAX + 1)))
+    return max(HEAD_SLOT_BYTES, min(row, whole_row_bytes(n_features)))
+
+
+def whole_row_bytes(n_features: int) -> int:
+    """Bytes with which any row keeps every entry: every feature in a float16 head slot, with the slots of its gaps."""
+    return HEAD_SLOT_BYTES * (n_features + n_features // HEAD_GAP_MAX + 1)
+
+
+def spread_rows(n: int, count: int) -> np.ndarray:
+    """``count`` (at most n) row numbers spread evenly over 0..n-1: a sample that a corpus in class order cannot
+    bias."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
 
 
 def recall_at(reference: Sequence[Sequence[int]], found: Sequence[Sequence[int]], k: int) -> float:

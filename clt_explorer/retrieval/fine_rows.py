@@ -1,21 +1,30 @@
 """The compact index's fine tier: each descriptor in a fixed number of bytes, its largest entries in float16 (the
-head) and as many of the next ones as fit at 4 bits (the tail), scored against a whole query.
+head), the rest at 4 bits (the common block and the tail), scored against a whole query.
 
-A row of ``width`` bytes holds ``head_count`` head slots of 3 bytes (an 8-bit gap to the previous feature id, then a
-float16 value, little-endian), then tail slots of one byte (a 4-bit gap to the previous tail feature id, then a
-4-bit code of the value). A gap longer than its field takes extra slots that only move on (the longest gap, value or
-code 0); padding is all zero bytes. Slot j of either part holds the feature at the sum of that part's gaps up to j.
+A row of ``width`` bytes holds, in this order:
 
-Tail codes are even steps of the value up to the row's largest tail magnitude: 15 levels, or a sign and 7 levels in
-rows with negative tail entries. A row whose entries all fit in head slots keeps them all (exact to float16, as the
+- the common block: a 4-bit code (low nibble first) for each of the index's common features, features active in
+  most of its images, at a fixed place, so that they take no position bytes (0 where the entry is zero or in the
+  head); empty when the index has none;
+- ``head_count`` head slots of 3 bytes (an 8-bit gap to the previous feature id, then a float16 value,
+  little-endian);
+- tail slots of one byte (a 4-bit gap to the previous tail feature id, then a 4-bit code of the value), for entries
+  of the other features.
+
+A gap longer than its field takes extra slots that only move on (the longest gap, value or code 0); padding is all
+zero bytes. Slot j of either part holds the feature at the sum of that part's gaps up to j.
+
+Codes are even steps of the value up to the row's largest 4-bit magnitude: 15 levels, or a sign and 7 levels in
+rows with negative 4-bit entries. A row whose entries all fit in head slots keeps them all (exact to float16, as the
 demo bundle does). Any other row keeps ``head_keep`` head entries, or as many more as still leave room for a tail of
-all the others, and as many of the others as fit in the tail.
+all the others, the common features it has beyond those, and as many of the others as fit in the tail.
 
 Why (``scripts/bench_retrieval.py``; fine tier alone on the demo's real patch means, ReLU-TopK layers 1 / 3, at the
 bytes per non-zero of a true-size row at 5%): a cosine scored from twice as many entries, most at 4 bits, ranks
 closer to the exact one than half as many in float16 (0.85 / 0.89 of the exact top 10 against 0.57 / 0.66; 0.967
 against 0.897 on the true-size synthetic codes). Even steps beat a square-root scale, finer for small values, by 4-5
-points on real codes (large entries meet large query entries), and the largest entries still need float16.
+points on real codes (large entries meet large query entries), and the largest entries still need float16. A common
+block holds most of a real patch mean's non-zeros in half the bytes of tail slots.
 """
 
 from __future__ import annotations
@@ -33,11 +42,13 @@ TAIL_LEVELS = np.zeros((2, 16), np.float32)
 TAIL_LEVELS[0, 1:] = np.arange(1, 16) / UNSIGNED_STEPS
 TAIL_LEVELS[1, 1:8] = np.arange(1, 8) / SIGNED_STEPS
 TAIL_LEVELS[1, 9:] = -TAIL_LEVELS[1, 1:8]
+NO_COMMON = np.zeros(0, np.int64)  # an index without common features
 
 
 @dataclass
 class FineRows:
-    """Encoded rows: ``data`` [n, width] bytes; per row its head slots, tail scale and whether its tail is signed."""
+    """Encoded rows: ``data`` [n, width] bytes; per row its head slots, 4-bit scale and whether its 4-bit codes are
+    signed."""
 
     data: np.ndarray
     head_count: np.ndarray
@@ -45,51 +56,121 @@ class FineRows:
     tail_signed: np.ndarray
 
 
-def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int) -> FineRows:
-    """Encode descriptors [n, F] into rows of ``width`` bytes (see the module docstring)."""
+def common_block_bytes(n_common: int) -> int:
+    """Bytes of a common block: two 4-bit codes a byte."""
+    return (n_common + 1) // 2
+
+
+def fits_whole(vectors: np.ndarray, width: int) -> np.ndarray:
+    """Rows [n, F] whose entries all fit in float16 head slots of ``width`` bytes."""
+    return _whole(*_by_magnitude(vectors), width, vectors.shape[1])
+
+
+def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int, common: np.ndarray = NO_COMMON) -> FineRows:
+    """Encode descriptors [n, F] into rows of ``width`` bytes, with a common block for the sorted feature ids
+    ``common`` (see the module docstring)."""
     n, n_features = vectors.shape
-    by_magnitude, nnz = _by_magnitude(vectors)
-    first, head_slots = np.zeros(n, np.int64), np.full(n, width // HEAD_SLOT_BYTES)
-    whole = _slot_count(_take(by_magnitude, first, nnz, n_features), HEAD_GAP_MAX, n_features) <= head_slots
-    head = np.where(whole, nnz, _head_count(by_magnitude, nnz, width, head_keep, n_features, whole))
-    head_ids, head = _fit(by_magnitude, first, head, head_slots, HEAD_GAP_MAX, n_features)
+    block = common_block_bytes(len(common))
+    entries = _Entries(vectors, common)
+    first, head_slots = np.zeros(n, np.int64), np.full(n, (width - block) // HEAD_SLOT_BYTES)
+    whole = _whole(entries.by_magnitude, entries.nnz, width - block, n_features)
+    head = np.where(whole, entries.nnz, _head_count(entries, width - block, head_keep, whole))
+    head_ids, head = _fit(entries.by_magnitude, first, head, head_slots, HEAD_GAP_MAX, n_features)
     head_bytes = HEAD_SLOT_BYTES * _slot_count(head_ids, HEAD_GAP_MAX, n_features)
-    tail_ids, _ = _fit(by_magnitude, head, nnz - head, width - head_bytes, TAIL_GAP_MAX, n_features)
+    tail_start = entries.rare_before(head)
+    tail_ids, _ = _fit(entries.rare, tail_start, entries.n_rare - tail_start, width - block - head_bytes,
+                       TAIL_GAP_MAX, n_features)
     data = np.zeros((n, width), np.uint8)
-    _write_head(data, vectors, head_ids)
-    scale, signed = _write_tail(data, vectors, tail_ids, head_bytes)
+    _write_head(data, vectors, head_ids, block)
+    in_head = np.zeros((n, n_features + 1), bool)
+    np.put_along_axis(in_head, head_ids, True, 1)
+    common_values = np.where(in_head[:, common], 0, vectors[:, common])
+    scale, signed = _write_codes(data, vectors, common_values, tail_ids, block + head_bytes)
     return FineRows(data, (head_bytes // HEAD_SLOT_BYTES).astype(np.uint32), scale, signed)
 
 
-def fine_scores(rows: FineRows, query: np.ndarray) -> np.ndarray:
-    """Inner products of a query [F] with encoded rows: exact to float16 over the head, to the codes over the tail."""
-    n_features = len(query)
+def fine_scores(rows: FineRows, query: np.ndarray, common: np.ndarray = NO_COMMON) -> np.ndarray:
+    """Inner products of encoded rows with a query [F]: exact to float16 over the head, to the codes elsewhere."""
+    return sum((query[features] * values).sum(1, dtype=np.float32)
+               for features, values in _slot_entries(rows, len(query), common))
+
+
+def decode_fine_rows(rows: FineRows, n_features: int, common: np.ndarray = NO_COMMON) -> np.ndarray:
+    """The dense vectors [n, F] that encoded rows stand for."""
+    n = len(rows.data)
+    dense = np.zeros(n * n_features)
+    for features, values in _slot_entries(rows, n_features, common):
+        dense += np.bincount((np.arange(n)[:, None] * n_features + features).ravel(), values.ravel(), n * n_features)
+    return dense.reshape(n, n_features).astype(np.float32)
+
+
+def _slot_entries(rows: FineRows, n_features: int, common: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Feature ids and values of the slots of the rows, [n, slots] each (value 0 in long-gap slots and padding), for
+    the common block, the head and the tail: the 4-bit codes times their row's scale."""
     data, head_count = rows.data, rows.head_count.astype(np.int64)
     n, width = data.shape
+    signed, scale = rows.tail_signed[:, None].astype(np.uint8) << 4, rows.tail_scale[:, None]
+    block = common_block_bytes(len(common))
+    nibbles = data[:, :block, None] >> np.array([0, 4], np.uint8) & 15
+    common_values = scale * np.take(TAIL_LEVELS.ravel(), nibbles.reshape(n, 2 * block)[:, :len(common)] | signed)
+    data = data[:, block:]
     widest = int(head_count.max(initial=0))
     head = data[:, :HEAD_SLOT_BYTES * widest].reshape(n, widest, HEAD_SLOT_BYTES)
     in_head = np.arange(widest) < head_count[:, None]
-    features = np.minimum(np.cumsum(np.where(in_head, head[..., 0], 0), axis=1, dtype=np.int32), n_features - 1)
-    values = np.ascontiguousarray(head[..., 1:]).view(HEAD_VALUE)[..., 0]
-    scores = (query[features] * np.where(in_head, values, 0)).sum(1, dtype=np.float32)
+    head_features = np.minimum(np.cumsum(np.where(in_head, head[..., 0], 0), axis=1, dtype=np.int32), n_features - 1)
+    head_values = np.where(in_head, np.ascontiguousarray(head[..., 1:]).view(HEAD_VALUE)[..., 0], 0)
     first = HEAD_SLOT_BYTES * int(head_count.min(initial=0))  # bytes before it are head slots in every row
-    in_tail = np.arange(first, width) >= HEAD_SLOT_BYTES * head_count[:, None]
+    in_tail = np.arange(first, width - block) >= HEAD_SLOT_BYTES * head_count[:, None]
     tail = np.where(in_tail, data[:, first:], 0)
-    features = np.minimum(np.cumsum(tail >> 4, axis=1, dtype=np.int32), n_features - 1)
-    levels = np.take(TAIL_LEVELS.ravel(), (tail & 15) | (rows.tail_signed[:, None].astype(np.uint8) << 4))
-    return scores + rows.tail_scale * (query[features] * levels).sum(1, dtype=np.float32)
+    tail_features = np.minimum(np.cumsum(tail >> 4, axis=1, dtype=np.int32), n_features - 1)
+    tail_values = scale * np.take(TAIL_LEVELS.ravel(), (tail & 15) | signed)
+    return [(np.broadcast_to(common, (n, len(common))), common_values), (head_features, head_values),
+            (tail_features, tail_values)]
 
 
-def _head_count(by_magnitude: np.ndarray, nnz: np.ndarray, width: int, head_keep: int, n_features: int,
-                whole: np.ndarray) -> np.ndarray:
+def _whole(by_magnitude: np.ndarray, nnz: np.ndarray, width: int, n_features: int) -> np.ndarray:
+    """Rows whose entries (by magnitude, as :func:`_by_magnitude` gives them) all fit in head slots of ``width``."""
+    ids = _take(by_magnitude, np.zeros_like(nnz), nnz, n_features)
+    return _slot_count(ids, HEAD_GAP_MAX, n_features) <= width // HEAD_SLOT_BYTES
+
+
+class _Entries:
+    """Each row's non-zero entries in order of magnitude (``by_magnitude``, padded with F) and, apart, those of
+    features outside the common block (``rare``, same order): what the head and the tail are taken from."""
+
+    def __init__(self, vectors: np.ndarray, common: np.ndarray):
+        self.n_features = vectors.shape[1]
+        self.by_magnitude, self.nnz = _by_magnitude(vectors)
+        is_common = np.zeros(self.n_features + 1, bool)
+        is_common[common] = True
+        is_rare = (self.by_magnitude < self.n_features) & ~is_common[self.by_magnitude]
+        self.n_rare = is_rare.sum(1)
+        order = np.argsort(~is_rare, axis=1, kind="stable")
+        self.rare = np.where(np.arange(is_rare.shape[1]) < self.n_rare[:, None],
+                             np.take_along_axis(self.by_magnitude, order, 1), self.n_features)
+        self._rare_before = np.concatenate([np.zeros((len(vectors), 1), np.int64), np.cumsum(is_rare, 1)], 1)
+
+    def rare_before(self, head: np.ndarray) -> np.ndarray:
+        """How many of each row's ``head`` strongest entries are rare: where its tail starts in ``rare``."""
+        return np.take_along_axis(self._rare_before, head[:, None].astype(np.int64), 1)[:, 0]
+
+    def tail_ids(self, head: np.ndarray) -> np.ndarray:
+        """Feature ids of every rare entry after the ``head`` strongest, sorted."""
+        start = self.rare_before(head)
+        return _take(self.rare, start, self.n_rare - start, self.n_features)
+
+
+def _head_count(entries: _Entries, width: int, head_keep: int, whole: np.ndarray) -> np.ndarray:
     """Head entries of rows that do not fit ``whole``: the most (at least ``head_keep``) with which a tail of all the
-    others still fits, searched by halving (more head entries take more bytes: 3 for a head slot, at most the slots
-    of its gaps back from the tail); ``head_keep`` where even those leave too little for the whole tail."""
+    other rare entries still fits, searched by halving (more head entries take more bytes: 3 for a head slot, at
+    most the slots of its gaps back from the tail); ``head_keep`` where even those leave too little for the whole
+    tail."""
+    n_features, nnz = entries.n_features, entries.nnz
+
     def row_bytes(head: np.ndarray) -> np.ndarray:
-        head_ids = _take(by_magnitude, np.zeros_like(head), head, n_features)
-        tail_ids = _take(by_magnitude, head, nnz - head, n_features)
+        head_ids = _take(entries.by_magnitude, np.zeros_like(head), head, n_features)
         return (HEAD_SLOT_BYTES * _slot_count(head_ids, HEAD_GAP_MAX, n_features)
-                + _slot_count(tail_ids, TAIL_GAP_MAX, n_features))
+                + _slot_count(entries.tail_ids(head), TAIL_GAP_MAX, n_features))
 
     fits = np.minimum(nnz, head_keep)
     too_many = np.where(~whole & (row_bytes(fits) <= width), nnz, fits + 1)  # all of them in the head do not fit
@@ -100,32 +181,37 @@ def _head_count(by_magnitude: np.ndarray, nnz: np.ndarray, width: int, head_keep
     return fits
 
 
-def _write_head(data: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> None:
-    """Head slots (gap, float16 value) of the entries ``ids`` at the start of each row."""
+def _write_head(data: np.ndarray, vectors: np.ndarray, ids: np.ndarray, offset: int) -> None:
+    """Head slots (gap, float16 value) of the entries ``ids`` from byte ``offset`` of each row."""
     gaps, at, features = _place(ids, HEAD_GAP_MAX, vectors.shape[1])
     values = np.zeros(gaps.shape, HEAD_VALUE)
     values[at] = vectors[at[0], features]
     slots = np.concatenate([gaps[..., None], values.view(np.uint8).reshape(*gaps.shape, 2)], axis=2)
-    data[:, :slots.shape[1] * HEAD_SLOT_BYTES] = slots.reshape(len(data), -1)
+    data[:, offset:offset + slots.shape[1] * HEAD_SLOT_BYTES] = slots.reshape(len(data), -1)
 
 
-def _write_tail(data: np.ndarray, vectors: np.ndarray, ids: np.ndarray, offset: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Tail slots (gap, code) of the entries ``ids`` from byte ``offset`` of each row; their scale and signedness."""
-    gaps, at, features = _place(ids, TAIL_GAP_MAX, vectors.shape[1])
+def _write_codes(data: np.ndarray, vectors: np.ndarray, common_values: np.ndarray, tail_ids: np.ndarray,
+                 tail_offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-bit codes: of the common block's values [n, D] at the start of each row, and tail slots (gap, code) of
+    the entries ``tail_ids`` from byte ``tail_offset``; their scale and signedness per row."""
+    gaps, at, features = _place(tail_ids, TAIL_GAP_MAX, vectors.shape[1])
     values = np.zeros(gaps.shape, np.float32)
     values[at] = vectors[at[0], features]
-    scale = np.abs(values).max(1, initial=0).astype(np.float32)
-    signed = (values < 0).any(1)
-    packed = (gaps << 4) | _tail_codes(values, scale, signed)
-    columns = offset[:, None] + np.arange(packed.shape[1])
+    scale = np.maximum(np.abs(values).max(1, initial=0), np.abs(common_values).max(1, initial=0)).astype(np.float32)
+    signed = (values < 0).any(1) | (common_values < 0).any(1)
+    common_codes = _four_bit_codes(common_values, scale, signed)
+    if common_codes.shape[1] % 2:
+        common_codes = np.pad(common_codes, ((0, 0), (0, 1)))
+    data[:, :common_codes.shape[1] // 2] = common_codes[:, 0::2] | common_codes[:, 1::2] << 4
+    packed = (gaps << 4) | _four_bit_codes(values, scale, signed)
+    columns = tail_offset[:, None] + np.arange(packed.shape[1])
     inside = columns < data.shape[1]  # what lies beyond is padding
     data[np.nonzero(inside)[0], columns[inside]] = packed[inside]
     return scale, signed
 
 
-def _tail_codes(values: np.ndarray, scale: np.ndarray, signed: np.ndarray) -> np.ndarray:
-    """4-bit codes of tail values [n, m] in even steps up to their row's scale (0 for empty slots)."""
+def _four_bit_codes(values: np.ndarray, scale: np.ndarray, signed: np.ndarray) -> np.ndarray:
+    """4-bit codes of values [n, m] in even steps up to their row's scale (0 for zeros and empty slots)."""
     relative = np.abs(values) / np.where(scale > 0, scale, 1)[:, None]
     steps = np.where(signed, SIGNED_STEPS, UNSIGNED_STEPS)[:, None]
     codes = np.rint(relative * steps).astype(np.uint8)
