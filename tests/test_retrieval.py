@@ -194,7 +194,7 @@ def test_the_correction_stores_the_rows_loss_along_its_directions_and_queries_ad
     database, queries = random_descriptors(500, f=400, nnz=120), random_descriptors(20, f=400, nnz=120, seed=1)
     database[:, :40] += 0.15  # a part every image shares, as real patch means do
     database /= np.linalg.norm(database, axis=1, keepdims=True)
-    index = compact(database, 200, sample=database[spread_rows(500, 200)], directions=8, coarse_keep=40,
+    index = compact(database, 300, sample=database[spread_rows(500, 200)], directions=8, coarse_keep=40,
                     query_keep=100, candidates=500)
     arrays = index.arrays
     directions, common = arrays["directions"], arrays["common_features"]
@@ -209,8 +209,30 @@ def test_the_correction_stores_the_rows_loss_along_its_directions_and_queries_ad
         assert np.allclose(scores[0], expected[ids[0]], atol=1e-5)
     scores, ids = index.search(along, 10)
     assert np.allclose(scores, np.take_along_axis(along @ database.T, ids, 1), atol=2e-3)
-    without = compact(database, 200, sample=database[spread_rows(500, 200)], directions=0)
+    without = compact(database, 300, sample=database[spread_rows(500, 200)], directions=0)
     assert without.arrays["fine_rows"].shape[1] > arrays["fine_rows"].shape[1]  # the same bytes, all in rows
+
+
+def test_images_that_share_their_largest_entries_are_told_apart_by_their_projection():
+    """When every image has the same strongest features (real patch means do), their largest entries cannot pick
+    candidates; the projection on the sample's directions and the largest entries of what lies outside them can."""
+    def shared_descriptors(n, seed):
+        x = random_descriptors(n, f=1000, nnz=150, seed=seed)
+        x[:, :20] += 0.3 * np.random.default_rng(7).uniform(0.8, 1.2, 20)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    database, queries = shared_descriptors(2000, 0), shared_descriptors(30, 1)
+    exact = np.argsort(-(queries @ database.T), axis=1)[:, :10]
+    settings = {"coarse_keep": 16, "query_keep": 100, "candidates": 50}
+
+    def recall(directions):
+        index = compact(database, 400, sample=database[spread_rows(2000, 500)], directions=directions, **settings)
+        assert np.allclose(index.arrays["projection"], database @ index.arrays["directions"], atol=1e-6)
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, index.search(queries, 10)[1])])
+
+    with_projection, without = recall(12), recall(0)
+    print("recall with / without the projection and correction", with_projection, without)
+    assert with_projection > without + 0.4
 
 
 def test_a_saved_index_keeps_its_codec_and_refuses_directions_of_another_shape(tmp_path):

@@ -3,7 +3,10 @@
 - coarse: each descriptor's ``coarse_keep`` largest entries, 8-bit with a per-row scale, in a scipy CSC
   matrix whose columns are features. A query scores every image through the columns of its own
   ``query_keep`` largest entries and keeps the ``candidates`` best: this only has to find the true
-  neighbours among a few hundred, not to rank them.
+  neighbours among a few hundred, not to rank them. Where the index has correction directions U
+  (:mod:`.fine_codec`), each image also stores its projection U^T x, a query scores it with U^T q, and the
+  sparse entries are those of what lies outside span U: real codes share their largest entries (the demo's top
+  16 are 91-96% common features), so these alone hardly tell images apart.
 - fine: each descriptor in a fixed number of bytes (:mod:`.fine_rows`): every entry in float16 when they fit, else
   its largest ones in float16 and as many of the next ones as fit at 4 bits, with a correction of what that loses
   along a few directions learnt from a sample (:mod:`.fine_codec`). The candidates are scored again against the
@@ -45,7 +48,7 @@ def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]
 
 
 FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed")  # in the order of FineRows
-PER_ROW_ARRAYS = ("coarse_scale", *FINE_ARRAYS, "correction")
+PER_ROW_ARRAYS = ("coarse_scale", "projection", *FINE_ARRAYS, "correction")
 
 
 class CompactIndex:
@@ -76,16 +79,20 @@ class CompactIndex:
         k = min(k, len(self))
         scores_out, rows_out = [], []
         for query in np.asarray(queries, dtype=np.float32):
-            columns, weights = top_entries(query[None], self.query_keep)
+            directions = self.arrays["directions"]
+            along = query @ directions
+            columns, weights = top_entries((query - directions @ along)[None], self.query_keep)
             active = weights[0] != 0
             coarse = np.asarray(self.coarse[:, columns[0][active]] @ weights[0][active]).ravel()
             coarse *= self.arrays["coarse_scale"]
+            if len(along):
+                coarse += self.arrays["projection"] @ along
             n_candidates = min(len(self), max(k, self.candidates))
             candidates = np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])  # sorted: mmap reads
             fine = fine_scores(FineRows(*(self.arrays[name][candidates] for name in FINE_ARRAYS)), query,
                                self.arrays["common_features"])
-            if self.arrays["correction"].shape[1]:
-                fine += self.arrays["correction"][candidates].astype(np.float32) @ (query @ self.arrays["directions"])
+            if len(along):
+                fine += self.arrays["correction"][candidates].astype(np.float32) @ along
             best = np.argsort(-fine, kind="stable")[:k]
             scores_out.append(fine[best])
             rows_out.append(candidates[best])
@@ -128,6 +135,7 @@ class CompactIndex:
         if not all(arrays[name].shape[0] == n for name in PER_ROW_ARRAYS):
             raise AssetError(f"{path}: arrays of {n} rows expected, found {[a.shape for a in arrays.values()]}")
         if (arrays["directions"].shape != (n_features, arrays["correction"].shape[1])
+                or arrays["projection"].shape != arrays["correction"].shape
                 or np.any(arrays["common_features"] >= n_features)):
             raise AssetError(f"{path}: correction directions or common features do not match {n_features} features")
         try:
@@ -139,18 +147,18 @@ class CompactIndex:
 
 
 class CompactBuilder:
-    """Streams descriptors into a :class:`CompactIndex`: ``fine_bytes`` per image for the fine tier, its rows and, when
-    a ``sample`` of the descriptors (rows spread over the corpus) shows that rows lose entries, the correction of up
-    to ``directions`` directions (at most a quarter of the bytes); in rows that do not fit whole, at least
-    ``head_share`` of the row for float16 entries. The fine rows go to a memory map in ``workdir``, the coarse
-    entries (a few per row) and the per-row numbers stay in memory."""
+    """Streams descriptors into a :class:`CompactIndex`: ``fine_bytes`` per image for the fine tier, its rows and,
+    when a ``sample`` of the descriptors (rows spread over the corpus) shows that rows lose entries, the projection
+    on and correction along up to ``directions`` directions (at most a quarter of the bytes); in rows that do not
+    fit whole, at least ``head_share`` of the row for float16 entries. The fine rows go to a memory map in
+    ``workdir``, the coarse entries (a few per row) and the per-row numbers stay in memory."""
 
     def __init__(self, n_images: int, n_features: int, fine_bytes: int, workdir: Path, name: str,
                  sample: np.ndarray | None = None, coarse_keep: int = 64, query_keep: int = 512,
                  candidates: int = 300, head_share: float = 0.1, directions: int = 32):
         self.n_images, self.n_features, self.row = n_images, n_features, 0
         self.coarse_keep, self.query_keep, self.candidates = min(coarse_keep, n_features), query_keep, candidates
-        per_direction = 2 + 4 * n_features / max(1, n_images)  # a float16 per image, a float32 per feature
+        per_direction = 6 + 4 * n_features / max(1, n_images)  # per image: float32 and float16; float32 per feature
         affordable = int(fine_bytes / 4 / per_direction)  # beyond a quarter, the bytes rank as well in the rows
         self.codec = (lossless_codec(n_features) if sample is None
                       else fit_fine_codec(sample, fine_bytes, min(directions, affordable)))
@@ -160,20 +168,25 @@ class CompactBuilder:
         self.fine = np.lib.format.open_memmap(workdir / f"{name}_fine.npy", "w+", np.uint8, (n_images, width))
         self.per_row = {"head_count": np.zeros(n_images, np.uint32), "tail_scale": np.zeros(n_images, np.float32),
                         "tail_signed": np.zeros(n_images, bool),
+                        "projection": np.zeros((n_images, n_directions), np.float32),  # float16 would cost ms
                         "correction": np.zeros((n_images, n_directions), np.float16)}
         self.coarse_indices = np.zeros((n_images, self.coarse_keep), np.int64)
         self.coarse_values = np.zeros((n_images, self.coarse_keep), np.float32)
 
     def add(self, batch: np.ndarray) -> None:
         rows = slice(self.row, self.row + batch.shape[0])
-        self.coarse_indices[rows], self.coarse_values[rows] = top_entries(batch, self.coarse_keep)
         common, directions = self.codec.common, self.codec.directions
+        projection = batch @ directions
+        self.coarse_indices[rows], self.coarse_values[rows] = top_entries(batch - projection @ directions.T,
+                                                                          self.coarse_keep)
         encoded = encode_fine_rows(batch, self.fine.shape[1], self.head_keep, common)
         self.fine[rows] = encoded.data
         for name in FINE_ARRAYS[1:]:
             self.per_row[name][rows] = getattr(encoded, name)
         if directions.shape[1]:
-            self.per_row["correction"][rows] = (batch - decode_fine_rows(encoded, self.n_features, common)) @ directions
+            self.per_row["projection"][rows] = projection
+            decoded = decode_fine_rows(encoded, self.n_features, common)
+            self.per_row["correction"][rows] = projection - decoded @ directions
         self.row += batch.shape[0]
 
     def finish(self) -> CompactIndex:

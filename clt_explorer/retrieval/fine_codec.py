@@ -9,18 +9,19 @@ cannot keep every entry:
   mean descriptor). Each image stores U^T (x - x'), the part of what its fine row x' loses (entries left out,
   rounding) that lies along them, and a query q adds (U^T q) . U^T (x - x'): the loss cancels exactly for the part
   of q in span U. Real codes share much of their mass (the demo's patch means: random pairs at cosine 0.55-0.72), so
-  most of a query lies there.
+  most of a query lies there. The coarse tier scores each image's projection U^T x too (:mod:`.compact`).
 
-Why (the demo's real patch means, 10k x 512, indexes built with fine rows of the bytes per non-zero of a true-size
-row at 5% and the correction at its true-size share of the bytes; recall@10 on 200 held-out images, ReLU-TopK
-layer 1 / Abs-TopK layer 1 / JumpReLU layer 1): 0.83 / 0.79 / 0.86 without either; 0.85 / 0.83 / 0.91 with the
-common block; with it and 8, 16, 32 or 64 directions, 0.94 / 0.91 / 0.96, then 0.95 / 0.92 / 0.96, 0.95 / 0.93 /
-0.97 and 0.96 / 0.94 / 0.97. At true size 32 directions take 96 of a 5% row's 2,124 bytes. Where directions cost
-more (1,500 images of 512 features: 43% of the bytes for 32), the same bytes in the rows rank better (0.98 against
-0.96), hence the cap at a quarter of the bytes. Common features from half the rows, 2/3, 3/4 or none (``--budget
-0.26``, ReLU-TopK layer 0 / Abs-TopK layers 0 and 1): 0.92 / 0.86 / 0.88, 0.94 / 0.90 / 0.91, 0.94 / 0.91 / 0.91 and
-0.94 / 0.90 / 0.91; from 2/3 or none, ReLU-TopK layers 1 and 3 / JumpReLU layers 1 and 3: 0.95 / 0.97 / 0.96 / 0.96
-against 0.94 / 0.95 / 0.95 / 0.94.
+Why (measured before the projection joined the coarse tier, whose 64 entries then found the candidates; the demo's
+real patch means, 10k x 512, indexes built with fine rows of the bytes per non-zero of a true-size row at 5% and the
+correction at its true-size share of the bytes; recall@10 on 200 held-out images, ReLU-TopK layer 1 / Abs-TopK layer
+1 / JumpReLU layer 1): 0.83 / 0.79 / 0.86 without either; 0.85 / 0.83 / 0.91 with the common block; with it and 8,
+16, 32 or 64 directions, 0.94 / 0.91 / 0.96, then 0.95 / 0.92 / 0.96, 0.95 / 0.93 / 0.97 and 0.96 / 0.94 / 0.97.
+Where directions cost more (1,500 images of 512 features: 43% of the bytes for 32), the same bytes in the rows rank
+better (0.98 against 0.96), hence the cap at a quarter of the bytes; at true size, 32 directions with the projection
+take 224 of a 5% row's 2,124 bytes. Common features from half the rows, 2/3, 3/4 or none (``--budget 0.26``,
+ReLU-TopK layer 0 / Abs-TopK layers 0 and 1): 0.92 / 0.86 / 0.88, 0.94 / 0.90 / 0.91, 0.94 / 0.91 / 0.91 and 0.94 /
+0.90 / 0.91; from 2/3 or none, ReLU-TopK layers 1 and 3 / JumpReLU layers 1 and 3: 0.95 / 0.97 / 0.96 / 0.96 against
+0.94 / 0.95 / 0.95 / 0.94.
 """
 
 from __future__ import annotations
