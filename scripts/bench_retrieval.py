@@ -18,10 +18,13 @@ Two modes:
   (~1240 non-zeros). The indexes and their exact reference are built for one layer; the app holds 2 x L per CLT.
   What it does not reproduce (demo, real / synthetic): the share of a patch mean's non-zeros in features active in
   most images (0.59-0.74 / 0.11), the cosine of random pairs (0.55-0.72 / 0.23) and of the nearest neighbour
-  (0.89-0.93 / 0.42). Real neighbours are closer, so harder to rank, and real codes share features, which the
-  compact index's common block and correction use: for what a true-size index of real codes would do, rebuild the
-  demo's at the same fine-row bytes per non-zero (``--bundle DIR --budget 0.26``: 150 bytes for ~190 non-zeros, as a
-  true-size patch-mean row at 5% has 2,028 for ~2,580).
+  (0.89-0.93 / 0.42). Real neighbours are closer, so harder to rank, and real codes share features, which the compact
+  index's common block, projection and correction use. For what a true-size index of real codes would do, rebuild the
+  demo's in the proportions of a true-size patch-mean index at 5%: ``--bundle DIR --budget 0.1353 --coarse-keep 16``:
+  140 fine-row bytes for ~190 non-zeros (1,900 for ~2,580 at true size) and 16 coarse entries (the share of the
+  squared mass that 64 of ~2,580 hold); at 10%, ``--budget 0.2505 --coarse-keep 16`` (320 bytes; 4,358 at true size).
+  The demo's rows get fewer directions there (7 and 16, against 32), their bytes being dearer against its smaller
+  rows.
 
     python scripts/bench_retrieval.py [--bundle DIR [--budget 0.1 --coarse-keep 16]] [--images 50000] [--budget 0.1]
         [--queries 200]

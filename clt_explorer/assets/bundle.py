@@ -126,7 +126,7 @@ class Bundle:
     """A bundle folder and its manifest."""
 
     def __init__(self, root: str | Path, manifest: dict):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # as the paths the manifest names are, so that they compare
         self.manifest = manifest
         self.validate()
 
