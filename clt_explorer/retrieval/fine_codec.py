@@ -18,10 +18,10 @@ correction at its true-size share of the bytes; recall@10 on 200 held-out images
 16, 32 or 64 directions, 0.94 / 0.91 / 0.96, then 0.95 / 0.92 / 0.96, 0.95 / 0.93 / 0.97 and 0.96 / 0.94 / 0.97.
 Where directions cost more (1,500 images of 512 features: 43% of the bytes for 32), the same bytes in the rows rank
 better (0.98 against 0.96), hence the cap at a quarter of the bytes; at true size, 32 directions with the projection
-take 224 of a 5% row's 2,124 bytes. Common features from half the rows, 2/3, 3/4 or none (``--budget 0.26``,
-ReLU-TopK layer 0 / Abs-TopK layers 0 and 1): 0.92 / 0.86 / 0.88, 0.94 / 0.90 / 0.91, 0.94 / 0.91 / 0.91 and 0.94 /
-0.90 / 0.91; from 2/3 or none, ReLU-TopK layers 1 and 3 / JumpReLU layers 1 and 3: 0.95 / 0.97 / 0.96 / 0.96 against
-0.94 / 0.95 / 0.95 / 0.94.
+take 224 of a 5% row's 2,124 bytes. Common features from half the rows, 2/3, 3/4 or none (fine rows of 150 bytes, 22
+directions; ReLU-TopK layer 0 / Abs-TopK layers 0 and 1): 0.92 / 0.86 / 0.88, 0.94 / 0.90 / 0.91, 0.94 / 0.91 / 0.91
+and 0.94 / 0.90 / 0.91; from 2/3 or none, ReLU-TopK layers 1 and 3 / JumpReLU layers 1 and 3: 0.95 / 0.97 / 0.96 /
+0.96 against 0.94 / 0.95 / 0.95 / 0.94.
 """
 
 from __future__ import annotations
