@@ -78,8 +78,8 @@ class CompactIndex:
         """Top-k (scores, rows) per query [Q, F]."""
         k = min(k, len(self))
         scores_out, rows_out = [], []
+        directions = self.arrays["directions"]
         for query in np.asarray(queries, dtype=np.float32):
-            directions = self.arrays["directions"]
             along = query @ directions
             columns, weights = top_entries((query - directions @ along)[None], self.query_keep)
             active = weights[0] != 0
@@ -177,8 +177,8 @@ class CompactBuilder:
         rows = slice(self.row, self.row + batch.shape[0])
         common, directions = self.codec.common, self.codec.directions
         projection = batch @ directions
-        self.coarse_indices[rows], self.coarse_values[rows] = top_entries(batch - projection @ directions.T,
-                                                                          self.coarse_keep)
+        outside = batch - projection @ directions.T if directions.shape[1] else batch  # no dense zeros to subtract
+        self.coarse_indices[rows], self.coarse_values[rows] = top_entries(outside, self.coarse_keep)
         encoded = encode_fine_rows(batch, self.fine.shape[1], self.head_keep, common)
         self.fine[rows] = encoded.data
         for name in FINE_ARRAYS[1:]:
@@ -210,9 +210,9 @@ class CompactBuilder:
 
 
 def fine_bytes(n_images: int, n_features: int, budget: float, min_bytes: int, coarse_keep: int) -> int:
-    """Bytes per image for the fine tier (its row and correction): what ``budget`` x the exact index's bytes (4 bytes
-    per feature and image) leaves after the coarse tier, or ``min_bytes`` for the whole index when that is more
-    (small corpora keep every entry), never more than a row could need (:func:`whole_row_bytes`)."""
+    """Bytes per image for the fine tier (its row, projection and correction): what ``budget`` x the exact index's
+    bytes (4 bytes per feature and image) leaves after the coarse tier, or ``min_bytes`` for the whole index when that
+    is more (small corpora keep every entry), never more than a row could need (:func:`whole_row_bytes`)."""
     allowed = max(budget * n_images * n_features * 4, min_bytes) / n_images
     row = int(allowed - coarse_keep * COARSE_BYTES_PER_ENTRY - ROW_BYTES)
     return max(HEAD_SLOT_BYTES, min(row, whole_row_bytes(n_features)))

@@ -248,13 +248,16 @@ def _fit(by_magnitude: np.ndarray, start: np.ndarray, count: np.ndarray, slots: 
     row: their ids sorted by feature, and their number per row. Fewer entries never take more slots, but leaving
     one out may free more than one (the extra slots of its long gap), so: drop as many as a row has slots too many
     until it fits, try adding back 1, 2, 4, ... while they fit, then halve the last step."""
+    def slots_over(counts: np.ndarray) -> np.ndarray:
+        return _slot_count(_take(by_magnitude, start, counts, n_features), gap_max, n_features) - slots
+
     def fitting(counts: np.ndarray) -> np.ndarray:
-        return _slot_count(_take(by_magnitude, start, counts, n_features), gap_max, n_features) <= slots
+        return slots_over(counts) <= 0
 
     fits = np.minimum(count, np.maximum(0, (by_magnitude < n_features).sum(1) - start))
     too_many = fits + 1
     while True:
-        over = _slot_count(_take(by_magnitude, start, fits, n_features), gap_max, n_features) - slots
+        over = slots_over(fits)
         if (over <= 0).all():
             break
         too_many = np.where(over > 0, fits, too_many)
