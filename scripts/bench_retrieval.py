@@ -5,8 +5,8 @@ Two modes:
 
 - ``--bundle DIR``: the bundle's own indexes on its real codes: 200 held-out images against exact search over the
   indexed training images (streamed), per CLT, token set and layer. With ``--budget B``, indexes rebuilt from the
-  bundle's codes at that budget (``--coarse-keep``, no minimum size): the demo keeps every entry otherwise, and this
-  puts its real codes in the regime of a true-size index.
+  bundle's codes at that budget (``--coarse-keep`` entries, whatever their share of the bytes; no minimum size): the
+  demo keeps every entry otherwise, and this puts its real codes in the regime of a true-size index.
 - synthetic, true size (default: 50k images, F = 12288, k = 128, 49 patch tokens + CLS, as ViT-B/32): codes from a
   generator fitted to the demo bundle's real codes. Each image draws a pool of features (78% from its class's pool,
   the rest by a global Zipf popularity), each token picks k of them with Zipf(0.6) weights over the pool, values are
@@ -16,18 +16,20 @@ Two modes:
   image's pool grows with the number of patches (0.69 k per patch), the harsher of two readings: at true size a
   patch mean then has ~2600 non-zeros with a long tail. ``--pool-per-patch 0`` keeps the pool at 11 k instead
   (~1240 non-zeros). The indexes and their exact reference are built for one layer; the app holds 2 x L per CLT.
-  What it does not reproduce (demo, real / synthetic): the share of a patch mean's non-zeros in features active in
-  most images (0.59-0.74 / 0.11), the cosine of random pairs (0.55-0.72 / 0.23) and of the nearest neighbour
-  (0.89-0.93 / 0.42). Real neighbours are closer, so harder to rank, and real codes share features, which the compact
-  index's common block, projection and correction use. For what a true-size index of real codes would do, rebuild the
-  demo's in the proportions of a true-size patch-mean index at 5%: ``--bundle DIR --budget 0.1353 --coarse-keep 16``:
-  140 fine-row bytes for ~190 non-zeros (1,900 for ~2,580 at true size) and 16 coarse entries (the share of the
-  squared mass that 64 of ~2,580 hold); at 10%, ``--budget 0.2505 --coarse-keep 16`` (320 bytes; 4,358 at true size).
-  The demo's rows get fewer directions there (7 and 16, against 32), their bytes being dearer against its smaller
-  rows.
+  Database and queries share one layout (the features' popularity and the class pools), so that a query has
+  neighbours in the database, as a real one does. What it does not reproduce (demo, real / synthetic): the share of a
+  patch mean's non-zeros in features active in most images (0.59-0.74 / 0.11), the cosine of random pairs (0.55-0.72
+  / 0.23) and of the nearest neighbour (0.89-0.93 / 0.43; at true size 0.30 against 0.20 for random pairs). Real codes
+  share features, which the compact index's common block, projection and correction use; synthetic neighbours stand
+  out less from the crowd, which the coarse tier finds harder. For what a true-size index of real codes would do,
+  rebuild the demo's in the proportions of a true-size patch-mean index. At 10%: ``--bundle DIR --budget 0.24512
+  --coarse-keep 18``, fine rows of 299 bytes for ~190 non-zeros (4,068 for ~2,585 at true size) and 18 coarse entries
+  holding 59-73% of the squared mass (true size: 122 entries, 66%); at 5%, ``--budget 0.13577 --coarse-keep 16``
+  (141 bytes, 16 entries holding 57-70%; 1,915 bytes and 61 entries holding 55% at true size). The demo's images get
+  fewer directions there (16 and 7, against 32), their bytes being dearer against its smaller rows.
 
-    python scripts/bench_retrieval.py [--bundle DIR [--budget 0.1 --coarse-keep 16]] [--images 50000] [--budget 0.1]
-        [--queries 200]
+    python scripts/bench_retrieval.py [--bundle DIR [--budget 0.24512 --coarse-keep 18]] [--images 50000]
+        [--budget 0.1 0.05] [--coarse-keep 128] [--queries 200]
 """
 
 from __future__ import annotations
@@ -50,18 +52,21 @@ from clt_explorer.retrieval.index import ExactIndex
 from clt_explorer.retrieval.quality import held_out_pixels, recall_against_exact
 
 
-def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int, seed: int,
+def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int, seed: int, layout_seed: int = 0,
                           pool_per_patch: float = 0.69, fixed_pool: float = 11.0, batch: int = 250
                           ) -> dict[str, np.ndarray]:
     """Normalised dense CLS and patch-mean descriptors [n_images, F] of synthetic codes (see the module docstring;
-    ``pool_per_patch`` 0 gives every image a pool of ``fixed_pool`` x k features)."""
-    rng = np.random.default_rng(seed)
-    popularity = rng.permutation(1.0 / np.arange(1, n_features + 1) ** 0.8)
+    ``pool_per_patch`` 0 gives every image a pool of ``fixed_pool`` x k features). The features' popularity and the
+    class pools come from ``layout_seed``, the images from ``seed``: queries and database drawn with one layout come
+    from one distribution."""
+    layout = np.random.default_rng(layout_seed)
+    popularity = layout.permutation(1.0 / np.arange(1, n_features + 1) ** 0.8)
     popularity /= popularity.sum()
     pool = int(pool_per_patch * k * n_patches) if pool_per_patch else int(fixed_pool * k)
     pool = min(pool, n_features)
     class_pool, own = min(n_features, int(1.45 * pool)), int(0.78 * pool)
-    class_pools = np.stack([rng.choice(n_features, class_pool, replace=False, p=popularity) for _ in range(100)])
+    class_pools = np.stack([layout.choice(n_features, class_pool, replace=False, p=popularity) for _ in range(100)])
+    rng = np.random.default_rng([layout_seed, seed])
     in_pool_weight = np.log(1.0 / np.arange(1, pool + 1) ** 0.6)
     out = {"cls": np.zeros((n_images, n_features), np.float32),
            "patches": np.zeros((n_images, n_features), np.float32)}
@@ -85,10 +90,11 @@ def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int
     return out
 
 
-def compact_index(database: np.ndarray, budget: float, workdir: Path):
-    """The compact index of a descriptor matrix, with the app's settings and a byte budget."""
+def compact_index(database: np.ndarray, budget: float, workdir: Path,
+                  coarse_keep: int = COMPACT_DEFAULTS["coarse_keep"]):
+    """The compact index of a descriptor matrix, with the app's settings, a byte budget and coarse entries per image."""
     n, n_features = database.shape
-    settings = {**COMPACT_DEFAULTS, "budget": budget}
+    settings = {**COMPACT_DEFAULTS, "budget": budget, "coarse_keep": coarse_keep}
     sample = database[spread_rows(n, settings["sample"])] if needs_sample(n, n_features, settings) else None
     builder = compact_builder(n, n_features, settings, workdir, "bench", sample)
     for start in range(0, n, 1000):
@@ -106,8 +112,8 @@ def timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]
 def synthetic(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     shape = (args.features, args.k, args.patches)
-    database = synthetic_descriptors(args.images, *shape, args.seed, args.pool_per_patch)
-    queries = synthetic_descriptors(args.queries, *shape, args.seed + 1, args.pool_per_patch)
+    database = synthetic_descriptors(args.images, *shape, 0, args.seed, args.pool_per_patch)
+    queries = synthetic_descriptors(args.queries, *shape, 1, args.seed, args.pool_per_patch)
     print(f"generated {args.images} + {args.queries} synthetic images in {time.perf_counter() - start:.0f} s; "
           f"patch-mean non-zeros {(database['patches'][:1000] != 0).sum(1).mean():.0f}")
     print(f"{'tokens':8} {'index':24} {'build s':>8} {'MB':>9} {'% of exact':>10} {'ms/query':>9} {'recall@10':>9}")
@@ -121,7 +127,7 @@ def synthetic(args: argparse.Namespace) -> dict:
         for budget in args.budget:
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as workdir:
-                index = compact_index(database[tokens], budget, Path(workdir))
+                index = compact_index(database[tokens], budget, Path(workdir), args.coarse_keep)
             build = time.perf_counter() - began
             found, ms = timed_search(index, queries[tokens], 10)
             rows[budget] = {"recall_at_10": recall_at(reference.tolist(), found.tolist(), 10),
@@ -155,7 +161,8 @@ def on_bundle(args: argparse.Namespace) -> dict:
         clt = bundle.load_clt(name, teacher)
         if args.budget:
             index = build_retrieval(teacher, clt, train, store.dataset_indices, progress=False, recall_queries=pixels,
-                                    budget=args.budget[0], min_bytes=0, coarse_keep=args.coarse_keep)
+                                    budget=args.budget[0], min_bytes=0, coarse_keep=args.coarse_keep,
+                                    coarse_share=1.0)
             recall = index.settings["recall_at_10"]
         else:
             index = bundle.load_index(name, len(store))
@@ -191,9 +198,10 @@ def main() -> None:
                              f"default {COMPACT_DEFAULTS['budget']}); with --bundle, rebuild its indexes at the first "
                              "budget from its codes, with no minimum size")
     parser.add_argument("--coarse-keep", type=int, default=COMPACT_DEFAULTS["coarse_keep"],
-                        help="coarse entries per image when --bundle rebuilds its indexes")
+                        help="coarse entries per image of the synthetic indexes, or when --bundle rebuilds its indexes")
     parser.add_argument("--pool-per-patch", type=float, default=0.69)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="layout of the synthetic corpus (its database and queries share it)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.bundle:

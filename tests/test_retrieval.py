@@ -4,8 +4,8 @@ import torch
 
 from clt_explorer.data import load_dataset
 from clt_explorer.model.sparsifiers import SparseCodes
-from clt_explorer.retrieval.build import build_retrieval
-from clt_explorer.retrieval.compact import CompactBuilder, fine_bytes, spread_rows
+from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder
+from clt_explorer.retrieval.compact import CompactBuilder, coarse_entries, fine_bytes, spread_rows
 from clt_explorer.retrieval.fine_codec import COMMON_SHARE, fit_fine_codec
 from clt_explorer.retrieval.fine_rows import decode_fine_rows, encode_fine_rows, fine_scores
 from clt_explorer.retrieval.index import DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, descriptors
@@ -258,6 +258,19 @@ def test_spread_rows_cover_the_corpus_evenly():
 def test_fine_bytes_follow_the_budget_and_keep_small_corpora_whole():
     assert fine_bytes(10_000, 512, 0.05, 32 * 2**20, 64) == 3 * (512 + 3)  # a small corpus keeps every entry
     assert fine_bytes(50_000, 12288, 0.05, 32 * 2**20, 64) == int(0.05 * 12288 * 4 - 64 * 5 - 13)  # 13: per-row numbers
+
+
+def test_the_coarse_tier_takes_at_most_its_share_of_the_bytes(tmp_path):
+    assert coarse_entries(50_000, 12288, 0.1, 32 * 2**20, 256, 1 / 8) == int(0.1 * 12288 * 4 / 8 / 5)  # 122, not 256
+    assert coarse_entries(50_000, 12288, 0.1, 32 * 2**20, 64, 1 / 8) == 64
+    assert coarse_entries(1_000, 64, 1.0, 32 * 2**20, 256, 1 / 8) == 64  # never more than the features
+    database = random_descriptors(200, f=256, nnz=60)
+    settings = {**COMPACT_DEFAULTS, "budget": 0.2, "min_bytes": 0, "coarse_share": 1 / 8}  # 204.8 bytes per image
+    builder = compact_builder(200, 256, settings, tmp_path, "share")
+    builder.add(database)
+    index = builder.finish()
+    assert set(index.coarse.getnnz(axis=1)) == {5}  # 204.8 / 8 / 5 bytes per entry
+    assert index.arrays["fine_rows"].shape[1] <= int(204.8 - 5 * 5 - 13)
 
 
 def test_every_indexed_vector_finds_itself_first():

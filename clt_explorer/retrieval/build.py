@@ -16,7 +16,7 @@ from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
 from ..model.teacher import Teacher
 from ..progress import tqdm
-from .compact import CompactBuilder, fine_bytes, spread_rows, whole_row_bytes
+from .compact import CompactBuilder, coarse_entries, fine_bytes, spread_rows, whole_row_bytes
 from .exact import ExactTopK, image_descriptors
 from .index import DESCRIPTOR_TOKENS, MODES, ExactIndex, RetrievalIndex
 from .quality import index_recall
@@ -38,13 +38,20 @@ class _DenseSpool:
         return ExactIndex.build(self.dense)
 
 
-COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 64, "query_keep": 512, "candidates": 300,
-                    "head_share": 0.1, "directions": 32, "sample": 1024}
+COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 128, "coarse_share": 0.125,
+                    "query_keep": 2048, "candidates": 500, "head_share": 0.1, "directions": 32, "sample": 1024}
+
+
+def compact_coarse_entries(n_images: int, n_features: int, settings: dict) -> int:
+    """Coarse entries per image of a compact index with the given ``COMPACT_DEFAULTS``-style settings."""
+    return coarse_entries(n_images, n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"],
+                          settings["coarse_share"])
 
 
 def compact_fine_bytes(n_images: int, n_features: int, settings: dict) -> int:
     """Fine-tier bytes per image of a compact index with the given ``COMPACT_DEFAULTS``-style settings."""
-    return fine_bytes(n_images, n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"])
+    return fine_bytes(n_images, n_features, settings["budget"], settings["min_bytes"],
+                      compact_coarse_entries(n_images, n_features, settings))
 
 
 def needs_sample(n_images: int, n_features: int, settings: dict) -> bool:
@@ -57,8 +64,8 @@ def compact_builder(n_images: int, n_features: int, settings: dict, workdir: Pat
     """A builder of the compact index of ``n_images`` descriptors with the given ``COMPACT_DEFAULTS``-style settings,
     learning from ``sample`` (descriptors spread over the corpus) where rows may lose entries."""
     return CompactBuilder(n_images, n_features, compact_fine_bytes(n_images, n_features, settings), workdir, name,
-                          sample, settings["coarse_keep"], settings["query_keep"], settings["candidates"],
-                          settings["head_share"], settings["directions"])
+                          sample, compact_coarse_entries(n_images, n_features, settings), settings["query_keep"],
+                          settings["candidates"], settings["head_share"], settings["directions"])
 
 
 def _sample_descriptors(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, indices: Sequence[int],
@@ -83,12 +90,12 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     """Stream ``dataset[indices]`` through teacher and CLT and index its descriptors (row r = indices[r]). The
     compact mode's settings (``COMPACT_DEFAULTS``): the whole index may take ``budget`` x the exact index's bytes,
     or ``min_bytes`` per index when that is more (so small corpora keep every entry), the coarse tier keeps
-    ``coarse_keep`` entries per image, a query uses its ``query_keep`` largest entries to find ``candidates``
-    images that the fine tier ranks; a fine row that cannot keep every entry in float16 spends at least
-    ``head_share`` of its bytes on its largest entries in float16, and then the index learns its common features
-    and ``directions`` correction directions from the descriptors of ``sample`` images spread over the corpus,
-    computed first. With ``recall_queries`` (preprocessed held-out images), the same pass finds their exact top-10
-    and the index's settings record its recall@10 against it (per token set and layer)."""
+    ``coarse_keep`` entries per image, on at most ``coarse_share`` of those bytes, a query uses its ``query_keep``
+    largest entries to find ``candidates`` images that the fine tier ranks; a fine row that cannot keep every entry
+    in float16 spends at least ``head_share`` of its bytes on its largest entries in float16, and then the index
+    learns its common features and ``directions`` correction directions from the descriptors of ``sample`` images
+    spread over the corpus, computed first. With ``recall_queries`` (preprocessed held-out images), the same pass
+    finds their exact top-10 and the index's settings record its recall@10 against it (per token set and layer)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     unknown = set(compact) - set(COMPACT_DEFAULTS)

@@ -209,13 +209,33 @@ class CompactBuilder:
         return CompactIndex(arrays, self.n_features, self.query_keep, self.candidates)
 
 
+def coarse_entries(n_images: int, n_features: int, budget: float, min_bytes: int, coarse_keep: int,
+                   share: float) -> int:
+    """Coarse entries per image: ``coarse_keep``, on at most ``share`` of the bytes :func:`fine_bytes` starts from.
+
+    Why the app's 128 entries on an eighth of the bytes, a query's 2,048 entries and 500 candidates
+    (``scripts/bench_retrieval.py``, patch means at 10%): on synthetic codes at true size, whose neighbours stand out
+    little, the fine tier alone would rank 0.994 of the exact top 10, but 64 entries, a query's 512 and 300 candidates
+    found 0.867; these settings find 0.959 (a quarter of the bytes and 300 candidates: 0.970). The demo's real codes,
+    rebuilt in true-size proportions, rank by the fine bytes, their projection finding the candidates: 0.975-0.995
+    with an eighth, 0.964-0.988 with a quarter. At 5% an eighth gives 0.870 on the synthetic codes, a quarter 0.796."""
+    allowed = _bytes_per_image(n_images, n_features, budget, min_bytes)
+    return max(1, min(coarse_keep, n_features, int(share * allowed / COARSE_BYTES_PER_ENTRY)))
+
+
 def fine_bytes(n_images: int, n_features: int, budget: float, min_bytes: int, coarse_keep: int) -> int:
     """Bytes per image for the fine tier (its row, projection and correction): what ``budget`` x the exact index's
-    bytes (4 bytes per feature and image) leaves after the coarse tier, or ``min_bytes`` for the whole index when that
-    is more (small corpora keep every entry), never more than a row could need (:func:`whole_row_bytes`)."""
-    allowed = max(budget * n_images * n_features * 4, min_bytes) / n_images
-    row = int(allowed - coarse_keep * COARSE_BYTES_PER_ENTRY - ROW_BYTES)
+    bytes (4 bytes per feature and image) leaves after ``coarse_keep`` coarse entries, or ``min_bytes`` for the whole
+    index when that is more (small corpora keep every entry), never more than a row could need
+    (:func:`whole_row_bytes`)."""
+    row = int(_bytes_per_image(n_images, n_features, budget, min_bytes) - coarse_keep * COARSE_BYTES_PER_ENTRY
+              - ROW_BYTES)
     return max(HEAD_SLOT_BYTES, min(row, whole_row_bytes(n_features)))
+
+
+def _bytes_per_image(n_images: int, n_features: int, budget: float, min_bytes: int) -> float:
+    """What the whole index may take per image: ``budget`` x the exact index's bytes, or ``min_bytes`` if more."""
+    return max(budget * n_images * n_features * 4, min_bytes) / n_images
 
 
 def whole_row_bytes(n_features: int) -> int:

@@ -22,9 +22,10 @@ all the others, the common features it has beyond those, and as many of the othe
 Why (``scripts/bench_retrieval.py``; fine tier alone on the demo's real patch means, ReLU-TopK layers 1 / 3, at the
 bytes per non-zero of a true-size row at 5%): a cosine scored from twice as many entries, most at 4 bits, ranks
 closer to the exact one than half as many in float16 (0.85 / 0.89 of the exact top 10 against 0.57 / 0.66; 0.967
-against 0.897 on the true-size synthetic codes). Even steps beat a square-root scale, finer for small values, by 4-5
-points on real codes (large entries meet large query entries), and the largest entries still need float16. A common
-block holds most of a real patch mean's non-zeros in half the bytes of tail slots.
+against 0.897 on the true-size synthetic codes of a generator whose queries drew another layout). Even steps beat a
+square-root scale, finer for small values, by 4-5 points on real codes (large entries meet large query entries), and
+the largest entries still need float16. A common block holds most of a real patch mean's non-zeros in half the bytes
+of tail slots.
 """
 
 from __future__ import annotations
