@@ -34,14 +34,16 @@ def test_descriptors_are_normalised_cls_code_and_patch_mean():
     assert torch.equal(d["cls"][0][1], torch.zeros(30))  # an all-zero code stays zero
 
 
-def compact(database, width=None, tmp=None, sample=None, **settings):
+def compact(database, width=None, tmp=None, sample=None, coarse_keep=64, query_keep=512, candidates=300,
+            head_share=0.1, directions=32):
     """A compact index of ``database`` (every entry kept unless ``width`` fine bytes per image are fewer; learning
     from ``sample`` when given)."""
     import tempfile
     from pathlib import Path
 
     width = width or 3 * (database.shape[1] + 2)
-    builder = CompactBuilder(*database.shape, width, Path(tmp or tempfile.mkdtemp()), "t", sample, **settings)
+    builder = CompactBuilder(*database.shape, width, Path(tmp or tempfile.mkdtemp()), "t", sample, coarse_keep,
+                             query_keep, candidates, head_share, directions)
     for start in range(0, len(database), 64):
         builder.add(database[start:start + 64])
     return builder.finish()

@@ -154,8 +154,8 @@ class CompactBuilder:
     ``workdir``, the coarse entries (a few per row) and the per-row numbers stay in memory."""
 
     def __init__(self, n_images: int, n_features: int, fine_bytes: int, workdir: Path, name: str,
-                 sample: np.ndarray | None = None, coarse_keep: int = 64, query_keep: int = 512,
-                 candidates: int = 300, head_share: float = 0.1, directions: int = 32):
+                 sample: np.ndarray | None, coarse_keep: int, query_keep: int, candidates: int, head_share: float,
+                 directions: int):
         self.n_images, self.n_features, self.row = n_images, n_features, 0
         self.coarse_keep, self.query_keep, self.candidates = min(coarse_keep, n_features), query_keep, candidates
         per_direction = 6 + 4 * n_features / max(1, n_images)  # per image: float32 and float16; float32 per feature
