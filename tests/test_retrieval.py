@@ -118,6 +118,8 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
             tail = np.setdiff1d(kept, head)
             assert np.all(np.abs(decoded[r, tail] - vectors[r, tail]) <= step * rows.tail_scale[r]), (width, r)
             assert np.all(np.sign(decoded[r, tail]) == np.sign(vectors[r, tail]))
+    empty = encode_fine_rows(vectors[:1], 100, 8)  # rows without a single head slot
+    assert fine_scores(empty, query).tolist() == [0.0] and not decode_fine_rows(empty, n_features).any()
     rows = encode_fine_rows(vectors[:2], 12, 8)  # 4 head slots: the two strongest of row 1 fit, with 2 extra slots
     assert rows.head_count.tolist() == [0, 4]
     decoded = decode_fine_row(rows.data[1], 4, float(rows.tail_scale[1]), bool(rows.tail_signed[1]), n_features)
@@ -169,6 +171,22 @@ def test_common_features_take_a_4_bit_code_in_every_row_and_free_the_tail(signed
         assert set(kept) <= set(strongest[:len(kept) + 1]) and len(kept) >= 10
     kept_without = (decode_rows(encode_fine_rows(vectors, 200, 8), n_features) != 0).sum(1)
     assert ((decoded != 0).sum(1) > kept_without + 10).all()  # 100 bytes of codes stand for 200 entries
+
+
+def test_scoring_in_chunks_finds_what_scoring_at_once_does(monkeypatch):
+    """A search scores its candidates ``FINE_CHUNK`` rows and its query's columns ``COARSE_CHUNK`` at a time (small
+    temporaries); the chunks' borders must neither drop nor repeat an entry."""
+    import clt_explorer.retrieval.compact as compact_module
+
+    database, queries = random_descriptors(700, f=1500, nnz=600), random_descriptors(10, f=1500, nnz=600, seed=1)
+    index = compact(database, 600, sample=database[spread_rows(700, 200)], coarse_keep=40, query_keep=1500,
+                    candidates=400)
+    assert compact_module.COARSE_CHUNK < 600 and compact_module.FINE_CHUNK < 400  # several chunks of each
+    chunked = index.search(queries, 10)
+    monkeypatch.setattr(compact_module, "FINE_CHUNK", 10**6)
+    monkeypatch.setattr(compact_module, "COARSE_CHUNK", 10**6)
+    at_once = index.search(queries, 10)
+    assert np.array_equal(chunked[1], at_once[1]) and np.allclose(chunked[0], at_once[0], atol=1e-6)
 
 
 def test_the_codec_learns_nothing_from_whole_rows_else_common_features_and_directions():
