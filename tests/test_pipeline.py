@@ -55,6 +55,20 @@ def test_demo_bundle_is_complete_and_a_rerun_skips_every_step(tiny_bundle):
     assert {r.status for r in reports} == {"skipped"}, [r for r in reports if r.status != "skipped"]
 
 
+def test_a_rerun_with_another_retrieval_budget_rebuilds_only_the_indexes(tiny_bundle, tmp_path):
+    shutil.copytree(tiny_bundle.root, tmp_path / tiny_bundle.root.name)
+    jobs = preset_jobs("demo", train_overrides=TINY_BUNDLE_TRAIN, **TINY_BUNDLE_SETTINGS, retrieval_budget=0.05)
+    reports = build_bundles(jobs, tmp_path, torch.device("cpu"), progress=False)
+    built = {r.step for r in reports if r.status != "skipped"}
+    assert built == {f"retrieval {name}" for name in tiny_bundle.clt_names}, reports
+    assert all(r.status == "built" for r in reports if r.step in built), reports
+    bundle = Bundle.load(tmp_path / tiny_bundle.root.name)
+    for name in bundle.clt_names:
+        assert bundle.load_index(name, 1500).settings["budget"] == 0.05
+    reports = build_bundles(jobs, tmp_path, torch.device("cpu"), progress=False)
+    assert {r.status for r in reports} == {"skipped"}, [r for r in reports if r.status != "skipped"]
+
+
 @pytest.mark.slow
 def test_a_run_killed_during_training_resumes_from_its_last_checkpoint(tiny_bundle, tmp_path):
     killed = run(small_build_args(tiny_bundle, tmp_path), kill_at="step:27")

@@ -4,7 +4,7 @@ import torch
 
 from clt_explorer.data import load_dataset
 from clt_explorer.model.sparsifiers import SparseCodes
-from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder
+from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder, index_settings
 from clt_explorer.retrieval.compact import CompactBuilder, coarse_entries, fine_bytes, spread_rows
 from clt_explorer.retrieval.fine_codec import COMMON_SHARE, fit_fine_codec
 from clt_explorer.retrieval.fine_rows import decode_fine_rows, encode_fine_rows, fine_scores
@@ -314,6 +314,23 @@ def test_save_load_round_trip_returns_identical_results(tmp_path, mode):
     assert loaded.settings == {"budget": 0.1} and loaded.nbytes == index.nbytes
     with pytest.raises(AssetError, match="n_features is 300, expected 512"):
         RetrievalIndex.load(tmp_path, n_features=512)
+
+
+def test_an_index_knows_the_mode_and_settings_it_was_built_with(tmp_path):
+    """What the pipeline asks before it skips a CLT's retrieval step: an index of another mode or budget, or one
+    built with an earlier version's defaults (a setting it does not record), was not built with this job's."""
+    settings = index_settings("compact", budget=0.2)
+    assert settings == {**COMPACT_DEFAULTS, "budget": 0.2} and index_settings("exact", budget=0.2) == {}
+    with pytest.raises(ValueError, match="unknown compact index settings"):
+        index_settings("compact", budgett=0.2)
+    per_layer = {tokens: [compact(random_descriptors(40))] for tokens in DESCRIPTOR_TOKENS}
+    RetrievalIndex(per_layer, "compact", {**settings, "recall_at_10": {"cls": [1.0]}}).save(tmp_path / "r")
+    index = RetrievalIndex.load(tmp_path / "r")
+    assert index.built_with("compact", settings)  # what it measured besides does not count
+    assert not index.built_with("compact", index_settings("compact", budget=0.1))
+    assert not index.built_with("exact", index_settings("exact"))
+    older = {key: value for key, value in settings.items() if key != "coarse_share"}
+    assert not RetrievalIndex(per_layer, "compact", older).built_with("compact", settings)
 
 
 def test_indexes_of_the_first_format_count_as_absent(tmp_path):

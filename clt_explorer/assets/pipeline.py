@@ -28,7 +28,7 @@ from ..model.sparsifiers import SPARSIFIERS, sparsifier_class
 from ..model.teacher import LOCAL_DIR, OPEN_CLIP_FILES, Teacher
 from ..model.tokens import ALL, TOKEN_SETS
 from ..model.zeroshot import ZeroShotClassifier, zero_shot_accuracy
-from ..retrieval.build import COMPACT_DEFAULTS, build_retrieval
+from ..retrieval.build import COMPACT_DEFAULTS, build_retrieval, index_settings
 from ..retrieval.features import build_feature_store
 from ..retrieval.index import MODES, RetrievalIndex
 from ..retrieval.quality import held_out_pixels
@@ -364,22 +364,28 @@ class Builder:
                                     bundle.features_dir(name), batch_size=self.job.batch_size, progress=self.progress)
         return f"{store.n_images} images, top {store.top_n} per feature, {store.nbytes / 1e6:.1f} MB"
 
+    def _retrieval_settings(self) -> dict:
+        """What this job's indexes are built with."""
+        compact = {"budget": self.job.retrieval_budget} if self.job.retrieval_mode == "compact" else {}
+        return index_settings(self.job.retrieval_mode, **compact)
+
     def _retrieval_done(self, bundle: Bundle, name: str, count: int) -> bool:
+        """Whether the CLT's indexes exist, built in this job's mode with its settings: an index of another mode or
+        budget, or of an earlier version's defaults, is built again."""
         if not RetrievalIndex.exists(bundle.retrieval_dir(name)):
             return False
         config = bundle.clt_config(name)
-        RetrievalIndex.load(bundle.retrieval_dir(name), config.n_layers, config.n_features, count)
-        return True
+        index = RetrievalIndex.load(bundle.retrieval_dir(name), config.n_layers, config.n_features, count)
+        return index.built_with(self.job.retrieval_mode, self._retrieval_settings())
 
     def _retrieval(self, bundle: Bundle, teacher: Teacher, train_data, test_data, indices: list[int],
                    name: str) -> str:
         """The indexes, with their recall@10 against exact search measured on held-out images in the same pass."""
         clt = bundle.load_clt(name, teacher, self.device)
         queries = held_out_pixels(teacher, test_data, RECALL_QUERIES, self.job.batch_size)
-        compact = {"budget": self.job.retrieval_budget} if self.job.retrieval_mode == "compact" else {}
         index = build_retrieval(teacher, clt, train_data, indices, self.job.retrieval_mode,
                                 batch_size=self.job.batch_size, progress=self.progress, recall_queries=queries,
-                                **compact)
+                                **self._retrieval_settings())
         index.save(bundle.retrieval_dir(name))
         recall = [r for per_layer in index.settings["recall_at_10"].values() for r in per_layer]
         return f"{index.mode}, {index.n_images} images, {index.nbytes / 1e6:.1f} MB, recall@10 >= {min(recall):.3f}"

@@ -42,6 +42,17 @@ COMPACT_DEFAULTS = {"budget": 0.1, "min_bytes": 32 * 2**20, "coarse_keep": 128, 
                     "query_keep": 2048, "candidates": 500, "head_share": 0.1, "directions": 32, "sample": 1024}
 
 
+def index_settings(mode: str, **compact) -> dict:
+    """The settings an index of ``mode`` is built with and records: ``COMPACT_DEFAULTS`` with ``compact`` over them,
+    none for an exact index."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    unknown = set(compact) - set(COMPACT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown compact index settings {sorted(unknown)}; known: {sorted(COMPACT_DEFAULTS)}")
+    return {**COMPACT_DEFAULTS, **compact} if mode == "compact" else {}
+
+
 def compact_coarse_entries(n_images: int, n_features: int, settings: dict) -> int:
     """Coarse entries per image of a compact index with the given ``COMPACT_DEFAULTS``-style settings."""
     return coarse_entries(n_images, n_features, settings["budget"], settings["min_bytes"], settings["coarse_keep"],
@@ -96,12 +107,7 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     learns its common features and ``directions`` correction directions from the descriptors of ``sample`` images
     spread over the corpus, computed first. With ``recall_queries`` (preprocessed held-out images), the same pass
     finds their exact top-10 and the index's settings record its recall@10 against it (per token set and layer)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    unknown = set(compact) - set(COMPACT_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown compact index settings {sorted(unknown)}; known: {sorted(COMPACT_DEFAULTS)}")
-    settings = {**COMPACT_DEFAULTS, **compact} if mode == "compact" else {}
+    settings = index_settings(mode, **compact)
     c, n = clt.config, len(indices)
     with tempfile.TemporaryDirectory(prefix="clt-retrieval-") as workdir:
         sample = None

@@ -158,6 +158,11 @@ class RetrievalIndex:
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
 
+    def built_with(self, mode: str, settings: dict) -> bool:
+        """Whether this index was built in ``mode`` with ``settings`` (:func:`.build.index_settings`); what it records
+        besides, such as its measured recall, does not count."""
+        return self.mode == mode and all(self.settings.get(key) == value for key, value in settings.items())
+
     @staticmethod
     def exists(folder: str | Path) -> bool:
         """Whether ``folder`` holds a saved index of this version's format (its manifest is written last); an
