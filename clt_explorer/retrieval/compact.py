@@ -41,7 +41,7 @@ ROW_BYTES = 4 + 4 + 4 + 1  # per image: coarse scale, head slots, tail scale, ta
 # candidates scored at a time: the temporaries of 500 true-size rows (several MB each) came fresh from the OS at every
 # query, and their page faults took longer than the arithmetic; those of 128 rows are reused from the heap
 FINE_CHUNK = 128
-COARSE_CHUNK = 512  # query columns at a time, for the same reason: 2,048 columns take a MB of sparse entries
+COARSE_CHUNK = 512  # query columns at a time, for the same reason: 2,048 columns hold ~1M sparse entries
 
 
 def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:

@@ -112,7 +112,7 @@ def _slot_entries(rows: FineRows, n_features: int, common: np.ndarray
     the value of one level in each row [n], for the common block, the head (levels: the float16 values; step 1) and
     the tail. A value is its level times its row's step: scoring multiplies a row's sum, not each of its slots."""
     data, head_count = rows.data, rows.head_count.astype(np.int64)
-    n, width = data.shape
+    n = len(data)
     step = rows.tail_scale / np.where(rows.tail_signed, SIGNED_STEPS, UNSIGNED_STEPS).astype(np.float32)
     block = common_block_bytes(len(common))
     nibbles = (data[:, :block, None] >> np.array([0, 4], np.uint8) & 15).reshape(n, 2 * block)[:, :len(common)]
@@ -144,8 +144,8 @@ def _running_ids(gaps: np.ndarray, n_features: int) -> np.ndarray:
 
 
 def _levels(codes: np.ndarray, signed: np.ndarray) -> np.ndarray:
-    """Signed step counts (float32) of 4-bit codes [n, m] (``CODE_LEVELS``); a cast where no row is signed, which is
-    ten times faster than the table."""
+    """Signed step counts (float32) of 4-bit codes [n, m] (``CODE_LEVELS``); a cast where no row is signed, about ten
+    times faster than the table."""
     if not signed.any():
         return codes.astype(np.float32)
     return np.take(CODE_LEVELS.ravel(), codes | signed[:, None].astype(np.uint8) << 4)
