@@ -45,7 +45,13 @@ import torch
 
 from clt_explorer.assets.bundle import open_bundle
 from clt_explorer.assets.evaluation_runs import bundle_split
-from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder, needs_sample
+from clt_explorer.retrieval.build import (
+    COMPACT_DEFAULTS,
+    build_retrieval,
+    compact_builder,
+    index_settings,
+    needs_sample,
+)
 from clt_explorer.retrieval.compact import recall_at, spread_rows
 from clt_explorer.retrieval.exact import image_descriptors
 from clt_explorer.retrieval.index import ExactIndex
@@ -94,7 +100,7 @@ def compact_index(database: np.ndarray, budget: float, workdir: Path,
                   coarse_keep: int = COMPACT_DEFAULTS["coarse_keep"]):
     """The compact index of a descriptor matrix, with the app's settings, a byte budget and coarse entries per image."""
     n, n_features = database.shape
-    settings = {**COMPACT_DEFAULTS, "budget": budget, "coarse_keep": coarse_keep}
+    settings = index_settings("compact", budget=budget, coarse_keep=coarse_keep)
     sample = database[spread_rows(n, settings["sample"])] if needs_sample(n, n_features, settings) else None
     builder = compact_builder(n, n_features, settings, workdir, "bench", sample)
     for start in range(0, n, 1000):

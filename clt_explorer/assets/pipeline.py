@@ -365,9 +365,8 @@ class Builder:
         return f"{store.n_images} images, top {store.top_n} per feature, {store.nbytes / 1e6:.1f} MB"
 
     def _retrieval_settings(self) -> dict:
-        """What this job's indexes are built with."""
-        compact = {"budget": self.job.retrieval_budget} if self.job.retrieval_mode == "compact" else {}
-        return index_settings(self.job.retrieval_mode, **compact)
+        """What this job's indexes are built with (an exact index has no settings, whatever the budget)."""
+        return index_settings(self.job.retrieval_mode, budget=self.job.retrieval_budget)
 
     def _retrieval_done(self, bundle: Bundle, name: str, count: int) -> bool:
         """Whether the CLT's indexes exist, built in this job's mode with its settings: an index of another mode or
