@@ -5,7 +5,7 @@ import torch
 from clt_explorer.data import load_dataset
 from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder, index_settings
-from clt_explorer.retrieval.compact import CompactBuilder, coarse_entries, fine_bytes, spread_rows
+from clt_explorer.retrieval.compact import FINE_ARRAYS, CompactBuilder, coarse_entries, fine_bytes, spread_rows
 from clt_explorer.retrieval.fine_codec import COMMON_SHARE, fit_fine_codec
 from clt_explorer.retrieval.fine_rows import decode_fine_rows, encode_fine_rows, fine_scores
 from clt_explorer.retrieval.index import DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, descriptors
@@ -58,18 +58,24 @@ def test_compact_with_every_entry_is_exact_search_within_float16(signed):
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_ids, c_ids)]) >= 0.99
 
 
-def decode_fine_row(data, head_count, scale, signed, n_features, common=()):
+def largest_level(bits, signed):
+    """The code of ``bits`` bits for a row's scale: 15 or 7 (4 or 3 bits), 7 or 3 with a sign bit."""
+    return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+
+
+def decode_fine_row(data, head_count, scale, signed, n_features, common=(), tail_bits=4):
     """The dense vector a fine row stands for, read byte by byte as the format says (a reference for the vectorised
     decoder): the common block (a 4-bit code per common feature, low nibble first), 3-byte head slots (gap,
-    little-endian float16), then 1-byte tail slots (gap << 4 | code)."""
-    def value(code):
-        if signed:
-            return (-1 if code > 8 else 1) * (code - 8 if code > 8 else code) / 7 * scale
-        return code / 15 * scale
+    little-endian float16), then 1-byte tail slots (gap << tail_bits | code)."""
+    def value(code, bits):
+        sign = 2 ** (bits - 1)
+        if signed and code > sign:
+            return -(code - sign) / largest_level(bits, signed) * scale
+        return code / largest_level(bits, signed) * scale
 
     dense = np.zeros(n_features)
     for i, feature in enumerate(common):
-        dense[feature] += value(int(data[i // 2]) >> (4 * (i % 2)) & 15)
+        dense[feature] += value(int(data[i // 2]) >> (4 * (i % 2)) & 15, 4)
     data, feature = data[(len(common) + 1) // 2:], 0
     for slot in range(head_count):
         gap, low, high = data[3 * slot:3 * slot + 3]
@@ -77,18 +83,19 @@ def decode_fine_row(data, head_count, scale, signed, n_features, common=()):
         dense[feature] += np.frombuffer(bytes([low, high]), "<f2")[0]
     feature = 0
     for byte in data[3 * head_count:]:
-        feature += int(byte) >> 4
-        dense[feature] += value(int(byte) & 15)
+        feature += int(byte) >> tail_bits
+        dense[feature] += value(int(byte) % 2 ** tail_bits, tail_bits)
     return dense
 
 
 def decode_rows(rows, n_features, common=()):
     return np.stack([decode_fine_row(rows.data[r], int(rows.head_count[r]), float(rows.tail_scale[r]),
-                                     bool(rows.tail_signed[r]), n_features, common) for r in range(len(rows.data))])
+                                     bool(rows.tail_signed[r]), n_features, common, int(rows.tail_bits[r]))
+                     for r in range(len(rows.data))])
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_4_bits(signed):
+def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_3_or_4_bits(signed):
     rng = np.random.default_rng(0)
     n_features = 2000
     vectors = np.zeros((7, n_features), np.float32)
@@ -101,6 +108,7 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
     vectors[2, :] = 0
     vectors[2, ::40] = np.linspace(1, 0.01, 50)  # gaps of 40 take extra tail slots once the head is full
     query = rng.normal(size=n_features).astype(np.float32)
+    tail_bits = set()
     for width, head_keep in ((3 * 2010, 8), (400, 8), (400, 64), (100, 8), (12, 8)):
         rows = encode_fine_rows(vectors, width, head_keep)
         assert rows.data.shape == (7, width)
@@ -114,16 +122,37 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
             head = [f for f in order[:len(kept)] if abs(decoded[r, f] - vectors[r, f]) <= 1e-3 * abs(vectors[r, f])]
             n_head = int((vectors[r] != 0).sum()) if width == 3 * 2010 else min(head_keep, len(kept))
             assert len(head) >= n_head, (width, r)  # float16: the whole row when it fits, else at least head_keep
-            step = 0.5 / (7 if signed else 15) + 1e-6  # the tail: within half a code of its row's scale
+            step = 0.5 / largest_level(int(rows.tail_bits[r]), signed) + 1e-6  # the tail: within half a code
             tail = np.setdiff1d(kept, head)
             assert np.all(np.abs(decoded[r, tail] - vectors[r, tail]) <= step * rows.tail_scale[r]), (width, r)
             assert np.all(np.sign(decoded[r, tail]) == np.sign(vectors[r, tail]))
+        tail_bits |= set(rows.tail_bits.tolist())
+    assert tail_bits == {3, 4}
     empty = encode_fine_rows(vectors[:1], 100, 8)  # rows without a single head slot
     assert fine_scores(empty, query).tolist() == [0.0] and not decode_fine_rows(empty, n_features).any()
     rows = encode_fine_rows(vectors[:2], 12, 8)  # 4 head slots: the two strongest of row 1 fit, with 2 extra slots
     assert rows.head_count.tolist() == [0, 4]
-    decoded = decode_fine_row(rows.data[1], 4, float(rows.tail_scale[1]), bool(rows.tail_signed[1]), n_features)
+    decoded = decode_rows(rows, n_features)[1]
     assert dict(zip(*np.nonzero(decoded), decoded[decoded != 0])) == {3: 1.0, 700: vectors[1, 700]}
+
+
+def test_a_row_that_leaves_entries_out_takes_3_bit_codes_where_they_lose_less():
+    """Row 0's entries lie 20 features apart: a 4-bit gap needs an extra slot for each, a 5-bit gap none, so its 60
+    tail bytes keep 55 entries with 3-bit codes against 25 with 4-bit ones, and lose less. Row 1's entries are
+    adjacent: either code keeps 60 tail entries, and 4 bits round finer."""
+    n_features = 2000
+    vectors = np.zeros((2, n_features), np.float32)
+    vectors[0, ::20] = np.linspace(1, 0.5, 100)
+    vectors[1, :100] = np.linspace(1, 0.5, 100)
+    rows = encode_fine_rows(vectors, 3 * 8 + 60, 8)  # 8 head slots, 60 tail slots
+    assert rows.head_count.tolist() == [8, 8] and rows.tail_bits.tolist() == [3, 4]
+    decoded = decode_rows(rows, n_features)
+    # tail of row 0: the gap of 160 from 0 to its first entry takes 5 extra slots, then one slot per entry
+    assert (decoded != 0).sum(1).tolist() == [8 + 55, 8 + 60]
+    assert np.flatnonzero(decoded[0]).tolist() == list(range(0, 20 * 63, 20))
+    assert np.abs(decoded[0] - vectors[0])[:20 * 63].max() <= 0.5 / 7 + 1e-6  # within half a 3-bit step of 1
+    query = np.random.default_rng(0).normal(size=n_features).astype(np.float32)
+    assert np.allclose(fine_scores(rows, query), decoded @ query, atol=1e-5)
 
 
 def test_fine_rows_spend_spare_bytes_on_float16_and_score_closer_than_float16_alone():
@@ -219,8 +248,7 @@ def test_the_correction_stores_the_rows_loss_along_its_directions_and_queries_ad
     arrays = index.arrays
     directions, common = arrays["directions"], arrays["common_features"]
     assert directions.shape == (400, 8) and common.tolist() == list(range(40))
-    decoded = decode_rows(FineRows(*(arrays[name] for name in ("fine_rows", "head_count", "tail_scale",
-                                                               "tail_signed"))), 400, common)
+    decoded = decode_rows(FineRows(*(arrays[name] for name in FINE_ARRAYS)), 400, common)
     assert np.allclose(arrays["correction"], (database - decoded) @ directions, atol=2e-3)  # float16
     along = (directions @ np.random.default_rng(5).normal(size=(8, 5))).T.astype(np.float32)
     for query in (*queries, *along):
@@ -277,7 +305,7 @@ def test_spread_rows_cover_the_corpus_evenly():
 
 def test_fine_bytes_follow_the_budget_and_keep_small_corpora_whole():
     assert fine_bytes(10_000, 512, 0.05, 32 * 2**20, 64) == 3 * (512 + 3)  # a small corpus keeps every entry
-    assert fine_bytes(50_000, 12288, 0.05, 32 * 2**20, 64) == int(0.05 * 12288 * 4 - 64 * 5 - 13)  # 13: per-row numbers
+    assert fine_bytes(50_000, 12288, 0.05, 32 * 2**20, 64) == int(0.05 * 12288 * 4 - 64 * 5 - 14)  # 14: per-row numbers
 
 
 def test_the_coarse_tier_takes_at_most_its_share_of_the_bytes(tmp_path):

@@ -8,12 +8,12 @@
   sparse entries are those of what lies outside span U: real codes share their largest entries (the demo's top
   16 are 91-96% common features), so these alone hardly tell images apart.
 - fine: each descriptor in a fixed number of bytes (:mod:`.fine_rows`): every entry in float16 when they fit, else
-  its largest ones in float16 and as many of the next ones as fit at 4 bits, with a correction of what that loses
+  its largest ones in float16 and as many of the next ones as fit at 3-4 bits, with a correction of what that loses
   along a few directions learnt from a sample (:mod:`.fine_codec`). The candidates are scored again against the
   whole query and the best k returned.
 
 Descriptors are normalised with their full norm, so a fine score is the cosine less what the entries left out would
-add and the rounding of the 4-bit ones, both outside the correction directions: the exact cosine within float16
+add and the rounding of the coded ones, both outside the correction directions: the exact cosine within float16
 rounding when every entry fits.
 
 On disk, a folder of .npy arrays (no pickles) and meta.json; ``FORMAT`` versions the layout.
@@ -32,12 +32,20 @@ import scipy.sparse
 
 from ..storage import AssetError, check_keys, read_json, write_json
 from .fine_codec import fit_fine_codec, lossless_codec
-from .fine_rows import HEAD_GAP_MAX, HEAD_SLOT_BYTES, FineRows, decode_fine_rows, encode_fine_rows, fine_scores
+from .fine_rows import (
+    CODE_BITS,
+    HEAD_GAP_MAX,
+    HEAD_SLOT_BYTES,
+    FineRows,
+    decode_fine_rows,
+    encode_fine_rows,
+    fine_scores,
+)
 
-FORMAT = 4  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16; 3: no common block, no
-# correction (all rebuilt automatically)
+FORMAT = 5  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16; 3: no common block, no
+# correction; 4: 4-bit tail codes only (all rebuilt automatically)
 COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
-ROW_BYTES = 4 + 4 + 4 + 1  # per image: coarse scale, head slots, tail scale, tail signedness
+ROW_BYTES = 4 + 4 + 4 + 1 + 1  # per image: coarse scale, head slots, code scale, signedness, tail code bits
 # candidates scored at a time: the temporaries of 500 true-size rows (several MB each) came fresh from the OS at every
 # query, and their page faults took longer than the arithmetic; those of 128 rows are reused from the heap
 FINE_CHUNK = 128
@@ -51,7 +59,7 @@ def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]
     return indices, np.take_along_axis(vectors, indices, axis=1)
 
 
-FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed")  # in the order of FineRows
+FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed", "tail_bits")  # in the order of FineRows
 PER_ROW_ARRAYS = ("coarse_scale", "projection", *FINE_ARRAYS, "correction")
 
 
@@ -154,6 +162,9 @@ class CompactIndex:
                 or arrays["projection"].shape != arrays["correction"].shape
                 or np.any(arrays["common_features"] >= n_features)):
             raise AssetError(f"{path}: correction directions or common features do not match {n_features} features")
+        if not np.isin(arrays["tail_bits"], CODE_BITS).all():
+            raise AssetError(f"{path}: tail codes of {sorted(set(np.unique(arrays['tail_bits'])) - set(CODE_BITS))} "
+                             f"bits; this version reads {CODE_BITS}")
         try:
             index = cls(arrays, n_features, int(meta["query_keep"]), int(meta["candidates"]))
             index.coarse.check_format(full_check=False)
@@ -183,7 +194,7 @@ class CompactBuilder:
         self.head_keep = max(1, round(head_share * width / HEAD_SLOT_BYTES))
         self.fine = np.lib.format.open_memmap(workdir / f"{name}_fine.npy", "w+", np.uint8, (n_images, width))
         self.per_row = {"head_count": np.zeros(n_images, np.uint32), "tail_scale": np.zeros(n_images, np.float32),
-                        "tail_signed": np.zeros(n_images, bool),
+                        "tail_signed": np.zeros(n_images, bool), "tail_bits": np.zeros(n_images, np.uint8),
                         "projection": np.zeros((n_images, n_directions), np.float32),  # float16 would cost ms
                         "correction": np.zeros((n_images, n_directions), np.float16)}
         self.coarse_indices = np.zeros((n_images, self.coarse_keep), np.int64)

@@ -9,7 +9,7 @@ Two modes:
   reference, too large for the app at 50k images x 12288 features);
 - ``compact`` (the app's): the two-tier index of :mod:`.compact`, which keeps every entry of a
   descriptor in float16 when the byte budget allows (the demo bundle), and otherwise its largest ones in
-  float16 and as many of the next ones as fit at 4 bits.
+  float16 and as many of the next ones as fit at 3-4 bits.
   ``scripts/bench_retrieval.py`` measures its recall, bytes and speed, on a bundle's real codes or on
   synthetic codes of the true size.
 
