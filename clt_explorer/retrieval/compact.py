@@ -245,7 +245,8 @@ def coarse_entries(n_images: int, n_features: int, budget: float, min_bytes: int
     little, the fine tier alone would rank 0.994 of the exact top 10, but 64 entries, a query's 512 and 300 candidates
     found 0.867; these settings find 0.959 (a quarter of the bytes and 300 candidates: 0.970). The demo's real codes,
     rebuilt in true-size proportions, rank by the fine bytes, their projection finding the candidates: 0.975-0.995
-    with an eighth, 0.964-0.988 with a quarter. At 5% an eighth gives 0.870 on the synthetic codes, a quarter 0.796."""
+    with an eighth, 0.964-0.988 with a quarter. At 5% an eighth gave 0.870 on the synthetic codes, a quarter 0.796
+    (fine rows of 4-bit tails; with 3-bit ones an eighth gives 0.889)."""
     allowed = _bytes_per_image(n_images, n_features, budget, min_bytes)
     return max(1, min(coarse_keep, n_features, int(share * allowed / COARSE_BYTES_PER_ENTRY)))
 

@@ -84,24 +84,36 @@ def fits_whole(vectors: np.ndarray, width: int) -> np.ndarray:
 def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int, common: np.ndarray = NO_COMMON) -> FineRows:
     """Encode descriptors [n, F] into rows of ``width`` bytes, with a common block for the sorted feature ids
     ``common``; each row's tail in the codes of ``CODE_BITS`` that lose less (see the module docstring)."""
-    wide, narrow_bits = CODE_BITS
-    rows = _encode(vectors, width, head_keep, common, wide)
-    decoded = decode_fine_rows(rows, vectors.shape[1], common)
+    wide_bits, narrow_bits = CODE_BITS
+    rows, whole = _encode(vectors, width, head_keep, common, wide_bits)
+    coded = np.flatnonzero(~whole)  # rows with codes; the others are exact to float16
+    if len(coded) == 0:
+        return rows
+    decoded = decode_fine_rows(_subset(rows, coded), vectors.shape[1], common)
     kept = decoded != 0
-    left_out, rounding = (np.where(kept, 0, vectors) ** 2).sum(1), (np.where(kept, vectors - decoded, 0) ** 2).sum(1)
+    left_out = (np.where(kept, 0, vectors[coded]) ** 2).sum(1)
+    rounding = (np.where(kept, vectors[coded] - decoded, 0) ** 2).sum(1)
     # 3-bit codes round ~4.6x worse: only a row that leaves out more than it rounds can gain (and encoding is slow)
-    tried = np.flatnonzero(left_out > rounding)
+    worth_trying = left_out > rounding
+    tried = coded[worth_trying]
     if len(tried):
-        narrow = _encode(vectors[tried], width, head_keep, common, narrow_bits)
+        narrow, _ = _encode(vectors[tried], width, head_keep, common, narrow_bits)
         narrow_lost = ((decode_fine_rows(narrow, vectors.shape[1], common) - vectors[tried]) ** 2).sum(1)
-        better = narrow_lost < (left_out + rounding)[tried]
+        better = narrow_lost < (left_out + rounding)[worth_trying]
         for name, array in vars(rows).items():
             array[tried[better]] = getattr(narrow, name)[better]
     return rows
 
 
-def _encode(vectors: np.ndarray, width: int, head_keep: int, common: np.ndarray, tail_bits: int) -> FineRows:
-    """Encode descriptors [n, F] into rows of ``width`` bytes whose tail codes have ``tail_bits`` bits."""
+def _subset(rows: FineRows, at: np.ndarray) -> FineRows:
+    """Rows ``at`` of encoded rows."""
+    return FineRows(*(array[at] for array in vars(rows).values()))
+
+
+def _encode(vectors: np.ndarray, width: int, head_keep: int, common: np.ndarray, tail_bits: int
+            ) -> tuple[FineRows, np.ndarray]:
+    """Encode descriptors [n, F] into rows of ``width`` bytes whose tail codes have ``tail_bits`` bits; and which rows
+    fit whole in float16 head slots."""
     n, n_features = vectors.shape
     tail_gap_max = _gap_max(tail_bits)
     block = common_block_bytes(len(common))
@@ -121,7 +133,7 @@ def _encode(vectors: np.ndarray, width: int, head_keep: int, common: np.ndarray,
     common_values = np.where(in_head[:, common], 0, vectors[:, common])
     scale, signed = _write_codes(data, vectors, common_values, tail_ids, block + head_bytes, tail_bits)
     return FineRows(data, (head_bytes // HEAD_SLOT_BYTES).astype(np.uint32), scale, signed,
-                    np.full(n, tail_bits, np.uint8))
+                    np.full(n, tail_bits, np.uint8)), whole
 
 
 def fine_scores(rows: FineRows, query: np.ndarray, common: np.ndarray = NO_COMMON) -> np.ndarray:
