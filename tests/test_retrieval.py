@@ -283,7 +283,7 @@ def test_images_that_share_their_largest_entries_are_told_apart_by_their_project
     assert with_projection > without + 0.4
 
 
-def test_a_saved_index_keeps_its_codec_and_refuses_directions_of_another_shape(tmp_path):
+def test_a_saved_index_keeps_its_codec_and_refuses_directions_of_another_shape_or_unknown_codes(tmp_path):
     from clt_explorer.retrieval.compact import CompactIndex
 
     database, queries = random_descriptors(300, f=400, nnz=120), random_descriptors(5, f=400, nnz=120, seed=1)
@@ -295,6 +295,12 @@ def test_a_saved_index_keeps_its_codec_and_refuses_directions_of_another_shape(t
     assert all(np.array_equal(a, b) for a, b in zip(loaded.search(queries, 5), index.search(queries, 5)))
     np.save(tmp_path / "i" / "directions.npy", np.zeros((400, 3), np.float32))
     with pytest.raises(AssetError, match="correction directions or common features do not match 400 features"):
+        CompactIndex.load(tmp_path / "i")
+    index.save(tmp_path / "i")
+    tail_bits = index.arrays["tail_bits"].copy()
+    tail_bits[7] = 5
+    np.save(tmp_path / "i" / "tail_bits.npy", tail_bits)
+    with pytest.raises(AssetError, match=r"tail codes of \[5\] bits; this version reads \(4, 3\)"):
         CompactIndex.load(tmp_path / "i")
 
 

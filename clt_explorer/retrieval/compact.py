@@ -162,9 +162,9 @@ class CompactIndex:
                 or arrays["projection"].shape != arrays["correction"].shape
                 or np.any(arrays["common_features"] >= n_features)):
             raise AssetError(f"{path}: correction directions or common features do not match {n_features} features")
-        if not np.isin(arrays["tail_bits"], CODE_BITS).all():
-            raise AssetError(f"{path}: tail codes of {sorted(set(np.unique(arrays['tail_bits'])) - set(CODE_BITS))} "
-                             f"bits; this version reads {CODE_BITS}")
+        unknown = sorted(set(np.unique(arrays["tail_bits"]).tolist()) - set(CODE_BITS))
+        if unknown:
+            raise AssetError(f"{path}: tail codes of {unknown} bits; this version reads {CODE_BITS}")
         try:
             index = cls(arrays, n_features, int(meta["query_keep"]), int(meta["candidates"]))
             index.coarse.check_format(full_check=False)
