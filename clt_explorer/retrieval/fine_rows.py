@@ -28,9 +28,9 @@ against 0.897 on the true-size synthetic codes of a generator whose queries drew
 square-root scale, finer for small values, by 4-5 points on real codes (large entries meet large query entries), and
 the largest entries still need float16. A common block holds most of a real patch mean's non-zeros in half the bytes
 of tail slots. Where a row cannot keep every entry, the entries left out cost more than coarse codes: in a true-size
-row at 5% (1,915 bytes), 4-bit codes kept 1,410 of 2,581 non-zeros and what they left out weighed 9x their rounding,
+row at 5% (1,915 bytes), 4-bit codes kept ~1,420 of 2,581 non-zeros and what they left out weighed 9x their rounding,
 19% of the tail slots holding no value (gaps longer than 15, padding). 3-bit codes with 5-bit gaps keep 1,740 and rank
-0.937 of the exact top 10 among its first 100 (60 queries), against 0.895 (2-bit codes: 0.64-0.84). Rows that keep
+0.937 of the exact top 10 among its first 100 (60 queries), against 0.895 (2-bit codes: 0.64-0.88). Rows that keep
 everything rank better at 4 bits (at 10%: 0.992 against 0.975), hence the choice per row.
 """
 
