@@ -85,7 +85,8 @@ def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int, common: np
     """Encode descriptors [n, F] into rows of ``width`` bytes, with a common block for the sorted feature ids
     ``common``; each row's tail in the codes of ``CODE_BITS`` that lose less (see the module docstring)."""
     wide_bits, narrow_bits = CODE_BITS
-    rows, whole = _encode(vectors, width, head_keep, common, wide_bits)
+    entries = _Entries(vectors, common)  # most of an encoding's time: both encodings share it
+    rows, whole = _encode(vectors, entries, width, head_keep, common, wide_bits)
     coded = np.flatnonzero(~whole)  # rows with codes; the others are exact to float16
     if len(coded) == 0:
         return rows
@@ -97,7 +98,7 @@ def encode_fine_rows(vectors: np.ndarray, width: int, head_keep: int, common: np
     worth_trying = left_out > rounding
     tried = coded[worth_trying]
     if len(tried):
-        narrow, _ = _encode(vectors[tried], width, head_keep, common, narrow_bits)
+        narrow, _ = _encode(vectors[tried], entries.rows(tried), width, head_keep, common, narrow_bits)
         narrow_lost = ((decode_fine_rows(narrow, vectors.shape[1], common) - vectors[tried]) ** 2).sum(1)
         better = narrow_lost < (left_out + rounding)[worth_trying]
         for name, array in vars(rows).items():
@@ -110,14 +111,13 @@ def _subset(rows: FineRows, at: np.ndarray) -> FineRows:
     return FineRows(*(array[at] for array in vars(rows).values()))
 
 
-def _encode(vectors: np.ndarray, width: int, head_keep: int, common: np.ndarray, tail_bits: int
+def _encode(vectors: np.ndarray, entries: _Entries, width: int, head_keep: int, common: np.ndarray, tail_bits: int
             ) -> tuple[FineRows, np.ndarray]:
-    """Encode descriptors [n, F] into rows of ``width`` bytes whose tail codes have ``tail_bits`` bits; and which rows
-    fit whole in float16 head slots."""
+    """Encode descriptors [n, F] (their ``entries``) into rows of ``width`` bytes whose tail codes have ``tail_bits``
+    bits; and which rows fit whole in float16 head slots."""
     n, n_features = vectors.shape
     tail_gap_max = _gap_max(tail_bits)
     block = common_block_bytes(len(common))
-    entries = _Entries(vectors, common)
     first, head_slots = np.zeros(n, np.int64), np.full(n, (width - block) // HEAD_SLOT_BYTES)
     whole = _whole(entries.by_magnitude, entries.nnz, width - block, n_features)
     head = np.where(whole, entries.nnz, _head_count(entries, width - block, head_keep, whole, tail_gap_max))
@@ -236,6 +236,13 @@ class _Entries:
         self.rare = np.where(np.arange(is_rare.shape[1]) < self.n_rare[:, None],
                              np.take_along_axis(self.by_magnitude, order, 1), self.n_features)
         self._rare_before = np.concatenate([np.zeros((len(vectors), 1), np.int64), np.cumsum(is_rare, 1)], 1)
+
+    def rows(self, at: np.ndarray) -> _Entries:
+        """The entries of rows ``at`` only."""
+        subset = object.__new__(_Entries)
+        subset.__dict__.update({name: value[at] if isinstance(value, np.ndarray) else value
+                                for name, value in vars(self).items()})
+        return subset
 
     def rare_before(self, head: np.ndarray) -> np.ndarray:
         """How many of each row's ``head`` strongest entries are rare: where its tail starts in ``rare``."""
