@@ -136,6 +136,21 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
     assert dict(zip(*np.nonzero(decoded), decoded[decoded != 0])) == {3: 1.0, 700: vectors[1, 700]}
 
 
+def test_fine_scores_read_ids_past_the_features_as_the_decoder_does_and_refuse_features_outside():
+    """Gaps that run past the last feature count as the last feature, as the decoder reads them; common features
+    beyond the row or the query fail."""
+    vectors = random_descriptors(20, f=500, nnz=150, signed=True)
+    common = np.arange(0, 500, 7)
+    rows = encode_fine_rows(vectors, 160, 8, common)
+    query = np.random.default_rng(5).normal(size=500).astype(np.float32)
+    rows.data[5, -40:] = 0xFF  # long gaps and the largest codes: ids past 499
+    assert np.allclose(fine_scores(rows, query, common), decode_fine_rows(rows, 500, common) @ query, atol=1e-5)
+    for bad in ({"query": query[:300]}, {"common": np.arange(400)}):
+        arguments = {"rows": rows, "query": query, "common": common, **bad}
+        with pytest.raises(ValueError, match="do not match"):
+            fine_scores(**arguments)
+
+
 def test_a_row_that_leaves_entries_out_takes_3_bit_codes_where_they_lose_less():
     """Row 0's entries lie 20 features apart: a 4-bit gap needs an extra slot for each, a 5-bit gap none, so its 60
     tail bytes keep 55 entries with 3-bit codes against 25 with 4-bit ones, and lose less. Row 1's entries are
@@ -203,16 +218,15 @@ def test_common_features_take_a_4_bit_code_in_every_row_and_free_the_tail(signed
 
 
 def test_scoring_in_chunks_finds_what_scoring_at_once_does(monkeypatch):
-    """A search scores its candidates ``FINE_CHUNK`` rows and its query's columns ``COARSE_CHUNK`` at a time (small
-    temporaries); the chunks' borders must neither drop nor repeat an entry."""
+    """A search scores its query's columns ``COARSE_CHUNK`` at a time (small temporaries); the chunks' borders must
+    neither drop nor repeat an entry."""
     import clt_explorer.retrieval.compact as compact_module
 
     database, queries = random_descriptors(700, f=1500, nnz=600), random_descriptors(10, f=1500, nnz=600, seed=1)
     index = compact(database, 600, sample=database[spread_rows(700, 200)], coarse_keep=40, query_keep=1500,
                     candidates=400)
-    assert compact_module.COARSE_CHUNK < 600 and compact_module.FINE_CHUNK < 400  # several chunks of each
+    assert compact_module.COARSE_CHUNK < 600  # several chunks
     chunked = index.search(queries, 10)
-    monkeypatch.setattr(compact_module, "FINE_CHUNK", 10**6)
     monkeypatch.setattr(compact_module, "COARSE_CHUNK", 10**6)
     at_once = index.search(queries, 10)
     assert np.array_equal(chunked[1], at_once[1]) and np.allclose(chunked[0], at_once[0], atol=1e-6)
@@ -301,6 +315,12 @@ def test_a_saved_index_keeps_its_codec_and_refuses_directions_of_another_shape_o
     tail_bits[7] = 5
     np.save(tmp_path / "i" / "tail_bits.npy", tail_bits)
     with pytest.raises(AssetError, match=r"tail codes of \[5\] bits; this version reads \(4, 3\)"):
+        CompactIndex.load(tmp_path / "i")
+    index.save(tmp_path / "i")
+    head_count = index.arrays["head_count"].copy()
+    head_count[2] = index.arrays["fine_rows"].shape[1]  # more slots than the row's bytes hold
+    np.save(tmp_path / "i" / "head_count.npy", head_count)
+    with pytest.raises(AssetError, match="head slots past the fine rows"):
         CompactIndex.load(tmp_path / "i")
 
 

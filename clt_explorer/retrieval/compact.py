@@ -16,7 +16,9 @@ Descriptors are normalised with their full norm, so a fine score is the cosine l
 add and the rounding of the coded ones, both outside the correction directions: the exact cosine within float16
 rounding when every entry fits.
 
-On disk, a folder of .npy arrays (no pickles) and meta.json; ``FORMAT`` versions the layout.
+On disk, a folder of .npy arrays (no pickles) and meta.json; ``FORMAT`` versions the layout. A loaded index reads
+them through memory maps, whose pages :mod:`.mapped_pages` unmaps when they add up, except the candidates' fine rows,
+which it reads from their file (:mod:`.row_file`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ import numpy as np
 import scipy.sparse
 
 from ..storage import AssetError, check_keys, read_json, write_json
+from . import mapped_pages, row_file
 from .fine_codec import fit_fine_codec, lossless_codec
 from .fine_rows import (
     CODE_BITS,
     HEAD_GAP_MAX,
     HEAD_SLOT_BYTES,
     FineRows,
+    common_block_bytes,
     decode_fine_rows,
     encode_fine_rows,
     fine_scores,
@@ -46,10 +50,9 @@ FORMAT = 5  # 1: one tier of truncated 8-bit entries; 2: fine entries all in flo
 # correction; 4: 4-bit tail codes only (all rebuilt automatically)
 COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
 ROW_BYTES = 4 + 4 + 4 + 1 + 1  # per image: coarse scale, head slots, code scale, signedness, tail code bits
-# candidates scored at a time: the temporaries of 500 true-size rows (several MB each) came fresh from the OS at every
-# query, and their page faults took longer than the arithmetic; those of 128 rows are reused from the heap
-FINE_CHUNK = 128
-COARSE_CHUNK = 512  # query columns at a time, for the same reason: 2,048 columns hold ~1M sparse entries
+# query columns scored at a time: the temporaries of 2,048 columns (~1M sparse entries, several MB) came fresh from
+# the OS at every query, and their page faults took longer than the arithmetic; smaller ones are reused from the heap
+COARSE_CHUNK = 512
 
 
 def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +75,8 @@ class CompactIndex:
     def __init__(self, arrays: dict[str, np.ndarray], n_features: int, query_keep: int, candidates: int):
         self.arrays, self.query_keep, self.candidates = arrays, query_keep, candidates
         n = arrays["coarse_scale"].shape[0]
+        self.fine_file: row_file.RowFile | None = None  # where a loaded index reads its fine rows from
+        mapped_pages.register(self)
         self.coarse = scipy.sparse.csc_matrix((arrays["coarse_data"], arrays["coarse_indices"],
                                                arrays["coarse_indptr"]), shape=(n, n_features), copy=False)
 
@@ -100,12 +105,11 @@ class CompactIndex:
                 coarse += self.arrays["projection"] @ along
             n_candidates = min(len(self), max(k, self.candidates))
             candidates = np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])  # sorted: mmap reads
-            fine = np.concatenate([self._fine_scores(candidates[start:start + FINE_CHUNK], query, along)
-                                   for start in range(0, n_candidates, FINE_CHUNK)])
+            fine = self._fine_scores(candidates, query, along)
             best = np.argsort(-fine, kind="stable")[:k]
             scores_out.append(fine[best])
             rows_out.append(candidates[best])
-        self._release_pages()
+        mapped_pages.searched()
         return np.stack(scores_out), np.stack(rows_out)
 
     def _coarse_scores(self, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -117,15 +121,15 @@ class CompactIndex:
 
     def _fine_scores(self, rows: np.ndarray, query: np.ndarray, along: np.ndarray) -> np.ndarray:
         """Fine scores of images ``rows`` against a query (``along``: its projection on the directions)."""
-        fine = fine_scores(FineRows(*(self.arrays[name][rows] for name in FINE_ARRAYS)), query,
+        data = self.fine_file.rows(rows) if self.fine_file else self.arrays["fine_rows"][rows]
+        fine = fine_scores(FineRows(data, *(self.arrays[name][rows] for name in FINE_ARRAYS[1:])), query,
                            self.arrays["common_features"])
         if len(along):
             fine += self.arrays["correction"][rows].astype(np.float32) @ along
         return fine
 
-    def _release_pages(self) -> None:
-        """Unmap the file pages the last search touched (they stay in the OS page cache): the process's resident
-        memory then holds one query's pages at a time, not every page any query ever touched."""
+    def release_pages(self) -> None:
+        """Unmap the pages of the index's files that searches touched (:mod:`.mapped_pages` says when)."""
         for array in self.arrays.values():
             handle = getattr(array, "_mmap", None)  # numpy keeps the mmap object of a memmap here
             if handle is not None:
@@ -162,12 +166,17 @@ class CompactIndex:
                 or arrays["projection"].shape != arrays["correction"].shape
                 or np.any(arrays["common_features"] >= n_features)):
             raise AssetError(f"{path}: correction directions or common features do not match {n_features} features")
+        slots = (arrays["fine_rows"].shape[1] - common_block_bytes(len(arrays["common_features"]))) // HEAD_SLOT_BYTES
+        if slots < 0 or np.any(arrays["head_count"] > slots):
+            raise AssetError(f"{path}: head slots past the fine rows' {arrays['fine_rows'].shape[1]} bytes")
         unknown = sorted(set(np.unique(arrays["tail_bits"]).tolist()) - set(CODE_BITS))
         if unknown:
             raise AssetError(f"{path}: tail codes of {unknown} bits; this version reads {CODE_BITS}")
         try:
             index = cls(arrays, n_features, int(meta["query_keep"]), int(meta["candidates"]))
             index.coarse.check_format(full_check=False)
+            if row_file.AVAILABLE:
+                index.fine_file = row_file.RowFile(path / "fine_rows.npy", arrays["fine_rows"])
         except ValueError as error:
             raise AssetError(f"{path}: inconsistent sparse index ({error})") from error
         return index

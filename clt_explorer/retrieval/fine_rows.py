@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 HEAD_GAP_MAX = 255
@@ -57,6 +58,7 @@ def _code_levels(bits: int) -> np.ndarray:
 
 
 CODE_LEVELS = np.stack([_code_levels(bits) for bits in CODE_BITS])  # [CODE_BITS index, signed, code]
+FLOAT16_VALUES = np.arange(1 << 16, dtype="<u2").view(HEAD_VALUE).astype(np.float32)  # each head value's, by its bits
 
 
 @dataclass
@@ -137,9 +139,48 @@ def _encode(vectors: np.ndarray, entries: _Entries, width: int, head_keep: int, 
 
 
 def fine_scores(rows: FineRows, query: np.ndarray, common: np.ndarray = NO_COMMON) -> np.ndarray:
-    """Inner products of encoded rows with a query [F]: exact to float16 over the head, to the codes elsewhere."""
-    return sum(np.einsum("ij,ij->i", np.take(query, features), levels) * step
-               for features, levels, step in _slot_entries(rows, len(query), common))
+    """Inner products of encoded rows with a query [F]: exact to float16 over the head, to the codes elsewhere. A
+    compiled loop reads each row's bytes once: half the time of numpy's passes over decoded slots (500 true-size rows
+    at 10%: 1.8 ms against 3.5 ms)."""
+    data = np.asarray(rows.data)
+    block = common_block_bytes(len(common))
+    if block > data.shape[1] or np.any(common >= len(query)):
+        raise ValueError(f"rows of {data.shape[1]} bytes, common features {common} and a query of {len(query)} "
+                         f"features do not match")
+    signed, tail_bits = rows.tail_signed, rows.tail_bits.astype(np.int64)
+    head_slots = np.minimum(rows.head_count, (data.shape[1] - block) // HEAD_SLOT_BYTES).astype(np.int64)
+    return _score_rows(data, np.ascontiguousarray(common, np.int32), np.ascontiguousarray(query, np.float32),
+                       head_slots, tail_bits, _level_tables(signed, CODE_BITS[0]), _level_tables(signed, tail_bits),
+                       _step(rows.tail_scale, signed, CODE_BITS[0]), _step(rows.tail_scale, signed, tail_bits),
+                       FLOAT16_VALUES)
+
+
+@numba.njit(nogil=True)
+def _score_rows(data, common, query, head_slots, tail_bits, common_levels, tail_levels, common_step, tail_step,
+                float16_values):
+    """:func:`fine_scores` over plain arrays: per row, its common block, head slots and tail slots in one pass (a level
+    is ``*_levels[i, code]``, a value its level times the row's step; ids past the features count as the last)."""
+    n_features, width = query.shape[0], data.shape[1]
+    scores = np.empty(data.shape[0], np.float32)
+    for i in range(data.shape[0]):
+        row = data[i]
+        common_sum = 0.0
+        for j in range(common.shape[0]):
+            code = (np.int64(row[j >> 1]) >> (4 * (j & 1))) & 15  # low nibble first
+            common_sum += query[common[j]] * common_levels[i, code]
+        head_sum, feature, byte = 0.0, 0, (common.shape[0] + 1) // 2
+        for _ in range(head_slots[i]):
+            feature = min(feature + np.int64(row[byte]), n_features - 1)
+            head_sum += query[feature] * float16_values[np.int64(row[byte + 1]) | np.int64(row[byte + 2]) << 8]
+            byte += HEAD_SLOT_BYTES
+        bits = tail_bits[i]
+        tail_sum, feature = 0.0, 0
+        for byte in range(byte, width):
+            slot = np.int64(row[byte])
+            feature = min(feature + (slot >> bits), n_features - 1)
+            tail_sum += query[feature] * tail_levels[i, slot & ((1 << bits) - 1)]
+        scores[i] = common_sum * common_step[i] + head_sum + tail_sum * tail_step[i]
+    return scores
 
 
 def decode_fine_rows(rows: FineRows, n_features: int, common: np.ndarray = NO_COMMON) -> np.ndarray:
@@ -156,7 +197,7 @@ def _slot_entries(rows: FineRows, n_features: int, common: np.ndarray
                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Feature ids and levels of the slots of the rows, [n, slots] each (level 0 in long-gap slots and padding), and
     the value of one level in each row [n], for the common block, the head (levels: the float16 values; step 1) and
-    the tail. A value is its level times its row's step: scoring multiplies a row's sum, not each of its slots."""
+    the tail. A value is its level times its row's step."""
     data, head_count, signed, tail_bits = rows.data, rows.head_count.astype(np.int64), rows.tail_signed, rows.tail_bits
     n = len(data)
     block = common_block_bytes(len(common))
@@ -176,15 +217,15 @@ def _slot_entries(rows: FineRows, n_features: int, common: np.ndarray
                                tail[:, :mixed], 0)
     tail_codes = tail & ((1 << tail_bits) - 1).astype(np.uint8)[:, None]
     return [(np.broadcast_to(common.astype(np.int32), (n, len(common))),
-             _levels(nibbles, signed, np.full(n, CODE_BITS[0], np.uint8)), _step(rows, CODE_BITS[0])),
+             _levels(nibbles, signed, CODE_BITS[0]), _step(rows.tail_scale, signed, CODE_BITS[0])),
             (head_features, head_values, np.ones(n, np.float32)),
             (_running_ids(tail >> tail_bits[:, None], n_features), _levels(tail_codes, signed, tail_bits),
-             _step(rows, tail_bits))]
+             _step(rows.tail_scale, signed, tail_bits))]
 
 
-def _step(rows: FineRows, bits: np.ndarray | int) -> np.ndarray:
-    """The value of one level of codes of ``bits`` bits in each row [n] (float32)."""
-    return (rows.tail_scale / _magnitude_steps(bits, rows.tail_signed)).astype(np.float32)
+def _step(scale: np.ndarray, signed: np.ndarray, bits: np.ndarray | int) -> np.ndarray:
+    """The value of one level of codes of ``bits`` bits in each row [n] (float32), from its scale and signedness."""
+    return (scale / _magnitude_steps(bits, signed)).astype(np.float32)
 
 
 def _magnitude_steps(bits: np.ndarray | int, signed: np.ndarray) -> np.ndarray:
@@ -206,13 +247,22 @@ def _running_ids(gaps: np.ndarray, n_features: int) -> np.ndarray:
     return ids
 
 
-def _levels(codes: np.ndarray, signed: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Signed step counts (float32) of codes [n, m] of ``bits`` [n] bits (``CODE_LEVELS``); a cast where no row is
-    signed, about ten times faster than the table."""
+def _levels(codes: np.ndarray, signed: np.ndarray, bits: np.ndarray | int) -> np.ndarray:
+    """Signed step counts (float32) of codes [n, m] of ``bits`` bits (per row [n], or all) (``CODE_LEVELS``); a cast
+    where no row is signed, about ten times faster than the table."""
     if not signed.any():
         return codes.astype(np.float32)
-    table = (signed.astype(np.uint8) << 4 | (bits == CODE_BITS[1]).astype(np.uint8) << 5)[:, None]
-    return np.take(CODE_LEVELS.ravel(), codes | table)
+    return np.take(CODE_LEVELS.ravel(), codes | _level_table_starts(signed, bits)[:, None])
+
+
+def _level_tables(signed: np.ndarray, bits: np.ndarray | int) -> np.ndarray:
+    """Each row's step counts of the 16 codes of its ``bits`` bits [n, 16] (``CODE_LEVELS``)."""
+    return CODE_LEVELS.ravel()[_level_table_starts(signed, bits)[:, None] + np.arange(16)]
+
+
+def _level_table_starts(signed: np.ndarray, bits: np.ndarray | int) -> np.ndarray:
+    """Where each row's table of 16 levels starts in the flattened ``CODE_LEVELS`` [n] (uint8)."""
+    return signed.astype(np.uint8) << 4 | (np.asarray(bits) == CODE_BITS[1]).astype(np.uint8) << 5
 
 
 def _whole(by_magnitude: np.ndarray, nnz: np.ndarray, width: int, n_features: int) -> np.ndarray:

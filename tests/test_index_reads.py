@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_retrieval import compact, random_descriptors
+
+from clt_explorer.retrieval import mapped_pages, row_file
+from clt_explorer.retrieval.compact import CompactIndex
+from clt_explorer.storage import AssetError
+
+
+class Spy:
+    def __init__(self):
+        self.releases = 0
+
+    def release_pages(self):
+        self.releases += 1
+
+
+def test_open_indexes_are_released_together_once_resident_file_pages_grow_by_the_budget(monkeypatch):
+    budget = mapped_pages.BUDGET  # each search reads the resident bytes, and a release reads them again after
+    resident = iter([1000, 1000, 1000 + budget - 1, 1000 + budget, 50, 60, None, 70, None, None, 80, 80])
+    monkeypatch.setattr(mapped_pages, "resident_file_bytes", lambda: next(resident))
+    monkeypatch.setattr(mapped_pages, "_resident_after_release", None)
+    monkeypatch.setattr(mapped_pages, "_indexes", type(mapped_pages._indexes)())
+    first, second = Spy(), Spy()
+    mapped_pages.register(first)
+    mapped_pages.register(second)
+    mapped_pages.searched()  # nothing known before: releases
+    assert (first.releases, second.releases) == (1, 1)
+    mapped_pages.searched()  # grown by BUDGET - 1
+    assert first.releases == 1
+    mapped_pages.searched()  # grown by BUDGET: releases
+    assert (first.releases, second.releases) == (2, 2)
+    mapped_pages.searched()  # 60 against 50 after the release
+    assert first.releases == 2
+    mapped_pages.searched()  # the system does not tell: releases at every search
+    mapped_pages.searched()
+    assert first.releases == 4
+    del second
+    mapped_pages.searched()  # a closed index is no longer held
+    assert first.releases == 5 and len(mapped_pages._indexes) == 1
+
+
+def mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            current = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(mapped_pages.resident_file_bytes() is None, reason="no /proc/self/statm")
+def test_a_loaded_index_keeps_its_searched_pages_mapped_within_the_budget_and_reads_fine_rows_unmapped(tmp_path,
+                                                                                                      monkeypatch):
+    database = random_descriptors(3000, f=400, nnz=200)
+    compact(database, 600, coarse_keep=16, candidates=1000).save(tmp_path / "i")
+    index = CompactIndex.load(tmp_path / "i")
+    coarse, fine = tmp_path / "i" / "coarse_indices.npy", tmp_path / "i" / "fine_rows.npy"
+    monkeypatch.setattr(mapped_pages, "BUDGET", 1 << 40)
+    index.search(database[:3], 5)  # the first search since the process started may release
+    index.search(database[3:6], 5)
+    assert mapped_kb(coarse) > 100  # 3,000 rows x 16 entries x 4 bytes, most read
+    assert mapped_kb(fine) == 0 and row_file.AVAILABLE  # 1,000 rows of 600 bytes read from the file
+    monkeypatch.setattr(mapped_pages, "BUDGET", 0)
+    found = index.search(database[:3], 5)[1]
+    assert mapped_kb(coarse) == 0
+    assert found[:, 0].tolist() == [0, 1, 2]  # read again from the page cache
+
+
+@pytest.mark.skipif(not row_file.AVAILABLE, reason="no positioned reads")
+def test_a_row_file_reads_the_rows_its_memory_map_holds_and_refuses_a_short_file(tmp_path):
+
+    array = np.random.default_rng(0).integers(0, 256, size=(50, 37), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", array)
+    rows = row_file.RowFile(tmp_path / "a.npy", np.load(tmp_path / "a.npy", mmap_mode="r"))
+    at = np.array([49, 0, 7, 7])
+    assert np.array_equal(rows.rows(at), array[at]) and rows.rows(at[:0]).shape == (0, 37)
+    with open(tmp_path / "a.npy", "r+b") as file:
+        file.truncate(file.seek(0, 2) - 10)
+    with pytest.raises(AssetError, match="a.npy: shorter than its \\(50, 37\\) rows"):
+        rows.rows(at)
