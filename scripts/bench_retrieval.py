@@ -121,8 +121,8 @@ def timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]
 
 def timed_in_turn(indexes: list, queries: np.ndarray, k: int) -> float:
     """ms per search when each query searches every index in turn, as an analysis searches every layer's: each
-    search then finds the pages of its index as the others' searches left them (:mod:`clt_explorer.retrieval.
-    mapped_pages`)."""
+    search then finds the pages of its index as the others' searches left them (see
+    :mod:`clt_explorer.retrieval.mapped_pages`)."""
     for index in indexes:
         index.search(queries[:1], k)  # warm up
     start = time.perf_counter()

@@ -74,7 +74,6 @@ def test_a_loaded_index_keeps_its_searched_pages_mapped_within_the_budget_and_re
 
 @pytest.mark.skipif(not row_file.AVAILABLE, reason="no positioned reads")
 def test_a_row_file_reads_the_rows_its_memory_map_holds_and_refuses_a_short_file(tmp_path):
-
     array = np.random.default_rng(0).integers(0, 256, size=(50, 37), dtype=np.uint8)
     np.save(tmp_path / "a.npy", array)
     rows = row_file.RowFile(tmp_path / "a.npy", np.load(tmp_path / "a.npy", mmap_mode="r"))

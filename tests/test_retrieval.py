@@ -7,7 +7,7 @@ from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder, index_settings
 from clt_explorer.retrieval.compact import FINE_ARRAYS, CompactBuilder, coarse_entries, fine_bytes, spread_rows
 from clt_explorer.retrieval.fine_codec import COMMON_SHARE, fit_fine_codec
-from clt_explorer.retrieval.fine_rows import decode_fine_rows, encode_fine_rows, fine_scores
+from clt_explorer.retrieval.fine_rows import FineRows, decode_fine_rows, encode_fine_rows, fine_scores
 from clt_explorer.retrieval.index import DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, descriptors
 from clt_explorer.retrieval.quality import recall_against_exact, same_class_rates
 from clt_explorer.retrieval.thumbnails import ThumbnailStore, build_thumbnails
@@ -138,14 +138,15 @@ def test_fine_rows_keep_the_largest_entries_the_head_in_float16_and_the_tail_at_
 
 def test_fine_scores_read_ids_past_the_features_as_the_decoder_does_and_refuse_features_outside():
     """Gaps that run past the last feature count as the last feature, as the decoder reads them; common features
-    beyond the row or the query fail."""
+    beyond the row or the query, or tail codes of unknown bits, fail."""
     vectors = random_descriptors(20, f=500, nnz=150, signed=True)
     common = np.arange(0, 500, 7)
     rows = encode_fine_rows(vectors, 160, 8, common)
     query = np.random.default_rng(5).normal(size=500).astype(np.float32)
     rows.data[5, -40:] = 0xFF  # long gaps and the largest codes: ids past 499
     assert np.allclose(fine_scores(rows, query, common), decode_fine_rows(rows, 500, common) @ query, atol=1e-5)
-    for bad in ({"query": query[:300]}, {"common": np.arange(400)}):
+    wide_tail = FineRows(rows.data, rows.head_count, rows.tail_scale, rows.tail_signed, np.full(20, 5, np.uint8))
+    for bad in ({"query": query[:300]}, {"common": np.arange(400)}, {"rows": wide_tail}):
         arguments = {"rows": rows, "query": query, "common": common, **bad}
         with pytest.raises(ValueError, match="do not match"):
             fine_scores(**arguments)
