@@ -151,11 +151,12 @@ def synthetic(args: argparse.Namespace) -> dict:
         for budget in args.budget:
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as workdir:
-                compact_index(database[tokens], budget, Path(workdir), args.coarse_keep).save(Path(workdir) / "i")
+                saved = Path(workdir) / "index"
+                compact_index(database[tokens], budget, Path(workdir), args.coarse_keep).save(saved)
                 build = time.perf_counter() - began
-                index = CompactIndex.load(Path(workdir) / "i")  # read as the app reads it
+                index = CompactIndex.load(saved)  # read as the app reads it
                 found, ms = timed_search(index, queries[tokens], 10)
-                in_turn_ms = timed_in_turn([CompactIndex.load(Path(workdir) / "i") for _ in range(args.in_turn)],
+                in_turn_ms = timed_in_turn([CompactIndex.load(saved) for _ in range(args.in_turn)],
                                            queries[tokens][:IN_TURN_QUERIES], 10)
             rows[budget] = {"recall_at_10": recall_at(reference.tolist(), found.tolist(), 10),
                             "index_bytes": index.nbytes, "share_of_exact": index.nbytes / exact_bytes,
