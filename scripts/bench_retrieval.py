@@ -1,7 +1,9 @@
 """Retrieval faithfulness, size and speed: recall@10 of the compact index against exact cosine search, its bytes as a
 share of the exact index's (N x F x 4 bytes), and the time of one query on one layer, on 2 CPU threads. At true size
 the index is timed as the app reads it, saved and loaded: alone, and ``in turn`` with ``--in-turn`` loaded copies
-of it, each query searching all of them, as an app's analysis searches every layer's index.
+of it, each query searching all of them, as an app's analysis searches every layer's index. Two columns there split
+the loss between the tiers: ``coarse finds``, the share of the exact top 10 among the coarse tier's candidates, and
+``fine ranks``, recall@10 when the fine tier ranks the exact top 100 itself.
 
 Two modes:
 
@@ -60,6 +62,7 @@ from clt_explorer.retrieval.index import ExactIndex
 from clt_explorer.retrieval.quality import held_out_pixels, recall_against_exact
 
 IN_TURN_QUERIES = 50  # queries for the 'in turn' figure, each searching every index
+RERANK_POOL = 100  # exact neighbours that the fine tier alone ranks, for its own share of the loss
 
 
 def synthetic_descriptors(n_images: int, n_features: int, k: int, n_patches: int, seed: int, layout_seed: int = 0,
@@ -132,6 +135,16 @@ def timed_in_turn(indexes: list, queries: np.ndarray, k: int) -> float:
     return 1000 * (time.perf_counter() - start) / (len(queries) * len(indexes))
 
 
+def tier_recalls(index: CompactIndex, queries: np.ndarray, pool: np.ndarray) -> tuple[float, float]:
+    """What each tier loses on its own: the share of the exact top 10 among the coarse tier's candidates (the recall
+    of a perfect fine tier), and recall@10 when the fine tier ranks the exact top ``RERANK_POOL`` (``pool``, in order)
+    itself (that of a perfect coarse tier)."""
+    found = np.mean([np.isin(near[:10], index.coarse_candidates(query, 10)).mean()
+                     for query, near in zip(queries, pool)])
+    ranked = [near[np.argsort(-index.rescore(near, query), kind="stable")[:10]] for query, near in zip(queries, pool)]
+    return float(found), recall_at(pool.tolist(), ranked, 10)
+
+
 def synthetic(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     shape = (args.features, args.k, args.patches)
@@ -140,11 +153,12 @@ def synthetic(args: argparse.Namespace) -> dict:
     print(f"generated {args.images} + {args.queries} synthetic images in {time.perf_counter() - start:.0f} s; "
           f"patch-mean non-zeros {(database['patches'][:1000] != 0).sum(1).mean():.0f}")
     print(f"{'tokens':8} {'index':24} {'build s':>8} {'MB':>9} {'% of exact':>10} {'ms/query':>9} {'in turn':>9} "
-          f"{'recall@10':>9}")
+          f"{'recall@10':>9} {'coarse finds':>12} {'fine ranks':>10}")
     summary = {}
     for tokens in ("cls", "patches"):
         exact = ExactIndex.build(database[tokens])
         reference, exact_ms = timed_search(exact, queries[tokens], 10)
+        pool = exact.search(queries[tokens], RERANK_POOL)[1]
         exact_bytes = exact.nbytes
         del exact
         rows = {}
@@ -158,13 +172,16 @@ def synthetic(args: argparse.Namespace) -> dict:
                 found, ms = timed_search(index, queries[tokens], 10)
                 in_turn_ms = timed_in_turn([CompactIndex.load(saved) for _ in range(args.in_turn)],
                                            queries[tokens][:IN_TURN_QUERIES], 10)
+                coarse_finds, fine_ranks = tier_recalls(index, queries[tokens], pool)
             rows[budget] = {"recall_at_10": recall_at(reference.tolist(), found.tolist(), 10),
                             "index_bytes": index.nbytes, "share_of_exact": index.nbytes / exact_bytes,
                             "query_ms_per_layer": ms, "query_ms_in_turn": in_turn_ms, "build_s": build,
-                            "fine_bytes_per_image": int(index.arrays["fine_rows"].shape[1])}
+                            "fine_bytes_per_image": int(index.arrays["fine_rows"].shape[1]),
+                            "coarse_finds": coarse_finds, "fine_ranks": fine_ranks}
             r = rows[budget]
             print(f"{tokens:8} {f'compact budget {budget:.0%}':24} {build:8.1f} {r['index_bytes'] / 1e6:9.1f} "
-                  f"{100 * r['share_of_exact']:9.1f}% {ms:9.2f} {in_turn_ms:9.2f} {r['recall_at_10']:9.3f}")
+                  f"{100 * r['share_of_exact']:9.1f}% {ms:9.2f} {in_turn_ms:9.2f} {r['recall_at_10']:9.3f} "
+                  f"{coarse_finds:12.3f} {fine_ranks:10.3f}")
         print(f"{tokens:8} {'exact (FAISS flat)':24} {'':8} {exact_bytes / 1e6:9.1f} {100.0:9.1f}% {exact_ms:9.2f} "
               f"{'':9} {1.0:9.3f}")
         summary[tokens] = {"budgets": rows, "exact_index_bytes": exact_bytes, "exact_query_ms_per_layer": exact_ms}

@@ -1,3 +1,4 @@
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,17 @@ def test_a_row_file_reads_the_rows_its_memory_map_holds_and_refuses_a_short_file
         file.truncate(file.seek(0, 2) - 10)
     with pytest.raises(AssetError, match="a.npy: shorter than its \\(50, 37\\) rows"):
         rows.rows(at)
+
+
+def test_where_pages_cannot_be_unmapped_or_rows_read_by_position_a_loaded_index_searches_its_memory_maps(
+        tmp_path, monkeypatch):
+    database = random_descriptors(500, f=300, nnz=100)
+    built = compact(database, 300, coarse_keep=16, candidates=100)
+    built.save(tmp_path / "i")
+    monkeypatch.delattr(mmap, "MADV_DONTNEED")  # as on Windows, whose mmap has no madvise
+    monkeypatch.setattr(row_file, "AVAILABLE", False)  # nor os.preadv
+    monkeypatch.setattr(mapped_pages, "resident_file_bytes", lambda: None)  # nor /proc: release after every search
+    index = CompactIndex.load(tmp_path / "i")
+    assert index.fine_file is None
+    found, expected = index.search(database[:20], 5), built.search(database[:20], 5)
+    assert np.array_equal(found[1], expected[1]) and np.allclose(found[0], expected[0])

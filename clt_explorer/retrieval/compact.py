@@ -92,25 +92,30 @@ class CompactIndex:
         return self.coarse.shape[0]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, rows) per query [Q, F]."""
+        """Top-k (scores, rows) per query [Q, F]: the fine tier ranks the coarse tier's candidates."""
         k = min(k, len(self))
         scores_out, rows_out = [], []
-        directions = self.arrays["directions"]
         for query in np.asarray(queries, dtype=np.float32):
-            along = query @ directions
-            columns, weights = top_entries((query - directions @ along)[None], self.query_keep)
-            active = weights[0] != 0
-            coarse = self._coarse_scores(columns[0][active], weights[0][active])
-            if len(along):
-                coarse += self.arrays["projection"] @ along
-            n_candidates = min(len(self), max(k, self.candidates))
-            candidates = np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])  # sorted: mmap reads
-            fine = self._fine_scores(candidates, query, along)
+            candidates = self.coarse_candidates(query, k)
+            fine = self.rescore(candidates, query)
             best = np.argsort(-fine, kind="stable")[:k]
             scores_out.append(fine[best])
             rows_out.append(candidates[best])
         mapped_pages.searched()
         return np.stack(scores_out), np.stack(rows_out)
+
+    def coarse_candidates(self, query: np.ndarray, k: int) -> np.ndarray:
+        """The rows [max(k, candidates)] that the coarse tier scores highest for one query [F], in row order (mapped
+        rows read in order)."""
+        directions = self.arrays["directions"]
+        along = query @ directions
+        columns, weights = top_entries((query - directions @ along)[None], self.query_keep)
+        active = weights[0] != 0
+        coarse = self._coarse_scores(columns[0][active], weights[0][active])
+        if len(along):
+            coarse += self.arrays["projection"] @ along
+        n_candidates = min(len(self), max(k, self.candidates))
+        return np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])
 
     def _coarse_scores(self, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Every image's coarse score through the given feature columns, ``COARSE_CHUNK`` columns at a time."""
@@ -119,17 +124,21 @@ class CompactIndex:
             scores += self.coarse[:, columns[start:start + COARSE_CHUNK]] @ weights[start:start + COARSE_CHUNK]
         return scores * self.arrays["coarse_scale"]
 
-    def _fine_scores(self, rows: np.ndarray, query: np.ndarray, along: np.ndarray) -> np.ndarray:
-        """Fine scores of images ``rows`` against a query (``along``: its projection on the directions)."""
+    def rescore(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """The fine tier's scores of images ``rows`` against one query [F]."""
         data = self.fine_file.rows(rows) if self.fine_file else self.arrays["fine_rows"][rows]
         fine = fine_scores(FineRows(data, *(self.arrays[name][rows] for name in FINE_ARRAYS[1:])), query,
                            self.arrays["common_features"])
-        if len(along):
-            fine += self.arrays["correction"][rows].astype(np.float32) @ along
+        directions = self.arrays["directions"]
+        if directions.shape[1]:
+            fine += self.arrays["correction"][rows].astype(np.float32) @ (query @ directions)
         return fine
 
     def release_pages(self) -> None:
-        """Unmap the pages of the index's files that searches touched (:mod:`.mapped_pages` says when)."""
+        """Unmap the pages of the index's files that searches touched (:mod:`.mapped_pages` says when); where mmap
+        cannot (Windows), the system trims them itself."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
         for array in self.arrays.values():
             handle = getattr(array, "_mmap", None)  # numpy keeps the mmap object of a memmap here
             if handle is not None:
