@@ -2,7 +2,8 @@
 interventions that scale single features inside the cascade replacement.
 
 Attribution of feature (s, f) to class c, for one image, in the model the user looks at (the CLT replacing blocks
-start..L-1 for a token set that includes the CLS token, the final layer keeping the chosen source terms):
+start..L-1 for a token set that includes the CLS token, the final layer keeping the chosen source terms), ranked
+``direct`` (the default) or ``total``. Direct:
 
     a(s, f) = z_s(CLS)[f] * grad_c . direction(s, f)
 
@@ -13,6 +14,11 @@ pass (:mod:`..model.attribution`). It is the feature's direct effect, linearised
 through attention and the later layers is not counted. At start = L-1 with the CLS token replaced, ablating a
 feature changes nothing but the last block's CLS output, so the attribution is exact up to the readout's
 linearisation; ``scripts/feature_attribution.py`` measures how well it predicts ablations.
+
+Total: the feature's total effect on c's logit in the linearised replacement model of the attribution graph
+(:func:`..model.graph.feature_total_effects`: attention patterns and LayerNorm scales frozen at this image, every
+path through attention and later features counted), summed over the replaced tokens where it is active, as an
+ablation removes it from all of them. With only the last block replaced the two rankings are equal.
 
 The class is the replaced model's top-1. The image's patch heat maps, like the corpus statistics of the feature
 store, come from the unmodified teacher's pass. Features firing on the CLS token of more than ``max_cls_rate``
@@ -29,6 +35,8 @@ import torch
 from PIL import Image
 
 from ..model.attribution import reach, readout_gradient, residual_directions
+from ..model.graph import feature_total_effects
+from ..model.linearised import LinearisedReplacement
 from ..model.surrogate import check_feature
 from ..model.tokens import CLS, PATCHES, token_index
 from .analysis import Explorer, Prediction, compare, top_predictions
@@ -37,6 +45,8 @@ DEFAULT_MAX_CLS_RATE = 0.10  # the demo's features fire on 6.25% of CLS tokens o
 PER_LAYER = 5
 TILE_IMAGES = 3  # beside the image's own overlay: a 2 x 2 tile
 CLASSES_SHOWN = 5
+DIRECT, TOTAL = "direct", "total"
+RANKINGS = (DIRECT, TOTAL)
 _FEATURE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -72,6 +82,7 @@ class ImageFeatures:
     kept: list[int]
     predicted: str
     layers: list[list[FeatureRow]]
+    ranking: str
     hidden: int
     max_cls_rate: float | None
     grid: tuple[int, int]
@@ -137,10 +148,10 @@ def _patch_map(codes, feature: int) -> list[float]:
 @torch.no_grad()
 def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                    kept_sources: list[int] | None = None, per_layer: int = PER_LAYER,
-                   max_cls_rate: float | None = DEFAULT_MAX_CLS_RATE) -> ImageFeatures:
-    """The ``per_layer`` features of every layer with the largest attribution to the replaced model's top-1 class
-    (see the module's docstring), hiding features that fire on the CLS token of more than ``max_cls_rate`` of the
-    training images (None: hide none)."""
+                   max_cls_rate: float | None = DEFAULT_MAX_CLS_RATE, ranking: str = DIRECT) -> ImageFeatures:
+    """The ``per_layer`` features of every layer active at the CLS token with the largest ``ranking`` attribution
+    (direct or total) to the replaced model's top-1 class (see the module's docstring), hiding features that fire on
+    the CLS token of more than ``max_cls_rate`` of the training images (None: hide none)."""
     began = time.perf_counter()
     explorer.check(clt, tokens, start)
     if tokens == PATCHES:
@@ -148,6 +159,8 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
                          "only the patch tokens replaced, features reach the prediction through attention alone)")
     if not 1 <= per_layer <= 50:
         raise ValueError(f"features per layer must be in [1, 50], got {per_layer}")
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     kept = explorer.kept_or_all(kept_sources)
     model, teacher, store = explorer.clt(clt), explorer.teacher, explorer.feature_store(clt)
     pixels = explorer.pixels(image)
@@ -156,6 +169,9 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
     predicted = int(replaced.logits[0].argmax())
     gradient = readout_gradient(teacher, explorer.classifier, replaced.final_cls[0])[predicted]
     weights = explorer.term_weights(kept)
+    totals = None
+    if ranking == TOTAL:
+        totals = feature_total_effects(LinearisedReplacement(teacher, model, pixels, start, tokens, weights), gradient)
     layers, hidden = [], 0
     for layer, codes in enumerate(replaced.codes):
         z = codes.take_tokens(slice(0, 1)).dense()[0, 0].float()  # the CLS token's codes [F]
@@ -164,8 +180,10 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
             shown = store.stat("cls_rate", layer)[active.cpu()] <= max_cls_rate
             hidden += int((~shown).sum())
             active = active[shown.to(active.device)]
-        effect = residual_directions(model, teacher, layer, active, start, weights) @ gradient
-        attribution = z[active] * effect
+        if totals is None:
+            attribution = z[active] * (residual_directions(model, teacher, layer, active, start, weights) @ gradient)
+        else:
+            attribution = totals[layer][active]
         order = attribution.argsort(descending=True)[:per_layer]
         rows = []
         for i in order.tolist():
@@ -176,7 +194,7 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
                                    float(store.stat("image_rate", layer)[f]) if store is not None else None,
                                    top, _patch_map(teacher_codes[layer], f)))
         layers.append(rows)
-    return ImageFeatures(clt, tokens, start, kept, explorer.classifier.classnames[predicted], layers, hidden,
+    return ImageFeatures(clt, tokens, start, kept, explorer.classifier.classnames[predicted], layers, ranking, hidden,
                          max_cls_rate if store is not None else None, teacher.grid, time.perf_counter() - began)
 
 

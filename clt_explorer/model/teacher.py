@@ -195,6 +195,10 @@ class Teacher:
             self._thread.final_sink = None
         return embeddings, final[0]
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0 (patch, class and position embeddings after ``ln_pre``): [B, T, d]."""
+        return self.model.visual._embeds(pixels.to(self.device))
+
     def readout(self, final_cls: torch.Tensor) -> torch.Tensor:
         """Image embeddings [B, D] from the final residual stream at the CLS token [B, d]: all that follows the
         last block is the final LayerNorm and the projection (a CLS-pooled tower without attention pooling).
