@@ -11,7 +11,17 @@ from PIL import Image
 
 from ..evaluation.figures import class_effect_figure, reach_figure
 from .analysis import Explorer
-from .features import DEFAULT_MAX_CLS_RATE, PER_LAYER, FeatureCard, FeatureRow, ImageFeatures, Intervention
+from .features import (
+    DEFAULT_MAX_CLS_RATE,
+    DIRECT,
+    PER_LAYER,
+    RANKINGS,
+    TOTAL,
+    FeatureCard,
+    FeatureRow,
+    ImageFeatures,
+    Intervention,
+)
 from .overlays import heat_overlay, tile
 
 SCALE_RANGE = (-5.0, 20.0)
@@ -21,8 +31,11 @@ def _rate(value: float | None) -> str:
     return "rate unknown" if value is None else f"CLS of {100 * value:.1f}% of images"
 
 
-def _caption(row: FeatureRow) -> str:
-    return (f"{row.layer}:{row.feature} · z {row.activation:.2f} · attribution {row.attribution:+.3f} · "
+SCORE_NAMES = {DIRECT: "attribution", TOTAL: "total effect"}
+
+
+def _caption(row: FeatureRow, ranking: str) -> str:
+    return (f"{row.layer}:{row.feature} · z {row.activation:.2f} · {SCORE_NAMES[ranking]} {row.attribution:+.3f} · "
             f"{_rate(row.cls_rate)}")
 
 
@@ -37,15 +50,18 @@ class FeaturesPanel:
     def __init__(self, n_layers: int):
         gr.Markdown("### Features of this image\nPer layer, the features with the largest **attribution** to the "
                     "predicted class of the CLT replacement chosen on the Explore tab: activation at the CLS token × "
-                    "direct effect on the class logit (linearised at this image). Each tile shows this image with "
-                    "the feature's activation per patch (top left), then the training images where it fires most. "
-                    "Click one to open its card.")
+                    "direct effect on the class logit (linearised at this image), or by its **total effect** through "
+                    "attention and the later layers too (the attribution graph's linearisation, as on the Graph tab). "
+                    "Each tile shows this image with the feature's activation per patch (top left), then the "
+                    "training images where it fires most. Click one to open its card.")
         with gr.Row():
             self.max_rate = gr.Slider(0, 100, value=100 * DEFAULT_MAX_CLS_RATE, step=0.5, elem_id="max_cls_rate",
                                       label="Hide features firing on the CLS token of more than this % of training "
                                             "images (100: hide none)")
             self.per_layer = gr.Slider(1, 10, value=PER_LAYER, step=1, label="Features per layer",
                                        elem_id="features_per_layer")
+            self.ranking = gr.Radio(list(RANKINGS), value=DIRECT, label="Rank by the effect on the class logit",
+                                    elem_id="features_ranking")
             self.rank = gr.Button("Rank this image's features", variant="primary", elem_id="rank_features")
         self.summary = gr.Markdown(label="Features summary", elem_id="features_summary")
         self.galleries = [gr.Gallery(label=f"layer {layer}", columns=PER_LAYER, fit_columns=False, height="auto",
@@ -81,14 +97,15 @@ class FeaturesPanel:
         for gallery, rows in zip(self.galleries, result.layers):
             out[gallery] = [(tile([heat_overlay(image, row.patch_map, result.grid, _vmax(row.patch_map),
                                                  resize_mode=mode),
-                                    *(explorer.thumbnails.image(i) for i in row.top_images)]), _caption(row))
+                                    *(explorer.thumbnails.image(i) for i in row.top_images)]),
+                             _caption(row, result.ranking))
                             for row in rows]
         hidden = ("" if result.max_cls_rate is None else
                   f" {result.hidden} active features firing on the CLS token of more than "
                   f"{100 * result.max_cls_rate:g}% of training images are hidden.")
-        out[self.summary] = (f"Attribution to **{result.predicted}** (the top-1 of {result.clt} replacing the "
-                             f"{result.tokens} tokens in blocks {result.start}→{len(result.layers) - 1}).{hidden} "
-                             f"Took {1000 * result.seconds:.0f} ms.")
+        out[self.summary] = (f"{SCORE_NAMES[result.ranking].capitalize()} on **{result.predicted}** (the top-1 of "
+                             f"{result.clt} replacing the {result.tokens} tokens in blocks {result.start}→"
+                             f"{len(result.layers) - 1}).{hidden} Took {1000 * result.seconds:.0f} ms.")
         return out
 
     def empty_features(self, message: str = "") -> dict:

@@ -5,8 +5,8 @@ The page is built from panels; each panel creates its components and turns resul
 the position of an output. Every event has an ``api_name``, so the app is also a documented API
 (``/analyze``, ``/refresh``, ``/predict``, ``/heatmaps``, ``/keep_top_terms``, ``/remove_top_term``,
 ``/keep_all_terms``; on the Features tab ``/features``, ``/feature_card``, ``/pick_feature_<layer>``,
-``/intervene``). Analyses are CPU-bound: ``concurrency`` of them run at once and up to ``queue_size``
-wait in Gradio's queue; beyond that a request is refused with a clear message.
+``/intervene``; on the Graph tab ``/graph`` and ``/graph_node``). Analyses are CPU-bound: ``concurrency`` of them
+run at once and up to ``queue_size`` wait in Gradio's queue; beyond that a request is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,23 @@ from PIL import Image
 from ..evaluation.figures import cascade_figure, contribution_heatmap, reconstruction_figure, training_figure
 from ..evaluation.tables import evaluation_summary_markdown
 from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
-from ..storage import atomic_path, write_bytes
+from ..storage import atomic_path, write_bytes, write_json
 from .analysis import Analysis, Explorer, ModelPass, Predictions, SourceScore, keep_top, remove_top
 from .bundle_source import BuildProgress, GrowingBundle, OpenedBundle
 from .feature_panel import FeaturesPanel
-from .features import FeatureCard, ImageFeatures, Intervention, feature_card, image_features, intervene, parse_feature
+from .features import (
+    DIRECT,
+    FeatureCard,
+    ImageFeatures,
+    Intervention,
+    feature_card,
+    image_features,
+    intervene,
+    parse_feature,
+)
+from .graph import ImageGraph, image_graph
+from .graph_panel import CLICK_JS, GraphPanel
+from .graph_panel import CSS as GRAPH_CSS
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
 
 GPU_SECONDS = 10  # the longest a model pass may hold a ZeroGPU device (it takes well under a second)
@@ -66,8 +79,14 @@ def source_ranking(explorer: Explorer, image: Image.Image, clt: str, tokens: str
 
 @on_gpu
 def ranked_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int, kept: list[int],
-                    per_layer: int, max_cls_rate: float | None) -> ImageFeatures:
-    return image_features(explorer, image, clt, tokens, start, kept, per_layer, max_cls_rate)
+                    per_layer: int, max_cls_rate: float | None, ranking: str) -> ImageFeatures:
+    return image_features(explorer, image, clt, tokens, start, kept, per_layer, max_cls_rate, ranking)
+
+
+@on_gpu
+def built_graph(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int, kept: list[int],
+                classes: list[str] | None, node_share: float, edge_share: float, image_name: str) -> ImageGraph:
+    return image_graph(explorer, image, clt, tokens, start, kept, classes, node_share, edge_share, image_name)
 
 
 @on_gpu
@@ -83,7 +102,7 @@ def edited_predictions(explorer: Explorer, image: Image.Image, clt: str, scales:
 
 
 THEME = gr.themes.Soft()
-CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600}"
+CSS = ".layer-row {align-items: stretch} .layer-label {min-width: 5em; font-weight: 600} " + GRAPH_CSS
 DESCRIPTOR_LABELS = {CLS: "CLS code", PATCHES: "patch-mean code"}
 
 
@@ -354,6 +373,7 @@ class App:
         return {**out, self.version: explorer.version, self.run: gr.Button(interactive=True),
                 self.clt: gr.Dropdown(choices=names, value=clt if clt in names else names[0]),
                 self.examples: [str(path) for path in explorer.examples()],
+                self.graph_panel.classes: gr.Dropdown(choices=explorer.classifier.classnames),
                 **self.about.render(explorer, self._served)}
 
     def pick_example(self, selected: gr.SelectData):
@@ -443,14 +463,14 @@ class App:
     def keep_all_terms(self):
         return {self.terms.kept: list(range(self.n_layers))}
 
-    def rank_features(self, path, clt, tokens, start, kept, max_rate, per_layer):
+    def rank_features(self, path, clt, tokens, start, kept, max_rate, per_layer, ranking=DIRECT):
         """This image's top features per layer (the Features tab)."""
         if not path:
             return self.features.empty_features("Upload an image (or pick an example) on the Explore tab first.")
         image = self._image(path)
         try:
             result = ranked_features(self.explorer, image, clt, tokens, int(start), [int(s) for s in kept],
-                                     int(per_layer), None if max_rate >= 100 else max_rate / 100)
+                                     int(per_layer), None if max_rate >= 100 else max_rate / 100, ranking)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         return self.features.render_features(result, image, self.explorer)
@@ -490,6 +510,38 @@ class App:
             raise gr.Error(str(error)) from error
         return self.features.render_intervention(edited, f"{layer}:{feature}", scale)
 
+    def build_graph(self, path, clt, tokens, start, kept, classes, node_share, edge_share):
+        """The Graph tab: this image's pruned attribution graph, and its JSON to download."""
+        if not path:
+            return self.graph_panel.empty("Upload an image (or pick an example) on the Explore tab first.")
+        image = self._image(path)
+        try:
+            graph = built_graph(self.explorer, image, clt, tokens, int(start), [int(s) for s in kept],
+                                list(classes or []) or None, float(node_share), float(edge_share), Path(path).stem)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        json_file = self._served / f"graph-{uuid.uuid4().hex[:8]}" / f"{graph.export['metadata']['slug']}.json"
+        write_json(json_file, graph.export)
+        return self.graph_panel.render(graph, image, str(json_file), self.explorer.teacher.resize_mode)
+
+    def open_graph_node(self, path, clicked, graph: ImageGraph | None, scale):
+        """A clicked node (``clicked``: "index|time", written by the plot's click handler): a feature opens its card
+        on the Features tab; every node is described and its patch, if it has one, lit on the image."""
+        if graph is None or not clicked:
+            return {}
+        node = graph.nodes[int(clicked.split("|")[0])]
+        panel = self.graph_panel
+        out = {panel.node: f"**{node.label}** · influence {node.influence:.4f}"
+                           + ("" if node.activation is None else f" · activation {node.activation:.4f}")}
+        if path and node.token > 0:
+            out[panel.image] = panel.patch_image(graph, self._image(path), self.explorer.teacher.resize_mode,
+                                                 node.token)
+        if node.kind == "feature":
+            text = f"{node.layer}:{node.feature}"
+            card = self.open_feature_card(path, graph.clt, text, graph.tokens, graph.start, graph.kept, scale)
+            out.update({self.features.feature: text, **card, self.tabs: gr.Tabs(selected="features")})
+        return out
+
 
 def build_ui(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
     """The Blocks app for an explorer, or for a bundle source (the default bundle may still be building)."""
@@ -506,33 +558,40 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
                     f"to see what each layer's sparse codes retrieve, which layers build its representation, and how "
                     f"the prediction changes when the CLT replaces the MLPs.")
         app.status = gr.Markdown(visible=source.building, elem_id="status")
-        with gr.Tab("Explore"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=300):
-                    upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
-                    app.preview = gr.Image(label="Uploaded image", type="pil", interactive=False, height=220,
-                                           elem_id="preview")
-                    app.examples = gr.Gallery(label="Examples from the test split: click one", columns=4, height=150,
-                                              allow_preview=False, show_label=True, elem_id="examples")
-                    app.clt = gr.Dropdown(source.clt_names, value=source.clt_names[0], label="CLT", elem_id="clt")
-                    tokens = gr.Radio(list(TOKEN_SETS), value=CLS, label="Tokens the CLT replaces", elem_id="tokens")
-                    start = gr.Slider(0, L - 1, value=0, step=1, label="Replace blocks s → L-1: s", elem_id="start")
-                    target = gr.Slider(0, L - 1, value=L - 1, step=1, label="Target layer l (retrieval rows 0..l)",
-                                       elem_id="target")
-                    top_k = gr.Slider(1, 10, value=3, step=1, label="Top-K retrieved images", elem_id="top_k")
-                    app.run = gr.Button("Analyze", variant="primary", interactive=False, elem_id="analyze")
-                with gr.Column(scale=2):
-                    app.predictions = PredictionsPanel()
-                    app.terms = LayerTermsPanel(L)
-                    app.heatmaps = HeatmapPanel()
-                    app.quality = QualityPanel()
-            app.retrieval = RetrievalPanel(L, app.thumbnail_file)
-            with gr.Accordion("Analysis data (JSON)", open=False):
-                app.data = gr.JSON(label="Analysis data", elem_id="data")
-        with gr.Tab("Features") as features_tab:
-            app.features = FeaturesPanel(L)
-        with gr.Tab("About"):
-            app.about = AboutPanel()
+        with gr.Tabs() as app.tabs:
+            with gr.Tab("Explore", id="explore"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=300):
+                        upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
+                        app.preview = gr.Image(label="Uploaded image", type="pil", interactive=False, height=220,
+                                               elem_id="preview")
+                        app.examples = gr.Gallery(label="Examples from the test split: click one", columns=4,
+                                                  height=150, allow_preview=False, show_label=True,
+                                                  elem_id="examples")
+                        app.clt = gr.Dropdown(source.clt_names, value=source.clt_names[0], label="CLT",
+                                              elem_id="clt")
+                        tokens = gr.Radio(list(TOKEN_SETS), value=CLS, label="Tokens the CLT replaces",
+                                          elem_id="tokens")
+                        start = gr.Slider(0, L - 1, value=0, step=1, label="Replace blocks s → L-1: s",
+                                          elem_id="start")
+                        target = gr.Slider(0, L - 1, value=L - 1, step=1,
+                                           label="Target layer l (retrieval rows 0..l)", elem_id="target")
+                        top_k = gr.Slider(1, 10, value=3, step=1, label="Top-K retrieved images", elem_id="top_k")
+                        app.run = gr.Button("Analyze", variant="primary", interactive=False, elem_id="analyze")
+                    with gr.Column(scale=2):
+                        app.predictions = PredictionsPanel()
+                        app.terms = LayerTermsPanel(L)
+                        app.heatmaps = HeatmapPanel()
+                        app.quality = QualityPanel()
+                app.retrieval = RetrievalPanel(L, app.thumbnail_file)
+                with gr.Accordion("Analysis data (JSON)", open=False):
+                    app.data = gr.JSON(label="Analysis data", elem_id="data")
+            with gr.Tab("Features", id="features") as features_tab:
+                app.features = FeaturesPanel(L)
+            with gr.Tab("Graph", id="graph") as graph_tab:
+                app.graph_panel = GraphPanel([])
+            with gr.Tab("About", id="about"):
+                app.about = AboutPanel()
         app.version = gr.State(None)
         app.timer = gr.Timer(2.0, active=source.building)
 
@@ -553,8 +612,9 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
                                    api_name="heatmaps")
         app.examples.select(app.pick_example, None, [upload], api_name="pick_example")
         panel = app.features
-        gr.on([features_tab.select, panel.rank.click, panel.max_rate.release, panel.per_layer.release],
-              app.rank_features, [upload, app.clt, tokens, start, app.terms.kept, panel.max_rate, panel.per_layer],
+        gr.on([features_tab.select, panel.rank.click, panel.max_rate.release, panel.per_layer.release,
+               panel.ranking.change], app.rank_features,
+              [upload, app.clt, tokens, start, app.terms.kept, panel.max_rate, panel.per_layer, panel.ranking],
               panel.list_components, api_name="features", trigger_mode="always_last")
         card_inputs = [upload, app.clt, panel.feature, tokens, start, app.terms.kept, panel.scale]
         card_outputs = panel.card_components + panel.intervention_components
@@ -566,7 +626,15 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
                            api_name=f"pick_feature_{layer}")
         panel.scale.change(app.scale_feature, card_inputs, panel.intervention_components, api_name="intervene",
                            trigger_mode="always_last")
-        poll_outputs = [app.status, app.timer, app.run, app.clt, app.examples, app.version, *app.about.components]
+        graph = app.graph_panel
+        gr.on([graph_tab.select, graph.build.click], app.build_graph,
+              [upload, app.clt, tokens, start, app.terms.kept, graph.classes, graph.node_share, graph.edge_share],
+              graph.components, api_name="graph", trigger_mode="always_last")
+        graph.clicked.input(app.open_graph_node, [upload, graph.clicked, graph.graph, panel.scale],
+                            [graph.node, graph.image, panel.feature, app.tabs, *card_outputs], api_name="graph_node")
+        demo.load(None, js=CLICK_JS)
+        poll_outputs = [app.status, app.timer, app.run, app.clt, app.examples, app.version, graph.classes,
+                        *app.about.components]
         gr.on([demo.load, app.timer.tick], app.poll, [app.version, app.clt], poll_outputs, api_name="status")
     app.demo = demo
     return app
