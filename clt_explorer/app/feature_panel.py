@@ -103,7 +103,8 @@ class FeaturesPanel:
         hidden = ("" if result.max_cls_rate is None else
                   f" {result.hidden} active features firing on the CLS token of more than "
                   f"{100 * result.max_cls_rate:g}% of training images are hidden.")
-        out[self.summary] = (f"{SCORE_NAMES[result.ranking].capitalize()} on **{result.predicted}** (the top-1 of "
+        score = "Attribution to" if result.ranking == DIRECT else "Total effect on"
+        out[self.summary] = (f"{score} **{result.predicted}** (the top-1 of "
                              f"{result.clt} replacing the {result.tokens} tokens in blocks {result.start}→"
                              f"{len(result.layers) - 1}).{hidden} Took {1000 * result.seconds:.0f} ms.")
         return out

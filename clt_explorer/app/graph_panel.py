@@ -106,7 +106,7 @@ def graph_figure(graph: ImageGraph) -> go.Figure:
     labels = ["CLS"] + [f"row {r}" for r in range(graph.grid[0])]
     figure.update_layout(
         height=520, margin={"l": 60, "r": 10, "t": 30, "b": 40}, hovermode="closest", clickmode="event",
-        legend={"orientation": "h", "y": 1.06},
+        legend={"orientation": "h", "y": 1.02, "x": 1.0, "xanchor": "right", "yanchor": "bottom"},
         xaxis={"tickvals": ticks, "ticktext": labels, "title": "token (CLS, then patches row by row)",
                "showgrid": False, "zeroline": False},
         yaxis={"tickvals": list(range(-1, graph.n_layers + 1)),
@@ -125,20 +125,20 @@ class GraphPanel:
                     "Pruned to the nodes and edges that carry most of the influence on the logit. Hover a node for "
                     "its edges; click a feature to open its card.")
         with gr.Row():
-            self.classes = gr.Dropdown(classnames, multiselect=True, elem_id="graph_classes",
+            self.classes = gr.Dropdown(classnames, multiselect=True, elem_id="graph_classes", allow_custom_value=True,
                                        label="Explain the logits of (empty: the replaced model's top-1)")
             self.node_share = gr.Slider(0.5, 1.0, value=NODE_SHARE, step=0.01, elem_id="graph_node_share",
                                         label="Keep the nodes carrying this share of the influence")
             self.edge_share = gr.Slider(0.5, 1.0, value=EDGE_SHARE, step=0.005, elem_id="graph_edge_share",
                                         label="Keep the edges carrying this share")
             self.build = gr.Button("Build the graph", variant="primary", elem_id="build_graph")
-        self.summary = gr.Markdown(elem_id="graph_summary")
+        self.summary = gr.Markdown(label="Graph summary", elem_id="graph_summary")
         with gr.Row():
             self.plot = gr.Plot(label="Attribution graph", elem_id="graph_plot", scale=3)
             with gr.Column(scale=1):
                 self.image = gr.Image(label="Patch nodes on the image (their influence)", type="pil",
                                       interactive=False, height=220, elem_id="graph_image")
-                self.node = gr.Markdown(elem_id="graph_node")
+                self.node = gr.Markdown(label="Clicked node", elem_id="graph_node")
                 self.download = gr.File(label="The graph in circuit-tracer's JSON format", elem_id="graph_json")
         self.clicked = gr.Textbox(elem_id="graph_clicked", elem_classes=[CLICKED_CLASS], show_label=False,
                                   container=False)

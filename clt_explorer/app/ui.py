@@ -589,7 +589,8 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
             with gr.Tab("Features", id="features") as features_tab:
                 app.features = FeaturesPanel(L)
             with gr.Tab("Graph", id="graph") as graph_tab:
-                app.graph_panel = GraphPanel([])
+                opened = source.explorer()
+                app.graph_panel = GraphPanel(opened.classifier.classnames if opened is not None else [])
             with gr.Tab("About", id="about"):
                 app.about = AboutPanel()
         app.version = gr.State(None)
@@ -630,7 +631,7 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
         gr.on([graph_tab.select, graph.build.click], app.build_graph,
               [upload, app.clt, tokens, start, app.terms.kept, graph.classes, graph.node_share, graph.edge_share],
               graph.components, api_name="graph", trigger_mode="always_last")
-        graph.clicked.input(app.open_graph_node, [upload, graph.clicked, graph.graph, panel.scale],
+        graph.clicked.change(app.open_graph_node, [upload, graph.clicked, graph.graph, panel.scale],
                             [graph.node, graph.image, panel.feature, app.tabs, *card_outputs], api_name="graph_node")
         demo.load(None, js=CLICK_JS)
         poll_outputs = [app.status, app.timer, app.run, app.clt, app.examples, app.version, graph.classes,
