@@ -1,7 +1,8 @@
 """Time one full analysis as the app does it (all panels: predictions with and without replacement,
 contributions, retrieval at every layer, reconstruction, and the rendering of galleries and heatmaps),
-the Features tab (an image's ranked features, a feature card, one intervention, each rendered) and the
-peak resident memory, for the tiny-CLIP bundle and for a bundle of the true ViT-B/32 size.
+the Features tab (an image's ranked features, a feature card, one intervention, each rendered), the Graph tab
+(one image's attribution graph, start 0, CLS tokens: built, pruned, exported and drawn, in a process of its own)
+and the peak resident memory, for the tiny-CLIP bundle and for a bundle of the true ViT-B/32 size.
 
 The true-size bundle has random weights: an open_clip ViT-B-32-quickgelu teacher, a CLT with
 F = 12288 and k = 128 (849M parameters), compact retrieval indexes of 50k images for all 12 layers
@@ -38,6 +39,8 @@ from PIL import Image
 from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.app.analysis import Explorer
 from clt_explorer.app.features import feature_card, image_features, intervene
+from clt_explorer.app.graph import image_graph
+from clt_explorer.app.graph_panel import graph_figure
 from clt_explorer.app.ui import UploadLimits, build_app
 from clt_explorer.assets.bundle import LOCAL_TEACHER, Bundle
 from clt_explorer.assets.default_bundle import default_bundle
@@ -189,12 +192,38 @@ def measure_features(explorer: Explorer, app, name: str, images: list) -> dict:
             "intervention_s": float(np.median(edit))}
 
 
+def measure_graph(bundle_path: str, repeats: int) -> dict:
+    """In this process: the Graph tab's work for ``repeats`` images after a warm-up (start 0, CLS tokens, the
+    replaced model's top-1): the graph built, pruned and exported, then drawn; median seconds of each, and this
+    process's own peak (the teacher and the CLT loaded as the app loads them, nothing else)."""
+    torch.set_num_threads(2)
+    explorer = Explorer(Bundle.load(bundle_path))
+    name = explorer.clt_names[0]
+    built, drawn, nodes = [], [], 0
+    for i in range(repeats + 1):
+        image = Image.fromarray(np.random.default_rng(100 + i).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        began = time.perf_counter()
+        graph = image_graph(explorer, image, name, "cls", 0)
+        between = time.perf_counter()
+        graph_figure(graph)
+        if i:
+            built.append(between - began), drawn.append(time.perf_counter() - between)
+            nodes = graph.n_nodes
+    return {"graph_s": float(np.median(built)), "graph_draw_s": float(np.median(drawn)), "graph_nodes": nodes,
+            "graph_peak_gb": peak_rss_gb()}
+
+
 def measure_in_subprocess(bundle: Path, repeats: int) -> dict:
-    """:func:`measure` in a fresh process, with what the parent's getrusage says of that process's peak."""
-    done = subprocess.run([sys.executable, __file__, "--measure", str(bundle), "--repeats", str(repeats)],
-                          capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    """:func:`measure` and :func:`measure_graph`, each in a fresh process, with what the parent's getrusage says of
+    the first one's peak."""
+    results = []
+    for mode in ("--measure", "--measure-graph"):
+        done = subprocess.run([sys.executable, __file__, mode, str(bundle), "--repeats", str(repeats)],
+                              capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if mode == "--measure":
+            results[-1]["ru_maxrss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {**results[0], **results[1]}
 
 
 def main() -> None:
@@ -204,9 +233,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-true-size", action="store_true")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-graph", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.repeats)))
+        return
+    if args.measure_graph:
+        print(json.dumps(measure_graph(args.measure_graph, args.repeats)))
         return
     tiny = Path(args.tiny_bundle) if args.tiny_bundle else default_bundle(ROOT / "checkpoints").root
     rows = {"tiny CLIP": measure_in_subprocess(tiny, args.repeats)}
@@ -214,17 +247,19 @@ def main() -> None:
         rows["ViT-B/32 size"] = measure_in_subprocess(build_true_size_bundle(Path(args.cache)), args.repeats)
     print(f"\n{'bundle':14} {'load s':>7} {'analysis s':>11} {'max s':>7} {'in GPU fns':>11} {'features s':>11} "
           f"{'card s':>7} {'edit s':>7} {'store MB':>9} {'bundle MB':>10} {'peak RSS GB':>12} {'ru_maxrss GB':>13} "
-          f"{'CLT dtype':>10}")
+          f"{'CLT dtype':>10} {'graph s':>8} {'draw s':>7} {'nodes':>6} {'graph peak GB':>14}")
     for name, r in rows.items():
         print(f"{name:14} {r['load_s']:7.1f} {r['analysis_s']:11.3f} {r['analysis_max_s']:7.3f} "
               f"{100 * r['gpu_share']:10.0f}% {r['features_s']:11.3f} {r['feature_card_s']:7.3f} "
               f"{r['intervention_s']:7.3f} {(r['feature_store_bytes'] or 0) / 1e6:9.1f} "
               f"{r['bundle_bytes'] / 1e6:10.1f} "
-              f"{r['peak_rss_gb']:12.2f} {r['ru_maxrss_gb']:13.2f} {r['clt_dtype']:>10}")
+              f"{r['peak_rss_gb']:12.2f} {r['ru_maxrss_gb']:13.2f} {r['clt_dtype']:>10} {r['graph_s']:8.3f} "
+              f"{r['graph_draw_s']:7.3f} {r['graph_nodes']:6d} {r['graph_peak_gb']:14.2f}")
     print("in GPU fns: the share of an analysis (with rendering) spent in the model pass, what @spaces.GPU wraps; "
           "features / card / edit: the Features tab's ranking, a card, one ablation, each rendered; "
           "peak RSS: the measuring process's own VmHWM; ru_maxrss: the parent's getrusage of its children, "
-          "inherited across fork+exec (not the process's own figure)")
+          "inherited across fork+exec (not the process's own figure); graph: one image's attribution graph (start 0, "
+          "CLS tokens) built, pruned and exported / drawn, and the peak of a process doing only that")
     true = rows.get("ViT-B/32 size", {})
     tiny_row = rows["tiny CLIP"]
     print(json.dumps({"analysis_s_tiny": tiny_row["analysis_s"], "analysis_s_true_size": true.get("analysis_s"),
@@ -232,6 +267,8 @@ def main() -> None:
                       "feature_card_s": true.get("feature_card_s"), "intervention_s": true.get("intervention_s"),
                       "feature_store_bytes": true.get("feature_store_bytes"), "bundle_bytes": true.get("bundle_bytes"),
                       "peak_rss_gb": true.get("peak_rss_gb"), "peak_rss_gb_tiny": tiny_row["peak_rss_gb"],
+                      "graph_s": true.get("graph_s"), "graph_peak_gb": true.get("graph_peak_gb"),
+                      "graph_s_tiny": tiny_row["graph_s"],
                       "details": rows}))
 
 

@@ -51,7 +51,7 @@ def ui_on_zerogpu(monkeypatch):
 
 def test_only_model_passes_run_inside_the_gpu_functions(ui_on_zerogpu, explorer):
     ui, record = ui_on_zerogpu
-    assert record["durations"] == [ui.GPU_SECONDS] * 6 and ui.GPU_SECONDS <= 10
+    assert record["durations"] == [ui.GPU_SECONDS] * 7 and ui.GPU_SECONDS <= 10
     demo = ui.build_ui(explorer)
     demo.queue()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -64,11 +64,13 @@ def test_only_model_passes_run_inside_the_gpu_functions(ui_on_zerogpu, explorer)
         client.predict(path, "relu_topk", "cls", 0, [0, 1, 2, 3], 10, 3, api_name="/features")
         client.predict(path, "relu_topk", "1:0", "cls", 0, [0, 1, 2, 3], 1.0, api_name="/feature_card")
         client.predict(path, "relu_topk", "1:0", "cls", 0, [0, 1, 2, 3], 0.0, api_name="/intervene")
+        client.predict(path, "relu_topk", "cls", 0, [0, 1, 2, 3], [], 0.8, 0.98, api_name="/graph")
     finally:
         demo.close()
     assert outputs[1]["label"]
     assert record["calls"] == ["model_pass", "replaced_predictions", "source_ranking", "ranked_features",
-                               "opened_card", "edited_predictions", "edited_predictions"]  # a card comes with its edit
+                               "opened_card", "edited_predictions", "edited_predictions",  # a card comes with its edit
+                               "built_graph"]
     assert record["inside_work"] == []  # retrieval and thumbnails (also the feature cards') ran outside the GPU fns
     assert "RetrievalIndex.search" in record["outside_work"] and "ThumbnailStore.jpeg" in record["outside_work"]
 

@@ -71,12 +71,6 @@ class ImageGraph:
         """The strongest edges out of ``node`` by |weight|."""
         return sorted((e for e in self.edges if e.source == node), key=lambda e: -abs(e.weight))[:EDGES_PER_NODE]
 
-    def find(self, node_id: str) -> int:
-        for i, node in enumerate(self.nodes):
-            if node.node_id == node_id:
-                return i
-        raise ValueError(f"the graph has no node {node_id!r}")
-
 
 def _nodes(graph: AttributionGraph, pruned: PrunedGraph) -> tuple[list[int], list[GraphNode]]:
     names = token_names(graph)
@@ -95,13 +89,10 @@ def _nodes(graph: AttributionGraph, pruned: PrunedGraph) -> tuple[list[int], lis
 
 
 @torch.no_grad()
-def image_graph(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int = 0,
-                kept_sources: list[int] | None = None, classes: list[str] | None = None,
-                node_share: float = NODE_SHARE, edge_share: float = EDGE_SHARE,
-                image_name: str = "image") -> ImageGraph:
+def attribution_of(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int = 0,
+                   kept_sources: list[int] | None = None, classes: list[str] | None = None) -> AttributionGraph:
     """The attribution graph of ``image`` in the replacement the Explore tab chose, towards ``classes`` (names;
-    default the replaced model's top-1), pruned to ``node_share`` / ``edge_share`` of the influence."""
-    began = time.perf_counter()
+    default the replaced model's top-1): the model passes (on a Space, what runs on its GPU)."""
     explorer.check(clt, tokens, start)
     kept = explorer.kept_or_all(kept_sources)
     names = explorer.classifier.classnames
@@ -109,8 +100,16 @@ def image_graph(explorer: Explorer, image: Image.Image, clt: str, tokens: str, s
     if unknown:
         raise ValueError(f"unknown classes {unknown}; this bundle's classes are e.g. {names[:5]}")
     indices = [names.index(c) for c in classes] if classes else None
-    graph = attribution_graph(explorer.teacher, explorer.clt(clt), explorer.classifier, explorer.pixels(image),
-                              start, tokens, explorer.term_weights(kept), indices)
+    return attribution_graph(explorer.teacher, explorer.clt(clt), explorer.classifier, explorer.pixels(image),
+                             start, tokens, explorer.term_weights(kept), indices)
+
+
+def pruned_graph(explorer: Explorer, graph: AttributionGraph, clt: str, kept_sources: list[int] | None = None,
+                 node_share: float = NODE_SHARE, edge_share: float = EDGE_SHARE,
+                 image_name: str = "image") -> ImageGraph:
+    """What the Graph tab shows of ``graph``: pruned to ``node_share`` / ``edge_share`` of the influence, its kept
+    nodes and edges, the influence per patch, and the export."""
+    began = time.perf_counter()
     pruned = prune(graph, node_share, edge_share)
     kept_nodes, nodes = _nodes(graph, pruned)
     position = {node: i for i, node in enumerate(kept_nodes)}
@@ -123,6 +122,16 @@ def image_graph(explorer: Explorer, image: Image.Image, clt: str, tokens: str, s
             patch_influence[node.token - 1] += node.influence
     export = graph_json(graph, pruned, f"{explorer.bundle.name}-{clt}-{image_name}", f"{explorer.bundle.name}/{clt}",
                         image_name, clt)
-    return ImageGraph(clt, tokens, start, kept, graph.classnames, nodes, edges, graph.n_nodes,
-                      int((graph.adjacency != 0).sum()), pruned.node_share, pruned.edge_share, node_share, edge_share,
-                      graph.n_layers, graph.grid, patch_influence, export, time.perf_counter() - began)
+    return ImageGraph(clt, graph.tokens, graph.start, explorer.kept_or_all(kept_sources), graph.classnames, nodes,
+                      edges, graph.n_nodes, int((graph.adjacency != 0).sum()), pruned.node_share, pruned.edge_share,
+                      node_share, edge_share, graph.n_layers, graph.grid, patch_influence, export,
+                      graph.seconds + time.perf_counter() - began)
+
+
+def image_graph(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int = 0,
+                kept_sources: list[int] | None = None, classes: list[str] | None = None,
+                node_share: float = NODE_SHARE, edge_share: float = EDGE_SHARE,
+                image_name: str = "image") -> ImageGraph:
+    """:func:`attribution_of` then :func:`pruned_graph`: the Graph tab's content for ``image``."""
+    graph = attribution_of(explorer, image, clt, tokens, start, kept_sources, classes)
+    return pruned_graph(explorer, graph, clt, kept_sources, node_share, edge_share, image_name)

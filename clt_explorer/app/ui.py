@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..evaluation.figures import cascade_figure, contribution_heatmap, reconstruction_figure, training_figure
 from ..evaluation.tables import evaluation_summary_markdown
+from ..model.graph import AttributionGraph
 from ..model.tokens import ALL, CLS, PATCHES, TOKEN_GROUPS, TOKEN_SETS
 from ..storage import atomic_path, write_bytes, write_json
 from .analysis import Analysis, Explorer, ModelPass, Predictions, SourceScore, keep_top, remove_top
@@ -40,7 +41,7 @@ from .features import (
     intervene,
     parse_feature,
 )
-from .graph import ImageGraph, image_graph
+from .graph import ImageGraph, attribution_of, pruned_graph
 from .graph_panel import CLICK_JS, GraphPanel
 from .graph_panel import CSS as GRAPH_CSS
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_upload
@@ -85,8 +86,8 @@ def ranked_features(explorer: Explorer, image: Image.Image, clt: str, tokens: st
 
 @on_gpu
 def built_graph(explorer: Explorer, image: Image.Image, clt: str, tokens: str, start: int, kept: list[int],
-                classes: list[str] | None, node_share: float, edge_share: float, image_name: str) -> ImageGraph:
-    return image_graph(explorer, image, clt, tokens, start, kept, classes, node_share, edge_share, image_name)
+                classes: list[str] | None) -> AttributionGraph:
+    return attribution_of(explorer, image, clt, tokens, start, kept, classes)
 
 
 @on_gpu
@@ -516,8 +517,10 @@ class App:
             return self.graph_panel.empty("Upload an image (or pick an example) on the Explore tab first.")
         image = self._image(path)
         try:
-            graph = built_graph(self.explorer, image, clt, tokens, int(start), [int(s) for s in kept],
-                                list(classes or []) or None, float(node_share), float(edge_share), Path(path).stem)
+            kept = [int(s) for s in kept]
+            graph = pruned_graph(self.explorer, built_graph(self.explorer, image, clt, tokens, int(start), kept,
+                                                            list(classes or []) or None),
+                                 clt, kept, float(node_share), float(edge_share), Path(path).stem)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         json_file = self._served / f"graph-{uuid.uuid4().hex[:8]}" / f"{graph.export['metadata']['slug']}.json"

@@ -68,9 +68,6 @@ class AttributionGraph:
     def n_nodes(self) -> int:
         return self.adjacency.shape[0]
 
-    def error_node(self, layer: int, token: int) -> int:
-        return self.n_features + layer * self.n_tokens + token
-
     def embedding_node(self, token: int) -> int:
         return self.n_features + self.n_layers * self.n_tokens + token
 
@@ -115,7 +112,7 @@ def feature_total_effects(model: LinearisedReplacement, gradient: torch.Tensor) 
 
 def _select_features(model: LinearisedReplacement, gradients: torch.Tensor, limit: int) -> list[torch.Tensor]:
     """Per layer [T', m] bool: the active entries traced as targets, all of them or the ``limit`` largest by
-    |total effect| on the chosen logits (weighted by their rows of ``gradients``)."""
+    |total effect| on the sum of the chosen logits (``gradients``: their readout gradients [C, d])."""
     active = [v != 0 for v in model.values]
     if sum(int(a.sum()) for a in active) <= limit:
         return active

@@ -137,13 +137,10 @@ class LinearisedReplacement:
             ln2.append(_layer_norm_scale(block.ln_2, mid))
             x = block.ln_2(mid)
             xs.append(x)
-            layer_codes = clt.encode_layer(layer, x[index][None])
-            layer_codes = SparseCodes(layer_codes.values[0].float(), layer_codes.indices[0],
-                                      n_features=layer_codes.n_features)
-            codes.append(layer_codes)
-            part = clt.decode_source(layer, SparseCodes(layer_codes.values[None].to(clt.W_enc.dtype),
-                                                        layer_codes.indices[None], n_features=layer_codes.n_features)
-                                     )[0].float()  # [T', L - s, d]
+            layer_codes = clt.encode_layer(layer, x[index][None])  # one image: [1, T', ...]
+            codes.append(SparseCodes(layer_codes.values[0].float(), layer_codes.indices[0],
+                                     n_features=layer_codes.n_features))
+            part = clt.decode_source(layer, layer_codes)[0].float()  # [T', L - s, d]
             part = part * torch.tensor([self.term_weight(target, layer) for target in range(layer, self.n_layers)],
                                        device=part.device)[None, :, None]
             if terms is None:
