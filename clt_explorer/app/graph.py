@@ -4,6 +4,7 @@ export in circuit-tracer's JSON format (:mod:`..model.graph`, :mod:`..model.grap
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -63,13 +64,23 @@ class ImageGraph:
     export: dict  # circuit-tracer's JSON graph
     seconds: float
 
+    @functools.cached_property
+    def _strongest(self) -> tuple[dict[int, list[GraphEdge]], dict[int, list[GraphEdge]]]:
+        """Each node's edges in and out, strongest (by |weight|) first: one pass over the edges."""
+        incoming: dict[int, list[GraphEdge]] = {}
+        outgoing: dict[int, list[GraphEdge]] = {}
+        for edge in sorted(self.edges, key=lambda e: -abs(e.weight)):
+            incoming.setdefault(edge.target, []).append(edge)
+            outgoing.setdefault(edge.source, []).append(edge)
+        return incoming, outgoing
+
     def incoming(self, node: int) -> list[GraphEdge]:
         """The strongest edges into ``node`` by |weight|."""
-        return sorted((e for e in self.edges if e.target == node), key=lambda e: -abs(e.weight))[:EDGES_PER_NODE]
+        return self._strongest[0].get(node, [])[:EDGES_PER_NODE]
 
     def outgoing(self, node: int) -> list[GraphEdge]:
         """The strongest edges out of ``node`` by |weight|."""
-        return sorted((e for e in self.edges if e.source == node), key=lambda e: -abs(e.weight))[:EDGES_PER_NODE]
+        return self._strongest[1].get(node, [])[:EDGES_PER_NODE]
 
 
 def _nodes(graph: AttributionGraph, pruned: PrunedGraph) -> tuple[list[int], list[GraphNode]]:
