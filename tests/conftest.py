@@ -51,6 +51,19 @@ def chromium(viewport: dict, **options):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def page_with_example(app_url: str, explorer, index: int, viewport: dict):
+    """A browser page on the app with example ``index`` clicked into the upload."""
+    from playwright.sync_api import expect
+
+    with chromium(viewport) as browser:
+        page = browser.new_page()
+        page.goto(app_url)
+        page.locator("#examples img").nth(index).click()
+        expect(page.locator("#upload")).to_contain_text(explorer.examples()[index].stem, timeout=30_000)
+        yield page
+
+
 def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> Teacher:
     """A randomly initialised open_clip CLIP saved in open_clip's folder format and loaded back."""
     torch.manual_seed(seed)

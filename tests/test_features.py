@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARTIFACTS, chromium, random_pixels
+from conftest import ARTIFACTS, page_with_example, random_pixels
 from gradio_client import handle_file
 from PIL import Image
 from test_app import named
@@ -233,11 +233,7 @@ def test_the_features_api_matches_the_library(client, explorer, image):
 def test_browser_opens_a_feature_card_and_the_slider_changes_the_predictions(app_url, explorer):
     from playwright.sync_api import expect
 
-    with chromium({"width": 1400, "height": 1800}) as browser:
-        page = browser.new_page()
-        page.goto(app_url)
-        page.locator("#examples img").nth(2).click()
-        expect(page.locator("#upload")).to_contain_text(explorer.examples()[2].stem, timeout=30_000)
+    with page_with_example(app_url, explorer, 2, {"width": 1400, "height": 1800}) as page:
         page.get_by_role("tab", name="Features").click()
         last = explorer.n_layers - 1
         expect(page.locator(f"#features_{last} img").first).to_be_visible(timeout=60_000)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARTIFACTS, chromium, random_clt, random_pixels
+from conftest import ARTIFACTS, page_with_example, random_clt, random_pixels
 from gradio_client import handle_file
 from PIL import Image
 from safetensors.torch import load_file
@@ -219,11 +219,7 @@ def test_the_graph_and_total_ranking_apis_match_the_library(client, explorer, im
 def test_browser_builds_a_graph_and_a_clicked_node_opens_its_feature_card(app_url, explorer):
     from playwright.sync_api import expect
 
-    with chromium({"width": 1400, "height": 1600}) as browser:
-        page = browser.new_page()
-        page.goto(app_url)
-        page.locator("#examples img").nth(2).click()
-        expect(page.locator("#upload")).to_contain_text(explorer.examples()[2].stem, timeout=30_000)
+    with page_with_example(app_url, explorer, 2, {"width": 1400, "height": 1600}) as page:
         page.get_by_role("tab", name="Graph").click()
         expect(page.locator("#graph_summary")).to_contain_text("nodes and", timeout=60_000)
         point = page.locator("#graph_plot .scatterlayer .trace").filter(
