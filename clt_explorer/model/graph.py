@@ -137,6 +137,9 @@ def attribution_graph(teacher: Teacher, clt: CrossLayerTranscoder, classifier: Z
     ``tokens`` with the term mask ``term_weights``, towards the logits of ``classes`` (default: the replaced model's
     top-1)."""
     began = time.perf_counter()
+    if max_feature_nodes < 1 or batch_rows < 1:
+        raise ValueError(f"max_feature_nodes and batch_rows must be at least 1, got {max_feature_nodes} and "
+                         f"{batch_rows}")
     model = LinearisedReplacement(teacher, clt, pixels, start, tokens, term_weights)
     L, T = model.n_layers, model.n_tokens
     final = model.final_cls
