@@ -123,3 +123,32 @@ def test_bad_edits_are_refused_with_a_message(clt):
 def test_token_index_covers_each_token_set():
     assert token_index("cls") == slice(0, 1) and token_index("patches") == slice(1, None)
     assert token_index("all") == slice(None)
+
+
+@pytest.mark.parametrize("tokens", TOKEN_SETS)
+@pytest.mark.parametrize("start", [0, 2, 3])
+@pytest.mark.parametrize("edit", ["none", "terms", "scales below", "error term"])
+def test_a_pass_resumed_at_the_first_replaced_block_equals_the_whole_pass(random_teacher, clt, tokens, start, edit):
+    """Resuming from the teacher's residual, codes and terms below ``start`` gives the whole replaced pass."""
+    pixels = random_pixels(random_teacher, n=2)
+    L = clt.config.n_layers
+    weights = torch.ones(L, L)
+    weights[L - 1, 0] = 0.0
+    options = {"none": {}, "terms": {"term_weights": weights}, "scales below": {"feature_scales": {(0, 3): -2.0}},
+               "error term": {"error_term": True, "feature_scales": {(0, 5): 3.0, (L - 1, 1): 0.0}}}[edit]
+    whole = clt.surrogate(**options)
+    with random_teacher.replace_mlps(whole, start, tokens):
+        expected = random_teacher.encode_with_final(pixels)
+    capture = random_teacher.capture(pixels, residual_at=start)
+    codes = clt.encode_sparse(capture.xs)[:start]
+    resumed = clt.surrogate(**options)
+    with random_teacher.replace_mlps(resumed, start, tokens):
+        resumed.resume(codes, [clt.decode_source(s, c) for s, c in enumerate(codes)], token_index(tokens))
+        found = random_teacher.encode_from(capture.residual, start)
+    for a, b in zip(expected, found):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    assert len(resumed.codes) == L
+    for a, b in zip(whole.codes, resumed.codes):  # encoded from all tokens or from the replaced ones: rounding only
+        assert torch.allclose(a.dense(), b.dense(), atol=1e-6, rtol=1e-6)
+    if start == 0:
+        assert capture.residual is not None and torch.allclose(capture.residual, random_teacher.embed(pixels))

@@ -26,7 +26,7 @@ from PIL import Image
 from ..assets.bundle import Bundle
 from ..evaluation.layer_terms import keep_sources, source_order
 from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
-from ..model.clt import CrossLayerTranscoder
+from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.sparsifiers import SparseCodes
 from ..model.tokens import CLS, TOKEN_SETS, token_index
 from ..retrieval.features import FeatureStore
@@ -101,6 +101,16 @@ class ReplacedPass:
     logits: torch.Tensor
     final_cls: torch.Tensor
     codes: list[SparseCodes]
+
+
+@dataclass
+class PassBelow:
+    """The teacher's pass below a first replaced block s, which a replacement starting at s leaves as it is: the
+    residual stream entering block s, and the codes and decoded terms of blocks 0..s-1 (all tokens)."""
+
+    residual: torch.Tensor
+    codes: list[SparseCodes]
+    terms: list[torch.Tensor]
 
 
 @dataclass
@@ -267,9 +277,11 @@ class Explorer:
         """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final
         layer keeping only the source terms ``kept_sources`` (all by default)."""
         self.check(clt, tokens, start)
-        pixels = self.pixels(image)
-        return self._predict(pixels, clt, tokens, start, self.teacher.encode_images(pixels),
-                             self.kept_or_all(kept_sources))
+        model = self.clt(clt)
+        capture = self.teacher.capture(self.pixels(image), residual_at=start)
+        codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
+        below = PassBelow(capture.residual, codes, [model.decode_source(layer, c) for layer, c in enumerate(codes)])
+        return self._predict(capture.embeddings, clt, tokens, start, self.kept_or_all(kept_sources), below)
 
     @torch.no_grad()
     def source_ranking(self, image: Image.Image, clt: str, tokens: str = CLS) -> list[SourceScore]:
@@ -286,36 +298,44 @@ class Explorer:
         return None if mask.all() else keep_sources(self.n_layers, mask).to(self.device)
 
     @torch.no_grad()
-    def replaced_pass(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],
+    def replaced_pass(self, pixels: torch.Tensor | PassBelow, clt: str, tokens: str, start: int, kept: list[int],
                       feature_scales: dict[tuple[int, int], float] | None = None) -> ReplacedPass:
         """The pass with CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final layer keeping the source
-        terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}."""
+        terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}. Given the teacher's pass
+        below ``start`` instead of the pixels, it runs from block ``start`` on (the same result, sooner)."""
         surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales)
         with self.teacher.replace_mlps(surrogate, start, tokens):
-            embeddings, final_cls = self.teacher.encode_with_final(pixels)
+            if isinstance(pixels, PassBelow):
+                surrogate.resume(pixels.codes, pixels.terms, token_index(tokens))
+                embeddings, final_cls = self.teacher.encode_from(pixels.residual, start)
+            else:
+                embeddings, final_cls = self.teacher.encode_with_final(pixels)
         return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes)
 
-    def _predict(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, teacher_embedding: torch.Tensor,
-                 kept: list[int]) -> Predictions:
+    def _predict(self, teacher_embedding: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],
+                 below: PassBelow) -> Predictions:
         return compare(self.classifier.logits(teacher_embedding),
-                       self.replaced_pass(pixels, clt, tokens, start, kept).logits, self.classifier.classnames)
+                       self.replaced_pass(below, clt, tokens, start, kept).logits,
+                       self.classifier.classnames)
 
     @torch.no_grad()
     def model_pass(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                    kept_sources: Sequence[int] | None = None) -> ModelPass:
         """The model's part of an analysis: the teacher's pass with hooks, the codes, the reconstruction, the
-        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space)."""
+        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space). The codes are decoded
+        once, and the replaced pass starts at block ``start`` from the teacher's pass."""
         began = time.perf_counter()
         self.check(clt, tokens, start)
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
-        pixels = self.pixels(image)
-        capture = self.teacher.capture(pixels)
+        capture = self.teacher.capture(self.pixels(image), residual_at=start)
         codes = model.encode_sparse(capture.xs)
-        yhat = model.decode(codes).float()
-        contributions = {group: model.contributions([c.take_tokens(token_index(group)) for c in codes]).tolist()
+        terms = model.source_terms(codes)
+        yhat = model.sum_terms(terms).float()
+        contributions = {group: normalize_contributions(model.term_norms(terms, token_index(group))).tolist()
                          for group in TOKEN_SETS}
-        predictions = self._predict(pixels, clt, tokens, start, capture.embeddings, kept)
+        below = PassBelow(capture.residual, codes[:start], terms[:start])
+        predictions = self._predict(capture.embeddings, clt, tokens, start, kept, below)
         return ModelPass(clt, tokens, start, kept, [c.cpu() for c in codes], capture.ys.float().cpu(), yhat.cpu(),
                          contributions, predictions, time.perf_counter() - began)
 

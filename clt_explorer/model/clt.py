@@ -14,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -146,13 +147,26 @@ class CrossLayerTranscoder(nn.Module):
         out = _apply_decoder(weight.view(weight.shape[0], -1), codes, sparse)
         return out.view(*out.shape[:-1], weight.shape[1], weight.shape[2])
 
+    def source_terms(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None
+                     ) -> list[torch.Tensor]:
+        """u_{s->l} of every source s, each [..., L - s, d] (no bias): one image's analysis decodes once and takes
+        its reconstruction (:meth:`sum_terms`), contributions (:meth:`term_norms`) and the replaced pass's blocks
+        below the first replaced one from these. A batch decodes one source at a time instead (:meth:`decode`)."""
+        codes = self._as_sparse(codes)
+        return [self.decode_source(source, codes[source], sparse) for source in range(self.config.n_layers)]
+
     def decode(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
         """yhat [L, ..., d] from dense codes [L, ..., F] or a list of per-layer SparseCodes."""
         codes = self._as_sparse(codes)
+        return self.sum_terms(self.decode_source(source, codes[source], sparse) for source in range(len(codes)))
+
+    def sum_terms(self, terms: Iterable[torch.Tensor]) -> torch.Tensor:
+        """yhat [L, ..., d]: b_dec plus the terms of every source, given in source order (a list, or a generator that
+        decodes one source at a time)."""
         L = self.config.n_layers
         yhat = None
-        for source in range(L):
-            part = self.decode_source(source, codes[source], sparse).movedim(-2, 0)  # [L - s, ..., d]
+        for source, part in enumerate(terms):
+            part = part.movedim(-2, 0)  # [L - s, ..., d]
             if yhat is None:  # source 0 writes to all L targets
                 yhat = torch.zeros_like(part)
             yhat[source:] += part
@@ -163,13 +177,22 @@ class CrossLayerTranscoder(nn.Module):
         """N[l, s] = sum over tokens of ||z_s(t) @ W_dec[s -> l]||_2 (zero above the diagonal): [L, L], or with
         ``per_image`` one matrix per image [B, L, L] (codes [B, T, ...] per layer)."""
         codes = self._as_sparse(codes)
+        return self.term_norms((self.decode_source(source, codes[source], sparse) for source in range(len(codes))),
+                               per_image=per_image)
+
+    def term_norms(self, terms: Iterable[torch.Tensor], tokens: slice | torch.Tensor = slice(None),
+                   per_image: bool = False) -> torch.Tensor:
+        """:meth:`contribution_norms` from the terms of every source in source order, each [B, T, L - s, d] (or
+        without the token axis [N, L - s, d] when ``tokens`` is all of them), over the tokens ``tokens``."""
         L = self.config.n_layers
-        batch = (codes[0].indices.shape[0],) if per_image else ()
-        norms = torch.zeros(*batch, L, L, dtype=torch.float64, device=self.b_dec.device)
-        for source in range(L):
-            part = self.decode_source(source, codes[source], sparse).float().norm(dim=-1)  # [..., L - s]
+        norms = None
+        for source, part in enumerate(terms):
+            part = part[:, tokens].float().norm(dim=-1)  # [B, T', L - s]
+            if norms is None:
+                norms = torch.zeros(*(part.shape[:1] if per_image else ()), L, L, dtype=torch.float64,
+                                    device=part.device)
             if per_image:
-                norms[:, source:, source] = part.reshape(batch[0], -1, L - source).sum(1).double()
+                norms[:, source:, source] = part.reshape(part.shape[0], -1, L - source).sum(1).double()
             else:
                 norms[source:, source] = part.reshape(-1, L - source).sum(0).double()
         return norms

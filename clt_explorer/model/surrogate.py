@@ -79,6 +79,22 @@ class CLTSurrogate:
         self._edited: torch.Tensor | None = None  # sum of the edited terms per target [B, T', L, d]
         self._plain: torch.Tensor | None = None  # the same without the edit (error term only)
 
+    def resume(self, codes: list[SparseCodes], terms: list[torch.Tensor], index: slice | torch.Tensor) -> None:
+        """Start a pass at block ``len(codes)`` (:meth:`Teacher.encode_from`): the codes of every block below and
+        their terms ([B, T, L - s, d], :meth:`CrossLayerTranscoder.source_terms`), all tokens, from the teacher's own
+        pass, which a replacement starting above them leaves unchanged there; ``index`` picks the replaced tokens.
+        An edit below is applied here as it would be in a whole pass."""
+        self.begin()
+        for layer, (layer_codes, part) in enumerate(zip(codes, terms)):
+            layer_codes, part = layer_codes.take_tokens(index), part[:, index]
+            scale = self.scales[layer]
+            edited = layer_codes if scale is None else layer_codes.scaled(scale.to(part.device))
+            self.codes.append(edited)
+            self._edited = self._add_terms(self._edited, layer, edited, self.term_weights,
+                                           part if scale is None else None)
+            if self.error_term and self.edits:
+                self._plain = self._add_terms(self._plain, layer, layer_codes, None, part)
+
     def __call__(self, layer: int, x: torch.Tensor, index: slice = slice(None),
                  y: torch.Tensor | None = None) -> torch.Tensor:
         """The replacement of block ``layer``'s MLP output for the tokens ``x[:, index]`` [B, T', d]."""
@@ -99,9 +115,11 @@ class CLTSurrogate:
         return y[:, index] + (self._edited[..., layer, :] - self._plain[..., layer, :]).to(y.dtype)
 
     def _add_terms(self, total: torch.Tensor | None, source: int, codes: SparseCodes,
-                   weights: torch.Tensor | None) -> torch.Tensor:
-        """Add source ``source``'s terms u_{s->l} (weighted by W[l, s]) to the running sums of every target."""
-        part = self.clt.decode_source(source, codes, self.sparse)  # [B, T', L - s, d]
+                   weights: torch.Tensor | None, part: torch.Tensor | None = None) -> torch.Tensor:
+        """Add source ``source``'s terms u_{s->l} (weighted by W[l, s]) to the running sums of every target; ``part``
+        is those terms when already decoded."""
+        if part is None:
+            part = self.clt.decode_source(source, codes, self.sparse)  # [B, T', L - s, d]
         if weights is not None:
             column = weights[..., source:, source].to(part.device, part.dtype)  # [L - s] or [B, L - s]
             part = part * (column[:, None] if column.dim() == 1 else column[:, None, :, None])

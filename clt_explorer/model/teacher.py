@@ -40,12 +40,14 @@ class MLPSurrogate(Protocol):
 @dataclass
 class Capture:
     """Activations of one forward pass: xs, ys [L, B, T, d], the final residual stream at the CLS token (the
-    input of the final LayerNorm) [B, d] and the image embeddings [B, D]."""
+    input of the final LayerNorm) [B, d], the image embeddings [B, D] and, when asked for, the residual stream
+    entering one block (in the blocks' own layout, for :meth:`Teacher.encode_from`)."""
 
     xs: torch.Tensor
     ys: torch.Tensor
     final_cls: torch.Tensor
     embeddings: torch.Tensor
+    residual: torch.Tensor | None = None
 
 
 def file_digest(path: Path) -> str:
@@ -102,7 +104,16 @@ class Teacher:
         self._thread = threading.local()
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
+            block.register_forward_pre_hook(self._residual_hook(layer))
         visual.ln_post.register_forward_hook(self._final_hook)
+
+    def _residual_hook(self, layer: int):
+        """During a capture that asks for it, record the residual stream entering block ``layer``."""
+        def record(module, inputs) -> None:
+            sink = getattr(self._thread, "residual_sink", None)
+            if sink is not None and layer in sink:
+                sink[layer] = inputs[0]
+        return record
 
     def _final_hook(self, module, inputs, output) -> None:
         """During a capture, record the CLS token of the final residual stream (ln_post's input)."""
@@ -172,17 +183,22 @@ class Teacher:
         return self.model.encode_image(pixels.to(self.device))
 
     @torch.no_grad()
-    def capture(self, pixels: torch.Tensor) -> Capture:
-        """One forward pass that records x_l and y_l of every block for every token."""
+    def capture(self, pixels: torch.Tensor, residual_at: int | None = None) -> Capture:
+        """One forward pass that records x_l and y_l of every block for every token (and the residual stream
+        entering block ``residual_at``)."""
         xs: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
         ys: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
 
         def record(layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
             xs[layer], ys[layer] = x, y
 
-        with self._acting(record):
-            embeddings, final_cls = self.encode_with_final(pixels)
-        return Capture(torch.stack(xs), torch.stack(ys), final_cls, embeddings)
+        self._thread.residual_sink = residual = {} if residual_at is None else {residual_at: None}
+        try:
+            with self._acting(record):
+                embeddings, final_cls = self.encode_with_final(pixels)
+        finally:
+            self._thread.residual_sink = None
+        return Capture(torch.stack(xs), torch.stack(ys), final_cls, embeddings, residual.get(residual_at))
 
     @torch.no_grad()
     def encode_with_final(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +207,25 @@ class Teacher:
         self._thread.final_sink = final = []
         try:
             embeddings = self.model.encode_image(pixels.to(self.device))
+        finally:
+            self._thread.final_sink = None
+        return embeddings, final[0]
+
+    @torch.no_grad()
+    def encode_from(self, residual: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_with_final` of a pass whose residual stream entering block ``start`` is ``residual`` (as
+        :meth:`capture` records it): blocks below ``start`` are not run again, which is exact when the pass would
+        change nothing there (a replacement starting at ``start``)."""
+        visual = self.model.visual
+        self._thread.final_sink = final = []
+        try:
+            x = residual
+            for block in self.blocks[start:]:
+                x = block(x)
+            if not visual.transformer.batch_first:
+                x = x.transpose(0, 1)
+            pooled, _ = visual._pool(x)  # what VisionTransformer.forward does after its blocks
+            embeddings = pooled @ visual.proj if visual.proj is not None else pooled
         finally:
             self._thread.final_sink = None
         return embeddings, final[0]

@@ -1,0 +1,37 @@
+"""One analysis's model pass: decoded once and resumed at the first replaced block, it equals each of its parts
+computed on its own the plain way (a whole replaced pass, a decode, the contributions of each token group)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clt_explorer.app.analysis import compare
+from clt_explorer.model.tokens import TOKEN_SETS, token_index
+
+
+@pytest.mark.parametrize("clt,tokens,start,kept", [("relu_topk", "all", 0, None), ("jumprelu", "cls", 2, [0, 3]),
+                                                   ("abs_topk", "patches", 3, None), ("relu_topk", "cls", 1, [1])])
+def test_the_model_pass_equals_its_parts_computed_on_their_own(explorer, clt, tokens, start, kept):
+    image = Image.open(explorer.examples()[1]).convert("RGB")
+    found = explorer.model_pass(image, clt, tokens, start, kept)
+    model, pixels = explorer.clt(clt), explorer.pixels(image)
+    with torch.no_grad():
+        capture = explorer.teacher.capture(pixels)
+        codes = model.encode_sparse(capture.xs)
+        yhat = model.decode(codes).float()
+        contributions = {group: model.contributions([c.take_tokens(token_index(group)) for c in codes]).tolist()
+                         for group in TOKEN_SETS}
+    assert torch.allclose(found.yhat, yhat, atol=1e-5) and torch.equal(found.ys, capture.ys.float())
+    for group in TOKEN_SETS:
+        assert np.allclose(found.contributions[group], contributions[group], atol=1e-6)
+    replaced = explorer.replaced_pass(pixels, clt, tokens, start, explorer.kept_or_all(kept)).logits
+    expected = compare(explorer.classifier.logits(capture.embeddings), replaced, explorer.classifier.classnames)
+    for mine, theirs in ((found.predictions.teacher, expected.teacher), (found.predictions.surrogate,
+                                                                          expected.surrogate)):
+        assert [p.classname for p in mine] == [p.classname for p in theirs]
+        assert np.allclose([p.probability for p in mine], [p.probability for p in theirs], atol=1e-5)
+    assert found.predictions.flip == expected.flip and abs(found.predictions.kl - expected.kl) < 1e-5
+    predicted = explorer.predict(image, clt, tokens, start, kept)
+    assert [p.classname for p in predicted.surrogate] == [p.classname for p in expected.surrogate]
+    assert abs(predicted.kl - expected.kl) < 1e-5
