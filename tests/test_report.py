@@ -1,5 +1,10 @@
 import copy
+import json
 
+import numpy as np
+import pytest
+
+from clt_explorer.evaluation.figures import contribution_heatmap, validated_contribution_heatmap
 from clt_explorer.evaluation.tables import (
     FAITHFULNESS_COLUMNS,
     cascade_columns,
@@ -68,3 +73,13 @@ def test_without_a_browser_the_images_are_skipped_with_a_message(tmp_path, monke
     with pytest.warns(UserWarning, match="needs a Chromium-based browser and none was found.*apt-get install chromium"):
         assert report.write_images({"f": go.Figure(go.Scatter(x=[0, 1], y=[1, 2]))}, tmp_path) == []
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n_layers", [4, 12])
+def test_the_apps_heatmap_is_the_validated_figure_with_its_numbers(n_layers):
+    """The heatmap filled into a skeleton serialises as plotly's validated figure does, for each matrix and title."""
+    for seed, title in ((0, "This image (cls)"), (1, "Dataset (patches)")):
+        matrix = np.random.default_rng(seed).random((n_layers, n_layers)).tolist()
+        fast, validated = contribution_heatmap(matrix, title), validated_contribution_heatmap(matrix, title)
+        assert json.loads(fast.to_json()) == json.loads(validated.to_json())
+        assert fast.data[0].z[n_layers - 1][0] == matrix[n_layers - 1][0] and fast.data[0].z[0][1] is None

@@ -11,6 +11,7 @@ run at once and up to ``queue_size`` wait in Gradio's queue; beyond that a reque
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -641,4 +642,5 @@ def build_app(source: Explorer | OpenedBundle | GrowingBundle, limits: UploadLim
                         *app.about.components]
         gr.on([demo.load, app.timer.tick], app.poll, [app.version, app.clt], poll_outputs, api_name="status")
     app.demo = demo
+    gc.freeze()  # the page and the models live as long as the app: the collector's full scans of them took ~30 ms
     return app

@@ -68,6 +68,7 @@ class CLTSurrogate:
                  feature_scales: dict[tuple[int, int], float] | None = None, error_term: bool = False):
         c = clt.config
         self.clt, self.sparse, self.error_term = clt, sparse, error_term
+        self.reads_teacher_output = error_term  # else the teacher's MLP need not run where all tokens are replaced
         self.term_weights = check_term_weights(term_weights, c.n_layers)
         self.scales = feature_scale_vectors(feature_scales, c.n_layers, c.n_features)
         self.edits = self.term_weights is not None or any(s is not None for s in self.scales)

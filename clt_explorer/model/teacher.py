@@ -27,7 +27,9 @@ OPEN_CLIP_FILES = (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG)  # open_clip's folder fo
 
 
 class MLPSurrogate(Protocol):
-    """What replaces the MLPs of a forward pass: called block by block, in order, on one pass."""
+    """What replaces the MLPs of a forward pass: called block by block, in order, on one pass. One that sets
+    ``reads_teacher_output = False`` never reads ``y``: where it replaces every token, the teacher's MLP does not run
+    and ``y`` is None."""
 
     def begin(self) -> None:
         """Forget the previous pass (a new image batch starts)."""
@@ -104,6 +106,7 @@ class Teacher:
         self._thread = threading.local()
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
+            block.mlp.forward = self._skippable(layer, block.mlp.forward)
             block.register_forward_pre_hook(self._residual_hook(layer))
         visual.ln_post.register_forward_hook(self._final_hook)
 
@@ -121,6 +124,16 @@ class Teacher:
         if sink is not None:
             x = inputs[0]
             sink.append(x[:, 0] if x.dim() == 3 else x)  # all tokens, or (final_ln_after_pool) the pooled CLS
+
+    def _skippable(self, layer: int, forward):
+        """The MLP's own forward, skipped (its output None) where this thread's action replaces all of it without
+        reading it; the action's hook then gives the block its output."""
+        def run(*args, **kwargs):
+            action = getattr(self._thread, "action", None)
+            if action is not None and layer in getattr(action, "replaces_unread", ()):
+                return None
+            return forward(*args, **kwargs)
+        return run
 
     def _hook(self, layer: int):
         def run_action(module, inputs, output):
@@ -253,27 +266,34 @@ class Teacher:
     def replace_mlps(self, surrogate: MLPSurrogate, start: int, tokens: str = ALL) -> Iterator[None]:
         """Cascade ``start -> L-1``: in every block l >= start, the MLP output of the chosen tokens is
         replaced by ``surrogate(l, x_l)``, where x_l comes from this same (modified) forward pass.
-        The surrogate sees every block from 0 so that it can keep state (e.g. the CLT's codes z_i, i <= l)."""
+        The surrogate sees every block from 0 so that it can keep state (e.g. the CLT's codes z_i, i <= l). Where it
+        replaces every token without reading the teacher's output, the teacher's MLP does not run."""
         if not 0 <= start < self.n_layers:
             raise ValueError(f"start layer must be in [0, {self.n_layers - 1}], got {start}")
         index = token_index(tokens)
 
-        def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        def replace(layer: int, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
             if layer == 0:
                 surrogate.begin()
             replacement = surrogate(layer, x, index, y)
             if layer < start:
                 return None
+            if y is None:  # the teacher's MLP was skipped: the replacement is the whole output
+                return replacement.to(x.dtype)
             out = y.clone()
             out[:, index] = replacement.to(out.dtype)
             return out
 
+        whole = index == slice(None) and not getattr(surrogate, "reads_teacher_output", True)
+        replace.replaces_unread = range(start, self.n_layers) if whole else ()
         with self._acting(replace):
             yield
 
 
 class TeacherMLPs:
     """The identity surrogate: the teacher's own MLPs. Replacing with it must change nothing."""
+
+    reads_teacher_output = False  # it runs the MLP itself
 
     def __init__(self, teacher: Teacher):
         self.teacher = teacher
