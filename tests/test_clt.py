@@ -44,6 +44,34 @@ def test_dense_and_sparse_decode_agree_with_the_pairwise_formula(sparsifier):
 
 
 @pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])
+def test_the_sparse_decoder_trains_as_the_dense_one(sparsifier):
+    """A training pass through the gather of the active rows gives the dense matmul's loss and the same gradient for
+    every parameter (the encoder's through the codes' values)."""
+    clt = make_clt(sparsifier)
+    xs, ys = torch.randn(5, 64, 12), torch.randn(5, 64, 12)
+    gradients = {}
+    for sparse in (False, True):
+        clt.zero_grad(set_to_none=True)
+        loss = (clt(xs, sparse=sparse).yhat - ys).pow(2).mean()
+        loss.backward()
+        gradients[sparse] = {name: p.grad.clone() for name, p in clt.named_parameters() if p.grad is not None}
+    assert gradients[True].keys() == gradients[False].keys() and "W_enc" in gradients[True]
+    for name, dense in gradients[False].items():
+        assert torch.allclose(gradients[True][name], dense, rtol=1e-5, atol=1e-7), name
+
+
+def test_the_sparse_decoder_refuses_to_train_jumprelu():
+    """JumpReLU's straight-through gradient reaches inactive codes near their threshold, which a gather of the
+    active rows would drop: training through it is refused, decoding without gradients is not."""
+    clt = make_clt("jumprelu")
+    xs = torch.randn(5, 64, 12)
+    with pytest.raises(ValueError, match="straight-through"):
+        clt(xs, sparse=True)
+    with torch.no_grad():
+        assert torch.allclose(clt(xs, sparse=True).yhat, clt(xs, sparse=False).yhat, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])
 def test_codes_have_at_most_k_nonzeros(sparsifier):
     clt = make_clt(sparsifier)
     codes = clt.encode(torch.randn(5, 40, 12))

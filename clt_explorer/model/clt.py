@@ -304,6 +304,10 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
         sparse = weight.device.type == "cpu" and codes.held_sparse
     if not sparse:
         return codes.dense().to(weight.dtype) @ weight
+    if not codes.held_sparse and torch.is_grad_enabled() and codes.dense().requires_grad:
+        raise ValueError("the sparse decoder gathers the active codes only, and would drop the straight-through "
+                         "gradient that JumpReLU gives inactive ones near their threshold: train it with the dense "
+                         "decoder (sparse=False or None)")
     indices, values = codes.indices, codes.values
     out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), weight.contiguous(),
                           per_sample_weights=values.reshape(-1, values.shape[-1]).to(weight.dtype), mode="sum")
