@@ -11,7 +11,6 @@ from clt_explorer.assets.bundle import Bundle
 from clt_explorer.assets.pipeline import build_bundles, preset_jobs
 from clt_explorer.assets.shipped import (
     CLT_FILES,
-    SHIPPED_CLT,
     SHIPPED_DIR,
     TEACHER_DIR,
     shipped_accuracy,
@@ -24,6 +23,8 @@ from clt_explorer.model.teacher import LOCAL_DIR, OPEN_CLIP_FILES, Teacher
 from clt_explorer.model.zeroshot import zero_shot_accuracy
 
 REGENERATE = "the demo preset changed: run python -m clt_explorer.assets.shipped"
+SPARSIFIERS = preset_jobs("demo")[0].sparsifiers
+FIRST = SPARSIFIERS[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def teacher():
 def test_the_shipped_weights_are_the_demo_presets(teacher):
     job = preset_jobs("demo")[0]
     assert shipped_teacher(job) == SHIPPED_DIR / TEACHER_DIR, REGENERATE
-    assert shipped_clt(job, SHIPPED_CLT, teacher) == SHIPPED_DIR / SHIPPED_CLT, REGENERATE
-    assert shipped_clt(job, "abs_topk", teacher) is None  # only the first CLT is shipped
+    for name in SPARSIFIERS:
+        assert shipped_clt(job, name, teacher) == SHIPPED_DIR / name, REGENERATE
 
 
 @pytest.mark.parametrize("change", [{"tiny_clip_steps": 100}, {"seed": 1}, {"k": 16}, {"expansion": 4},
@@ -49,19 +50,24 @@ def test_any_other_recipe_trains_instead(teacher, change):
     changed = dataclasses.replace(job, **change)
     teacher_changes = {"tiny_clip_steps", "seed", "shipped_weights"}
     assert (shipped_teacher(changed) is None) == bool(teacher_changes & set(change))
-    assert shipped_clt(changed, SHIPPED_CLT, teacher) is None
+    assert all(shipped_clt(changed, name, teacher) is None for name in SPARSIFIERS)
 
 
 def test_the_shipped_clt_belongs_to_another_teacher_only_by_its_recipe(random_teacher):
-    assert shipped_clt(preset_jobs("demo")[0], SHIPPED_CLT, random_teacher) is None
+    assert shipped_clt(preset_jobs("demo")[0], FIRST, random_teacher) is None
 
 
-def test_the_shipped_teacher_classifies_as_recorded_and_the_clt_reconstructs(teacher):
+def test_the_shipped_teacher_classifies_as_recorded(teacher):
     job = preset_jobs("demo")[0]
     test = load_dataset("synthetic", "test", **job.dataset_options)
     accuracy = zero_shot_accuracy(teacher, test, 4 * job.batch_size, progress=False)  # as when made
     assert accuracy > 0.8 and accuracy == pytest.approx(shipped_accuracy(), abs=1e-6)
-    clt = CrossLayerTranscoder.from_pretrained(SHIPPED_DIR / SHIPPED_CLT)
+
+
+@pytest.mark.parametrize("name", SPARSIFIERS)
+def test_the_shipped_clts_reconstruct_held_out_images(teacher, name):
+    test = load_dataset("synthetic", "test", **preset_jobs("demo")[0].dataset_options)
+    clt = CrossLayerTranscoder.from_pretrained(SHIPPED_DIR / name)
     assert clt.config.teacher == teacher.identity
     with torch.no_grad():
         capture = teacher.capture(teacher.preprocess_images([test[i][0] for i in range(64)]))
@@ -73,15 +79,15 @@ def test_the_shipped_teacher_classifies_as_recorded_and_the_clt_reconstructs(tea
 
 @pytest.mark.slow
 def test_the_pipeline_copies_the_shipped_weights_for_the_demo_recipe(tmp_path):
-    job = dataclasses.replace(preset_jobs("demo")[0], sparsifiers=(SHIPPED_CLT,), retrieval_images=300,
+    job = dataclasses.replace(preset_jobs("demo")[0], sparsifiers=(FIRST,), retrieval_images=300,
                               eval_images=100, batch_size=100)
     reports = {r.step: r for r in build_bundles([job], tmp_path, torch.device("cpu"), progress=False)}
     assert not [r for r in reports.values() if r.status == "failed"], reports
     assert reports["teacher"].detail.startswith("copied the shipped tiny CLIP")
-    assert reports[f"train {SHIPPED_CLT}"].detail.startswith("copied the shipped CLT")
+    assert reports[f"train {FIRST}"].detail.startswith("copied the shipped CLT")
     bundle = Bundle.load(tmp_path / job.name)
-    assert bundle.clt_names == [SHIPPED_CLT]
+    assert bundle.clt_names == [FIRST]
     assert all(filecmp.cmp(SHIPPED_DIR / TEACHER_DIR / name, bundle.teacher_dir / name, shallow=False)
                for name in OPEN_CLIP_FILES)
-    assert all(filecmp.cmp(SHIPPED_DIR / SHIPPED_CLT / name, bundle.clt_dir(SHIPPED_CLT) / name, shallow=False)
+    assert all(filecmp.cmp(SHIPPED_DIR / FIRST / name, bundle.clt_dir(FIRST) / name, shallow=False)
                for name in CLT_FILES)
