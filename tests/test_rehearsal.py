@@ -43,3 +43,17 @@ def test_the_rehearsal_measures_every_stage_and_builds_a_bundle_the_app_opens(tm
     analysis = explorer.analyze(image, "jumprelu", "all", 1)
     assert len(analysis.retrievals["cls"]) == explorer.n_layers and analysis.predictions.teacher
     assert bundle.report_path.is_file()
+
+
+@pytest.mark.slow
+def test_the_rehearsal_under_torchrun_trains_on_two_processes(tmp_path):
+    """Rank 1 starts after rank 0 has copied the teacher: it must still join the copy's barrier (it hung before)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT),
+                           "--work", str(tmp_path), "--scale", "0.006", "--shape", "tiny"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["failed"] == [] and {row["status"] for row in result["stages"]} == {"built"}
+    bundle = Bundle.load(result["bundle"])
+    for name in ("relu_topk", "abs_topk", "jumprelu"):
+        assert json.loads((bundle.clt_dir(name) / "training.json").read_text())["world_size"] == 2

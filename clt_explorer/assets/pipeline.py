@@ -149,13 +149,16 @@ class Builder:
         self.reports: list[StepReport] = []
         self.rank, self.world_size = world()
 
-    def step(self, name: str, done: Callable[[], bool], run: Callable[[], str | None]) -> bool:
-        """Run ``run`` unless ``done()``; returns whether the step's outputs exist afterwards."""
+    def step(self, name: str, done: Callable[[], bool], run: Callable[[], str | None], every_rank: bool = False
+             ) -> bool:
+        """Run ``run`` unless ``done()``; returns whether the step's outputs exist afterwards. A step that every rank
+        runs under torchrun goes by rank 0's ``done()``: a rank that looked later could find rank 0's fresh outputs,
+        skip the step and leave rank 0 waiting at the step's barrier."""
         start = time.time()
         if self.status:
             self.status.started(name)
         try:
-            if done():
+            if self._agreed(done()) if every_rank else done():
                 self._report(StepReport(self.job.name, name, "skipped", 0.0, "already complete"))
                 return True
             detail = run() or ""
@@ -164,6 +167,14 @@ class Builder:
         except Exception as error:  # one failed step must not lose the others; the summary says why
             self._failed(name, error, time.time() - start)
             return False
+
+    def _agreed(self, done: bool) -> bool:
+        """Rank 0's ``done`` on every rank (itself without torchrun)."""
+        if self.world_size == 1:
+            return done
+        decision = [done]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        return decision[0]
 
     def _report(self, report: StepReport) -> None:
         self.reports.append(report)
@@ -184,11 +195,11 @@ class Builder:
             return self.reports
         bundle = self._bundle(test_data)
         if job.backbone == TINY_TEACHER and not self.step("teacher", lambda: self._teacher_done(bundle),
-                                                         lambda: self._train_tiny_teacher(bundle, test_data)):
+                                                         lambda: self._train_tiny_teacher(bundle, test_data), True):
             return self.reports
         if job.backbone.startswith(LOCAL_DIR) and not self.step(
                 "teacher", lambda: self._teacher_done(bundle),
-                lambda: self._copy_teacher(bundle, Path(job.backbone[len(LOCAL_DIR):]))):
+                lambda: self._copy_teacher(bundle, Path(job.backbone[len(LOCAL_DIR):])), True):
             return self.reports
         try:
             teacher = self._teacher(bundle)
@@ -217,7 +228,7 @@ class Builder:
 
     def _train_step(self, bundle: Bundle, teacher: Teacher, data, name: str) -> bool:
         return self.step(f"train {name}", lambda: is_trained(bundle.clt_dir(name)),
-                         lambda: self._train(bundle, teacher, data, name))
+                         lambda: self._train(bundle, teacher, data, name), every_rank=True)
 
     def _clt_steps(self, bundle: Bundle, teacher: Teacher, train_data, test_data, indices: list[int],
                    name: str) -> None:
