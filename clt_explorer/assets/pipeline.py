@@ -86,8 +86,8 @@ class BundleJob:
     seed: int = 0
     """Seed of the image subsets and of the tiny CLIP."""
     shipped_weights: bool = True
-    """Copy the tiny CLIP and the first CLT shipped with the package where this job asks for exactly what they were
-    trained with (the demo preset does); train them otherwise."""
+    """Copy the tiny CLIP and the CLTs shipped with the package where this job asks for exactly what they were trained
+    with (the demo preset does); train them otherwise."""
 
     def __post_init__(self):
         if self.retrieval_mode not in MODES:

@@ -7,7 +7,7 @@ They are made by this module, with the demo preset's settings, in about three mi
 
     python -m clt_explorer.assets.shipped [--out FOLDER]
 
-The float16 teacher is the one the shipped CLT was trained on and evaluated with: a bundle built from the shipped
+The float16 teacher is the one the shipped CLTs were trained on and evaluated with: a bundle built from the shipped
 files is a bundle built from scratch with a teacher rounded to float16 (its zero-shot accuracy is recorded here).
 """
 
