@@ -1,11 +1,19 @@
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 
 from clt_explorer.data import load_dataset
 from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.retrieval.build import COMPACT_DEFAULTS, build_retrieval, compact_builder, index_settings
-from clt_explorer.retrieval.compact import FINE_ARRAYS, CompactBuilder, coarse_entries, fine_bytes, spread_rows
+from clt_explorer.retrieval.compact import (
+    FINE_ARRAYS,
+    CompactBuilder,
+    CompactIndex,
+    coarse_entries,
+    fine_bytes,
+    spread_rows,
+)
 from clt_explorer.retrieval.fine_codec import COMMON_SHARE, fit_fine_codec
 from clt_explorer.retrieval.fine_rows import FineRows, decode_fine_rows, encode_fine_rows, fine_scores
 from clt_explorer.retrieval.index import DESCRIPTOR_TOKENS, ExactIndex, RetrievalIndex, descriptors
@@ -369,6 +377,28 @@ def test_save_load_round_trip_returns_identical_results(tmp_path, mode):
     assert loaded.settings == {"budget": 0.1} and loaded.nbytes == index.nbytes
     with pytest.raises(AssetError, match="n_features is 300, expected 512"):
         RetrievalIndex.load(tmp_path, n_features=512)
+
+
+def test_searches_run_numpys_blas_on_one_thread_and_give_it_back(monkeypatch):
+    """Woken BLAS threads spin after each call and took the second core from torch's threads: a search keeps numpy's
+    BLAS on one thread while it runs, and restores the setting after."""
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    before = [pool.num_threads for pool in blas.lib_controllers]
+    seen = []
+    search = CompactIndex.search
+
+    def recording(self, queries, k):
+        seen.extend(pool.num_threads for pool in threadpoolctl.ThreadpoolController().select(
+            user_api="blas").lib_controllers)
+        return search(self, queries, k)
+
+    monkeypatch.setattr(CompactIndex, "search", recording)
+    database = random_descriptors(100)
+    index = RetrievalIndex({tokens: [compact(database, width=90, coarse_keep=10, query_keep=30, candidates=20)]
+                            for tokens in DESCRIPTOR_TOKENS}, "compact")
+    index.search({tokens: [torch.from_numpy(database[:2])] for tokens in DESCRIPTOR_TOKENS}, 3)
+    assert seen and set(seen) == {1}
+    assert [pool.num_threads for pool in blas.lib_controllers] == before
 
 
 def test_an_index_knows_the_mode_and_settings_it_was_built_with(tmp_path):

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import faiss
 import numpy as np
+import threadpoolctl
 import torch
 
 from ..model.sparsifiers import SparseCodes
@@ -130,12 +131,15 @@ class RetrievalIndex:
         result[tokens][layer][query] is a list of hits, best first."""
         layers = range(self.n_layers) if layers is None else layers
         out: dict[str, dict[int, list[list[Hit]]]] = {}
-        for tokens, per_layer in queries.items():
-            out[tokens] = {}
-            for layer in layers:
-                scores, ids = self.indexes[tokens][layer].search(per_layer[layer].cpu().numpy(), k)
-                out[tokens][layer] = [[Hit(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0]
-                                      for row_s, row_i in zip(scores, ids)]
+        # The searches' matrix-vector products are small; BLAS threads, once woken, spin after each call and held the
+        # second core while torch's threads needed it (the next analysis's first torch ops waited ~50 ms on 2 cores).
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            for tokens, per_layer in queries.items():
+                out[tokens] = {}
+                for layer in layers:
+                    scores, ids = self.indexes[tokens][layer].search(per_layer[layer].cpu().numpy(), k)
+                    out[tokens][layer] = [[Hit(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0]
+                                          for row_s, row_i in zip(scores, ids)]
         return out
 
     def save(self, folder: str | Path) -> None:
