@@ -1,5 +1,5 @@
 """Weights shipped with the package, so that the offline default bundle's first start trains nothing: the tiny CLIP
-(float16, 7.0 MB) and the demo's three CLTs (float32, 1.8 MB each, with their training logs), each beside the recipe
+(3.8 MB, see below) and the demo's three CLTs (float32, 1.8 MB each, with their training logs), each beside the recipe
 it was trained with. The pipeline copies them into a bundle whose job asks for exactly that recipe (the offline default
 and ``train_all.py --preset demo`` do), and trains as before for any other.
 
@@ -7,8 +7,11 @@ They are made by this module, with the demo preset's settings, in about three mi
 
     python -m clt_explorer.assets.shipped [--out FOLDER]
 
-The float16 teacher is the one the shipped CLTs were trained on and evaluated with: a bundle built from the shipped
-files is a bundle built from scratch with a teacher rounded to float16 (its zero-shot accuracy is recorded here).
+The teacher is stored rounded: its text tower's vocabulary table (49,408 x 64, 90% of its weights, of which the
+class names use a few dozen rows) in float8 (e4m3), everything else in float16; open_clip loads it as any other
+folder. It is the one the shipped CLTs were trained on and evaluated with: a bundle built from the shipped files is a
+bundle built from scratch with that rounded teacher (its zero-shot accuracy is recorded here: 86.75% against 86.8% in
+float32).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 from ..data import load_dataset, split_name
 from ..model.clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig
@@ -32,6 +37,7 @@ from ..training.train import train_clt
 SHIPPED_DIR = Path(__file__).parent / "resources" / "demo"
 RECIPES_FILE = "recipes.json"
 TEACHER_DIR = "teacher"
+VOCABULARY_TABLE = "token_embedding.weight"  # stored in float8: 3.8 MB in all instead of 7.0 in float16
 CLT_FILES = (CONFIG_FILE, WEIGHTS_FILE, SETTINGS_FILE, LOG_FILE, SUMMARY_FILE)  # the summary, last, marks it trained
 
 
@@ -94,9 +100,9 @@ def write_shipped(out: Path = SHIPPED_DIR, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         train_tiny_clip(work, steps=job.tiny_clip_steps, seed=job.seed, progress=progress)
-        half = {name: t.half() if t.is_floating_point() else t
-                for name, t in load_tensors(Path(work) / OPEN_CLIP_WEIGHTS).items()}
-        save_tensors(out / TEACHER_DIR / OPEN_CLIP_WEIGHTS, half)
+        rounded = {name: t.to(torch.float8_e4m3fn if name == VOCABULARY_TABLE else torch.float16)
+                   if t.is_floating_point() else t for name, t in load_tensors(Path(work) / OPEN_CLIP_WEIGHTS).items()}
+        save_tensors(out / TEACHER_DIR / OPEN_CLIP_WEIGHTS, rounded)
         shutil.copyfile(Path(work) / OPEN_CLIP_CONFIG, out / TEACHER_DIR / OPEN_CLIP_CONFIG)
     teacher = Teacher.load(LOCAL_DIR + str((out / TEACHER_DIR).resolve()))
     test, train = (load_dataset(job.dataset, split_name(job.dataset, which), **job.dataset_options)
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {path.relative_to(args.out): path.stat().st_size for path in Path(args.out).rglob("*") if path.is_file()}
     for path, size in sizes.items():
         print(f"{size / 1e6:8.2f} MB  {path}")
-    print(f"zero-shot top-1 of the float16 tiny CLIP: {100 * recipes['teacher_accuracy']:.1f}%")
+    print(f"zero-shot top-1 of the rounded tiny CLIP: {100 * recipes['teacher_accuracy']:.2f}%")
     return 0
 
 
