@@ -23,6 +23,8 @@ def test_the_model_pass_equals_its_parts_computed_on_their_own(explorer, clt, to
         contributions = {group: model.contributions([c.take_tokens(token_index(group)) for c in codes]).tolist()
                          for group in TOKEN_SETS}
     assert torch.allclose(found.yhat, yhat, atol=1e-5) and torch.equal(found.ys, capture.ys.float())
+    for mine, theirs in zip(found.codes, codes, strict=True):  # encoded beside the replaced pass's tokens above start
+        assert torch.allclose(mine.dense(), theirs.dense(), atol=1e-6)
     for group in TOKEN_SETS:
         assert np.allclose(found.contributions[group], contributions[group], atol=1e-6)
     replaced = explorer.replaced_pass(pixels, clt, tokens, start, explorer.kept_or_all(kept)).logits

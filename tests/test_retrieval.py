@@ -226,19 +226,18 @@ def test_common_features_take_a_4_bit_code_in_every_row_and_free_the_tail(signed
     assert ((decoded != 0).sum(1) > kept_without + 10).all()  # 100 bytes of codes stand for 200 entries
 
 
-def test_scoring_in_chunks_finds_what_scoring_at_once_does(monkeypatch):
-    """A search scores its query's columns ``COARSE_CHUNK`` at a time (small temporaries); the chunks' borders must
-    neither drop nor repeat an entry."""
-    import clt_explorer.retrieval.compact as compact_module
-
-    database, queries = random_descriptors(700, f=1500, nnz=600), random_descriptors(10, f=1500, nnz=600, seed=1)
+def test_coarse_scores_are_the_sparse_matrix_product_through_the_query_columns():
+    """The compiled column sums equal scipy's product of the coarse tier's chosen columns with their weights."""
+    database = random_descriptors(700, f=1500, nnz=600)
     index = compact(database, 600, sample=database[spread_rows(700, 200)], coarse_keep=40, query_keep=1500,
                     candidates=400)
-    assert compact_module.COARSE_CHUNK < 600  # several chunks
-    chunked = index.search(queries, 10)
-    monkeypatch.setattr(compact_module, "COARSE_CHUNK", 10**6)
-    at_once = index.search(queries, 10)
-    assert np.array_equal(chunked[1], at_once[1]) and np.allclose(chunked[0], at_once[0], atol=1e-6)
+    rng = np.random.default_rng(3)
+    columns = np.unique(rng.integers(0, 1500, 900))
+    weights = rng.standard_normal(len(columns)).astype(np.float32)
+    expected = (index.coarse[:, columns] @ weights) * index.arrays["coarse_scale"]
+    found = index._coarse_scores(columns, weights)
+    assert found.dtype == np.float32 and found.shape == (700,) and np.abs(found).max() > 0
+    assert np.allclose(found, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_the_codec_learns_nothing_from_whole_rows_else_common_features_and_directions():
@@ -379,26 +378,46 @@ def test_save_load_round_trip_returns_identical_results(tmp_path, mode):
         RetrievalIndex.load(tmp_path, n_features=512)
 
 
+def test_searches_run_side_by_side_give_each_token_set_and_layer_its_own_index_results():
+    """The (token set, layer) searches run on several threads: each result is its own index's, for the layers asked."""
+    rng = np.random.default_rng(5)
+    per_layer = {tokens: [compact(random_descriptors(120, seed=int(rng.integers(1000))), width=90, coarse_keep=10,
+                                  query_keep=30, candidates=20) for _ in range(4)] for tokens in DESCRIPTOR_TOKENS}
+    index = RetrievalIndex(per_layer, "compact")
+    queries = {tokens: [torch.from_numpy(random_descriptors(2, seed=10 + layer)) for layer in range(4)]
+               for tokens in DESCRIPTOR_TOKENS}
+    found = index.search(queries, 4, layers=[3, 0, 2])
+    for tokens in DESCRIPTOR_TOKENS:
+        assert sorted(found[tokens]) == [0, 2, 3]
+        for layer, hits in found[tokens].items():
+            scores, ids = per_layer[tokens][layer].search(queries[tokens][layer].numpy(), 4)
+            assert [[h.image_id for h in row] for row in hits] == ids.tolist()
+            assert np.allclose([[h.score for h in row] for row in hits], scores)
+
+
 def test_searches_run_numpys_blas_on_one_thread_and_give_it_back(monkeypatch):
     """Woken BLAS threads spin after each call and took the second core from torch's threads: a search keeps numpy's
-    BLAS on one thread while it runs, and restores the setting after."""
-    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
-    before = [pool.num_threads for pool in blas.lib_controllers]
+    BLAS on one thread while it runs, in every thread it searches in, and restores the setting after."""
+
+    def numpys_blas():
+        return [pool for pool in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+                if "numpy" in pool.filepath]
+
+    before = [pool.num_threads for pool in numpys_blas()]
     seen = []
     search = CompactIndex.search
 
     def recording(self, queries, k):
-        seen.extend(pool.num_threads for pool in threadpoolctl.ThreadpoolController().select(
-            user_api="blas").lib_controllers)
+        seen.extend(pool.num_threads for pool in numpys_blas())
         return search(self, queries, k)
 
     monkeypatch.setattr(CompactIndex, "search", recording)
     database = random_descriptors(100)
-    index = RetrievalIndex({tokens: [compact(database, width=90, coarse_keep=10, query_keep=30, candidates=20)]
+    index = RetrievalIndex({tokens: [compact(database, width=90, coarse_keep=10, query_keep=30, candidates=20)] * 3
                             for tokens in DESCRIPTOR_TOKENS}, "compact")
-    index.search({tokens: [torch.from_numpy(database[:2])] for tokens in DESCRIPTOR_TOKENS}, 3)
-    assert seen and set(seen) == {1}
-    assert [pool.num_threads for pool in blas.lib_controllers] == before
+    index.search({tokens: [torch.from_numpy(database[:2])] * 3 for tokens in DESCRIPTOR_TOKENS}, 3)
+    assert before and len(seen) == 6 * len(before) and set(seen) == {1}
+    assert [pool.num_threads for pool in numpys_blas()] == before
 
 
 def test_an_index_knows_the_mode_and_settings_it_was_built_with(tmp_path):

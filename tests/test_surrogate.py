@@ -152,3 +152,22 @@ def test_a_pass_resumed_at_the_first_replaced_block_equals_the_whole_pass(random
         assert torch.allclose(a.dense(), b.dense(), atol=1e-6, rtol=1e-6)
     if start == 0:
         assert capture.residual is not None and torch.allclose(capture.residual, random_teacher.embed(pixels))
+
+
+@pytest.mark.parametrize("tokens", TOKEN_SETS)
+@pytest.mark.parametrize("start", [0, 2])
+def test_teacher_inputs_encoded_alongside_change_nothing_and_get_their_own_codes(random_teacher, clt, tokens, start):
+    """The teacher's x_l, encoded in the replaced pass's products as extra tokens, get the codes they get alone, and
+    the pass's own outputs and codes stay the same."""
+    pixels = random_pixels(random_teacher, n=2)
+    xs = random_teacher.capture(pixels).xs
+    plain, alongside = clt.surrogate(feature_scales={(1, 2): 0.5}), clt.surrogate(feature_scales={(1, 2): 0.5},
+                                                                               teacher_xs=xs)
+    expected, found = (recorded(random_teacher, s, start, tokens, pixels) for s in (plain, alongside))
+    for a, b in zip(expected, found, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(plain.codes, alongside.codes, strict=True):
+        assert torch.allclose(a.dense(), b.dense(), atol=1e-6, rtol=1e-6)
+    assert sorted(alongside.teacher_codes) == list(range(clt.config.n_layers)) and plain.teacher_codes == {}
+    for layer, codes in alongside.teacher_codes.items():  # unedited, all tokens
+        assert torch.allclose(codes.dense(), clt.encode_layer(layer, xs[layer]).dense(), atol=1e-6, rtol=1e-6)

@@ -28,6 +28,7 @@ from ..evaluation.layer_terms import keep_sources, source_order
 from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.sparsifiers import SparseCodes
+from ..model.teacher import Capture
 from ..model.tokens import CLS, TOKEN_SETS, token_index
 from ..retrieval.features import FeatureStore
 from ..retrieval.index import RetrievalIndex, descriptors
@@ -96,11 +97,13 @@ class ModelPass:
 @dataclass
 class ReplacedPass:
     """One image's pass with the CLT replacing MLPs: zero-shot logits [1, C], the final residual at the CLS token
-    [1, d] and the (edited) codes of the replaced tokens per layer."""
+    [1, d], the (edited) codes of the replaced tokens per layer and, where the teacher's x_l were given, their codes
+    per replaced layer (all tokens, unedited)."""
 
     logits: torch.Tensor
     final_cls: torch.Tensor
     codes: list[SparseCodes]
+    teacher_codes: dict[int, SparseCodes]
 
 
 @dataclass
@@ -277,11 +280,10 @@ class Explorer:
         """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final
         layer keeping only the source terms ``kept_sources`` (all by default)."""
         self.check(clt, tokens, start)
-        model = self.clt(clt)
         capture = self.teacher.capture(self.pixels(image), residual_at=start)
-        codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
-        below = PassBelow(capture.residual, codes, [model.decode_source(layer, c) for layer, c in enumerate(codes)])
-        return self._predict(capture.embeddings, clt, tokens, start, self.kept_or_all(kept_sources), below)
+        replaced = self.replaced_pass(_pass_below(self.clt(clt), capture, start), clt, tokens, start,
+                                      self.kept_or_all(kept_sources))
+        return compare(self.classifier.logits(capture.embeddings), replaced.logits, self.classifier.classnames)
 
     @torch.no_grad()
     def source_ranking(self, image: Image.Image, clt: str, tokens: str = CLS) -> list[SourceScore]:
@@ -299,43 +301,43 @@ class Explorer:
 
     @torch.no_grad()
     def replaced_pass(self, pixels: torch.Tensor | PassBelow, clt: str, tokens: str, start: int, kept: list[int],
-                      feature_scales: dict[tuple[int, int], float] | None = None) -> ReplacedPass:
+                      feature_scales: dict[tuple[int, int], float] | None = None,
+                      teacher_xs: torch.Tensor | None = None) -> ReplacedPass:
         """The pass with CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final layer keeping the source
         terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}. Given the teacher's pass
-        below ``start`` instead of the pixels, it runs from block ``start`` on (the same result, sooner)."""
-        surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales)
+        below ``start`` instead of the pixels, it runs from block ``start`` on (the same result, sooner). The
+        teacher's x_l ``teacher_xs`` [L, 1, T, d] are encoded in the same products (their codes nearly free)."""
+        surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales,
+                                            teacher_xs=teacher_xs)
         with self.teacher.replace_mlps(surrogate, start, tokens):
             if isinstance(pixels, PassBelow):
                 surrogate.resume(pixels.codes, pixels.terms, token_index(tokens))
                 embeddings, final_cls = self.teacher.encode_from(pixels.residual, start)
             else:
                 embeddings, final_cls = self.teacher.encode_with_final(pixels)
-        return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes)
-
-    def _predict(self, teacher_embedding: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],
-                 below: PassBelow) -> Predictions:
-        return compare(self.classifier.logits(teacher_embedding),
-                       self.replaced_pass(below, clt, tokens, start, kept).logits,
-                       self.classifier.classnames)
+        return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes, surrogate.teacher_codes)
 
     @torch.no_grad()
     def model_pass(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                    kept_sources: Sequence[int] | None = None) -> ModelPass:
         """The model's part of an analysis: the teacher's pass with hooks, the codes, the reconstruction, the
-        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space). The codes are decoded
-        once, and the replaced pass starts at block ``start`` from the teacher's pass."""
+        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space). The replaced pass starts
+        at block ``start`` from the teacher's pass and encodes the teacher's x_l above it in its own products; the
+        codes are decoded once."""
         began = time.perf_counter()
         self.check(clt, tokens, start)
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
         capture = self.teacher.capture(self.pixels(image), residual_at=start)
-        codes = model.encode_sparse(capture.xs)
-        terms = model.source_terms(codes)
+        below = _pass_below(model, capture, start)
+        replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
+        above = range(start, self.n_layers)
+        codes = below.codes + [replaced.teacher_codes[layer] for layer in above]
+        terms = below.terms + [model.decode_source(layer, codes[layer]) for layer in above]
         yhat = model.sum_terms(terms).float()
         contributions = {group: normalize_contributions(model.term_norms(terms, token_index(group))).tolist()
                          for group in TOKEN_SETS}
-        below = PassBelow(capture.residual, codes[:start], terms[:start])
-        predictions = self._predict(capture.embeddings, clt, tokens, start, kept, below)
+        predictions = compare(self.classifier.logits(capture.embeddings), replaced.logits, self.classifier.classnames)
         return ModelPass(clt, tokens, start, kept, [c.cpu() for c in codes], capture.ys.float().cpu(), yhat.cpu(),
                          contributions, predictions, time.perf_counter() - began)
 
@@ -364,6 +366,13 @@ class Explorer:
         return {tokens: [[Neighbour(n.image_id, names[self.thumbnails.labels[n.image_id]], n.score)
                           for n in per_layer[layer][0]] for layer in range(target + 1)]
                 for tokens, per_layer in found.items()}
+
+
+def _pass_below(model: CrossLayerTranscoder, capture: Capture, start: int) -> PassBelow:
+    """The teacher's pass below block ``start`` as a replacement starting there takes it: the codes and terms of
+    blocks 0..start-1."""
+    codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
+    return PassBelow(capture.residual, codes, [model.decode_source(layer, c) for layer, c in enumerate(codes)])
 
 
 def _quality(ys: torch.Tensor, yhat: torch.Tensor, codes) -> list[LayerQuality]:

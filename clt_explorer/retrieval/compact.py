@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import numba
 import numpy as np
 import scipy.sparse
 
@@ -50,9 +51,6 @@ FORMAT = 5  # 1: one tier of truncated 8-bit entries; 2: fine entries all in flo
 # correction; 4: 4-bit tail codes only (all rebuilt automatically)
 COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
 ROW_BYTES = 4 + 4 + 4 + 1 + 1  # per image: coarse scale, head slots, code scale, signedness, tail code bits
-# query columns scored at a time: the temporaries of 2,048 columns (~1M sparse entries, several MB) came fresh from
-# the OS at every query, and their page faults took longer than the arithmetic; smaller ones are reused from the heap
-COARSE_CHUNK = 512
 
 
 def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +58,19 @@ def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]
     keep = min(keep, vectors.shape[1])
     indices = np.argpartition(-np.abs(vectors), keep - 1, axis=1)[:, :keep]
     return indices, np.take_along_axis(vectors, indices, axis=1)
+
+
+@numba.njit(nogil=True)
+def column_sums(indptr, indices, data, columns, weights, n_rows):
+    """sum_c weights[c] * column ``columns[c]`` of a CSC matrix (indptr, indices, data) of ``n_rows`` rows, as a dense
+    float32 vector. The columns are read in place: scipy's column slice copied a query's ~1.2M entries before its
+    product (true size at 10%: 2.2 ms a search against 1.3 ms here)."""
+    sums = np.zeros(n_rows, np.float32)
+    for c in range(columns.shape[0]):
+        column, weight = columns[c], weights[c]
+        for entry in range(indptr[column], indptr[column + 1]):
+            sums[indices[entry]] += weight * np.float32(data[entry])
+    return sums
 
 
 FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed", "tail_bits")  # in the order of FineRows
@@ -118,11 +129,12 @@ class CompactIndex:
         return np.sort(np.argpartition(-coarse, n_candidates - 1)[:n_candidates])
 
     def _coarse_scores(self, columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Every image's coarse score through the given feature columns, ``COARSE_CHUNK`` columns at a time."""
-        scores = np.zeros(len(self), np.float32)
-        for start in range(0, len(columns), COARSE_CHUNK):
-            scores += self.coarse[:, columns[start:start + COARSE_CHUNK]] @ weights[start:start + COARSE_CHUNK]
-        return scores * self.arrays["coarse_scale"]
+        """Every image's coarse score through the given feature columns."""
+        a = self.arrays
+        scores = column_sums(np.asarray(a["coarse_indptr"]), np.asarray(a["coarse_indices"]),
+                             np.asarray(a["coarse_data"]), columns.astype(np.int64), weights.astype(np.float32),
+                             len(self))
+        return scores * a["coarse_scale"]
 
     def rescore(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
         """The fine tier's scores of images ``rows`` against one query [F]."""
