@@ -8,7 +8,12 @@ forward and backward (3 x forward): encoders 2 L d F, decoders 2 (L(L+1)/2) F d 
 matmul_fraction = tokens_per_s x flops_per_token / (the rate of one large matmul measured in the same
 run, in the training dtype: bf16 on a GPU, fp32 on a CPU).
 
+``--profile`` then runs a few more steps of each decoding path under the torch profiler and prints where their time
+goes: the ops with the most self time (device time on a GPU) and the shares of matmuls, top-k selection, gathers and
+scatters, the optimizer and the rest (in the JSON line too).
+
     python scripts/bench_train.py [--d-model 768 --expansion 16 --k 128 --batch-tokens 4096 --steps 20]
+                                  [--decoders dense,sparse] [--profile]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import time
 
 import torch
+from torch.profiler import ProfilerActivity
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.training.train import DeadFeatureTracker, TrainConfig, make_optimizer, training_step
@@ -49,23 +55,88 @@ def flops_per_token(config: CLTConfig) -> int:
     return 3 * forward
 
 
-def tokens_per_second(config: CLTConfig, device: torch.device, batch_tokens: int, steps: int, sparse: bool,
-                      autocast: torch.dtype | None) -> float:
-    torch.manual_seed(0)
-    clt = CrossLayerTranscoder(config, device=device)
-    cfg = TrainConfig()
-    optimizer = make_optimizer(clt, cfg)
-    tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
-    xs = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
-    ys = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
+# op name -> group, by the first pattern the name contains; ops run inside the optimizer's step count as "optimizer"
+OP_GROUPS = (("matmul", ("mm", "matmul", "linear")), ("top-k", ("topk", "sort")),
+             ("gather and scatter", ("embedding", "gather", "scatter", "index")), ("zeroing", ("fill_", "zero_")))
+OPTIMIZER = "Optimizer.step"  # the torch optimizers' own profiler label
+
+
+def op_group(event) -> str:
+    """The group of a profiled op: "optimizer" inside the optimizer's step, else by :data:`OP_GROUPS`, else
+    "elementwise and other"."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith(OPTIMIZER):
+            return "optimizer"
+        parent = parent.cpu_parent
+    lowered = event.name.lower()
+    return next((group for group, patterns in OP_GROUPS if any(p in lowered for p in patterns)),
+                "elementwise and other")
+
+
+class Trainer:
+    """One CLT, its optimizer and a random token batch: :meth:`step` is one training step."""
+
+    def __init__(self, config: CLTConfig, device: torch.device, batch_tokens: int, sparse: bool,
+                 autocast: torch.dtype | None):
+        torch.manual_seed(0)
+        self.clt, self.cfg, self.sparse, self.autocast = CrossLayerTranscoder(config, device=device), TrainConfig(), \
+            sparse, autocast
+        self.optimizer = make_optimizer(self.clt, self.cfg)
+        self.tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
+        self.xs = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
+        self.ys = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
+
+    def step(self) -> None:
+        training_step(self.clt, self.clt, self.optimizer, self.tracker, self.xs, self.ys, self.cfg, self.autocast,
+                      self.sparse)
+
+
+def tokens_per_second(trainer: Trainer, steps: int) -> float:
+    device = trainer.xs.device
     for _ in range(2):  # warm-up
-        training_step(clt, clt, optimizer, tracker, xs, ys, cfg, autocast, sparse)
+        trainer.step()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        training_step(clt, clt, optimizer, tracker, xs, ys, cfg, autocast, sparse)
+        trainer.step()
     synchronize(device)
-    return batch_tokens * steps / (time.perf_counter() - start)
+    return trainer.xs.shape[1] * steps / (time.perf_counter() - start)
+
+
+def profile(trainer: Trainer, steps: int, rows: int = 12) -> dict:
+    """Run ``steps`` training steps under the torch profiler: the ops with the most self time (on a GPU, the device
+    time of the kernels each op launched itself) as a table, and each op group's share of the total."""
+    device = trainer.xs.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.step()
+        synchronize(device)
+    by_op: dict[str, list] = {}  # name -> [self time in us, calls]
+    groups: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU or event.name.startswith(OPTIMIZER):
+            continue  # kernels count through the ops that launched them; the optimizer's label through its ops
+        spent = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        entry = by_op.setdefault(event.name, [0.0, 0])
+        entry[0] += spent
+        entry[1] += 1
+        groups[op_group(event)] = groups.get(op_group(event), 0.0) + spent
+    total = sum(groups.values()) or 1.0
+    ranked = sorted(by_op.items(), key=lambda item: -item[1][0])[:rows]
+    return {"time_per_step_ms": total / 1e3 / steps,
+            "groups": {group: spent / total for group, spent in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": name, "share": spent / total, "calls": calls // steps}
+                        for name, (spent, calls) in ranked]}
+
+
+def print_profile(path: str, found: dict) -> None:
+    print(f"\nprofile of the {path} path: {found['time_per_step_ms']:.1f} ms of op self time per step")
+    print("  " + ", ".join(f"{group} {100 * share:.0f}%" for group, share in found["groups"].items()))
+    print(f"  {'op':40} {'share':>6} {'calls/step':>11}")
+    for op in found["top_ops"]:
+        print(f"  {op['op'][:40]:40} {100 * op['share']:5.1f}% {op['calls']:11d}")
 
 
 def main() -> None:
@@ -77,13 +148,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=4096 if gpu else 1024)
     parser.add_argument("--steps", type=int, default=20 if gpu else 5)
+    parser.add_argument("--decoders", default="dense" if gpu else "sparse,dense",
+                        help="decoding paths to time, comma-separated: sparse (a gather of the active rows), dense")
+    parser.add_argument("--profile", action="store_true", help="then profile a few steps of each path")
+    parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
+    decoders = args.decoders.split(",")
+    if not decoders or set(decoders) - {"sparse", "dense"}:
+        parser.error(f"--decoders takes sparse and/or dense, got {args.decoders!r}")
     device = torch.device("cuda" if gpu else "cpu")
     config = CLTConfig(args.layers, args.d_model, args.expansion, "relu_topk", args.k)
     dtype = torch.bfloat16 if gpu else torch.float32
     rate = matmul_rate(device, dtype, 8192 if gpu else 2048)
     flops = flops_per_token(config)
-    paths = [("dense", False)] if gpu else [("sparse", True), ("dense", False)]
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; CLT L={config.n_layers} d={config.d_model} F={config.n_features} k={config.k} "
           f"({config.n_parameters / 1e6:.0f}M parameters), {args.batch_tokens} tokens per batch, "
@@ -92,11 +169,16 @@ def main() -> None:
           f"dense work per token (fwd + bwd): {flops / 1e9:.2f} GFLOP")
     print(f"{'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15}")
     results = []
-    for path, sparse in paths:
-        autocast = torch.bfloat16 if gpu else None
-        speed = tokens_per_second(config, device, args.batch_tokens, args.steps, sparse, autocast)
+    for path in decoders:  # one trainer at a time: at true size each holds ~14 GB of weights and optimizer state
+        trainer = Trainer(config, device, args.batch_tokens, path == "sparse", torch.bfloat16 if gpu else None)
+        speed = tokens_per_second(trainer, args.steps)
         results.append({"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate})
         print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}%")
+        if args.profile:
+            results[-1]["profile"] = profile(trainer, args.profile_steps)
+        del trainer
+    for result in results if args.profile else ():
+        print_profile(result["path"], result["profile"])
     best = max(results, key=lambda r: r["tokens_per_s"])
     print(json.dumps({"device": name, "tokens_per_s": best["tokens_per_s"], "flops_per_token": flops,
                       "matmul_fraction": best["matmul_fraction"], "path": best["path"],

@@ -1,0 +1,47 @@
+"""The training benchmark's profile: where a training step's time goes, by op and by group, for each decoding path."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+from bench_train import op_group  # noqa: E402
+
+
+def test_ops_are_grouped_by_name_and_inside_the_optimizer_by_their_place():
+    step = SimpleNamespace(name="Optimizer.step#AdamW.step", cpu_parent=None)
+    assert op_group(SimpleNamespace(name="aten::mul_", cpu_parent=SimpleNamespace(name="aten::_foreach_mul_",
+                                                                                   cpu_parent=step))) == "optimizer"
+    assert op_group(SimpleNamespace(name="aten::mul_", cpu_parent=None)) == "elementwise and other"
+    assert op_group(SimpleNamespace(name="aten::addmm", cpu_parent=None)) == "matmul"
+    assert op_group(SimpleNamespace(name="aten::_embedding_bag_backward", cpu_parent=None)) == "gather and scatter"
+    assert op_group(SimpleNamespace(name="aten::topk", cpu_parent=None)) == "top-k"
+
+
+def test_the_profile_splits_each_paths_step_into_ops_and_groups():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--layers", "3", "--d-model", "32",
+                           "--expansion", "4", "--k", "8", "--batch-tokens", "64", "--steps", "2", "--profile",
+                           "--profile-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "profile of the sparse path" in done.stdout and "profile of the dense path" in done.stdout
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for path in result["all"]:
+        found = path["profile"]
+        assert found["time_per_step_ms"] > 0 and abs(sum(found["groups"].values()) - 1) < 1e-9
+        ops = {op["op"]: op for op in found["top_ops"]}
+        assert "aten::topk" in ops and ops["aten::topk"]["calls"] == 3  # one selection per layer and step
+        assert {"matmul", "top-k", "optimizer"} <= set(found["groups"])
+        assert [op["share"] for op in found["top_ops"]] == sorted((op["share"] for op in found["top_ops"]),
+                                                                  reverse=True)
+    by_path = {path["path"]: path["profile"]["groups"] for path in result["all"]}
+    assert by_path["sparse"]["gather and scatter"] > by_path["dense"].get("gather and scatter", 0)
+
+
+def test_an_unknown_decoding_path_is_refused():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--decoders", "dense,csr"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--decoders takes sparse and/or dense, got 'dense,csr'" in done.stderr
