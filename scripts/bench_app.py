@@ -149,18 +149,23 @@ def measure(bundle_path: str, repeats: int) -> dict:
     load_s = time.time() - start
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8))
               for i in range(repeats + 1)]
-    times, inside = [], []
+    times, inside, assembling, rendering = [], [], [], []
     for i, image in enumerate(images):
         began = time.perf_counter()
         model = explorer.model_pass(image, name, "all", 0)  # what runs inside @spaces.GPU on a Space
         model_s = time.perf_counter() - began
-        app.render(image, explorer.assemble(model, explorer.n_layers - 1, 3), "cls")
+        analysis = explorer.assemble(model, explorer.n_layers - 1, 3)  # the searches, the quality, the ranking
+        assembled = time.perf_counter()
+        app.render(image, analysis, "cls")
         if i:  # the first one warms up
             times.append(time.perf_counter() - began)
             inside.append(model_s)
+            assembling.append(assembled - began - model_s)
+            rendering.append(time.perf_counter() - assembled)
     store = explorer.feature_store(name)
     return {"load_s": load_s, "analysis_s": float(np.median(times)), "analysis_max_s": max(times),
             "gpu_function_s": float(np.median(inside)), "gpu_share": float(np.median(np.divide(inside, times))),
+            "assemble_s": float(np.median(assembling)), "render_s": float(np.median(rendering)),
             **measure_features(explorer, app, name, images), "peak_rss_gb": peak_rss_gb(),
             "clt_dtype": str(explorer.clt(name).W_enc.dtype).replace("torch.", ""),
             "feature_store_bytes": store.nbytes if store is not None else None,
@@ -245,17 +250,20 @@ def main() -> None:
     rows = {"tiny CLIP": measure_in_subprocess(tiny, args.repeats)}
     if not args.skip_true_size:
         rows["ViT-B/32 size"] = measure_in_subprocess(build_true_size_bundle(Path(args.cache)), args.repeats)
-    print(f"\n{'bundle':14} {'load s':>7} {'analysis s':>11} {'max s':>7} {'in GPU fns':>11} {'features s':>11} "
+    print(f"\n{'bundle':14} {'load s':>7} {'analysis s':>11} {'max s':>7} {'in GPU fns':>11} {'assemble s':>11} "
+          f"{'render s':>9} {'features s':>11} "
           f"{'card s':>7} {'edit s':>7} {'store MB':>9} {'bundle MB':>10} {'peak RSS GB':>12} {'ru_maxrss GB':>13} "
           f"{'CLT dtype':>10} {'graph s':>8} {'draw s':>7} {'nodes':>6} {'graph peak GB':>14}")
     for name, r in rows.items():
         print(f"{name:14} {r['load_s']:7.1f} {r['analysis_s']:11.3f} {r['analysis_max_s']:7.3f} "
-              f"{100 * r['gpu_share']:10.0f}% {r['features_s']:11.3f} {r['feature_card_s']:7.3f} "
+              f"{100 * r['gpu_share']:10.0f}% {r['assemble_s']:11.3f} {r['render_s']:9.3f} {r['features_s']:11.3f} "
+              f"{r['feature_card_s']:7.3f} "
               f"{r['intervention_s']:7.3f} {(r['feature_store_bytes'] or 0) / 1e6:9.1f} "
               f"{r['bundle_bytes'] / 1e6:10.1f} "
               f"{r['peak_rss_gb']:12.2f} {r['ru_maxrss_gb']:13.2f} {r['clt_dtype']:>10} {r['graph_s']:8.3f} "
               f"{r['graph_draw_s']:7.3f} {r['graph_nodes']:6d} {r['graph_peak_gb']:14.2f}")
     print("in GPU fns: the share of an analysis (with rendering) spent in the model pass, what @spaces.GPU wraps; "
+          "assemble: the rest of the analysis (index searches, quality, ranking); render: the panels' values; "
           "features / card / edit: the Features tab's ranking, a card, one ablation, each rendered; "
           "peak RSS: the measuring process's own VmHWM; ru_maxrss: the parent's getrusage of its children, "
           "inherited across fork+exec (not the process's own figure); graph: one image's attribution graph (start 0, "
