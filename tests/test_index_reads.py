@@ -92,7 +92,7 @@ def test_where_pages_cannot_be_unmapped_or_rows_read_by_position_a_loaded_index_
     built = compact(database, 300, coarse_keep=16, candidates=100)
     built.save(tmp_path / "i")
     monkeypatch.delattr(mmap, "MADV_DONTNEED")  # as on Windows, whose mmap has no madvise
-    monkeypatch.setattr(row_file, "AVAILABLE", False)  # nor os.preadv
+    monkeypatch.setattr(row_file, "AVAILABLE", False)  # nor pread
     monkeypatch.setattr(mapped_pages, "resident_file_bytes", lambda: None)  # nor /proc: release after every search
     index = CompactIndex.load(tmp_path / "i")
     assert index.fine_file is None
