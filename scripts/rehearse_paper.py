@@ -10,9 +10,13 @@ peak GPU memory (``torch.cuda.max_memory_allocated``, reset per stage), peak hos
 reset per stage through /proc/self/clear_refs) and the bytes it wrote to the bundle are printed as a table, then one
 JSON line.
 
-``--scale`` shrinks the image counts and the epochs for a CPU run; ``--shape tiny`` swaps the ViT-B/32 shape for the
-offline tiny CLIP's (4 layers, width 64), which the tests use. Under ``torchrun --nproc-per-node N`` rank 0 writes
-the teacher and the images, the ranks share the CLT training (DDP) and rank 0 does the rest, as in train_all.py.
+``--scale`` shrinks the image counts and the epochs for a CPU run, or for a GPU lent for less time than the whole run
+takes; ``--shape tiny`` swaps the ViT-B/32 shape for the offline tiny CLIP's (4 layers, width 64), which the tests use.
+A scaled run also projects each stage's time to the true scale, linearly in the work that grows (see
+:func:`work_ratio`): an upper estimate, since fixed costs (loading, the first batches) are multiplied too.
+
+Under ``torchrun --nproc-per-node N`` rank 0 writes the teacher and the images, the ranks share the CLT training (DDP)
+and rank 0 does the rest, as in train_all.py.
 
     python scripts/rehearse_paper.py --work /scratch/rehearsal                  # true shape (a GPU box)
     python scripts/rehearse_paper.py --work /tmp/r --scale 0.002 --shape tiny   # seconds on a CPU
@@ -73,6 +77,23 @@ def write_inputs(work: Path, shape: str, n_train: int, n_test: int) -> tuple[Pat
             image.save(folder / f"{i:06d}.png")
     write_bytes(work / READY, json.dumps([shape, n_train, n_test]).encode())
     return teacher, data
+
+
+def work_ratio(stage: str, n_train: int, n_test: int, epochs: int) -> float:
+    """How many times this run's work a stage has at the true scale: training grows with the images times the epochs;
+    the passes over the training images (indexes, feature statistics, thumbnails) with those, evaluation and layer
+    terms with the test images, writing the inputs with both; the rest (the teacher, the classifier, the examples,
+    the report) does not grow."""
+    kind = stage.split()[0]
+    if kind == "train":
+        return TRAIN_IMAGES * EPOCHS / (n_train * epochs)
+    if kind in ("retrieval", "features", "thumbnails"):
+        return TRAIN_IMAGES / n_train
+    if kind in ("evaluate", "layer"):
+        return TEST_IMAGES / n_test
+    if kind == "inputs":
+        return (TRAIN_IMAGES + TEST_IMAGES) / (n_train + n_test)
+    return 1.0
 
 
 def wait_for_inputs(work: Path, timeout_s: float = 3600) -> None:
@@ -159,19 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    for row in meter.rows:
+        row["projected_s"] = round(row["seconds"] * work_ratio(row["stage"], n_train, n_test, epochs), 1)
     print(f"\nThe paper preset at the {args.shape} shape, {n_train} training / {n_test} test images, {epochs} epochs, "
           f"on {device} (inputs written in {inputs_s:.0f} s):\n")
-    print(f"{'stage':28} {'status':8} {'seconds':>9} {'GPU peak GB':>12} {'host peak GB':>13} {'MB written':>11}")
+    print(f"{'stage':28} {'status':8} {'seconds':>9} {'GPU peak GB':>12} {'host peak GB':>13} {'MB written':>11} "
+          f"{'s at true scale':>16}")
     for row in meter.rows:
         gpu = "-" if row["gpu_peak_gb"] is None else f"{row['gpu_peak_gb']:.2f}"
         print(f"{row['stage']:28} {row['status']:8} {row['seconds']:9.1f} {gpu:>12} {row['host_peak_gb']:13.2f} "
-              f"{row['bytes_written'] / 1e6:11.1f}")
+              f"{row['bytes_written'] / 1e6:11.1f} {row['projected_s']:16.0f}")
+    projected = sum(row["projected_s"] for row in meter.rows)
+    if args.scale < 1:
+        print(f"s at true scale: each stage's seconds times the work it would have at scale 1 (an upper estimate); "
+              f"{projected / 3600:.1f} h in all")
     if not meter.peak_resets:
         print("host peak: this kernel refused to reset VmHWM, so each stage shows the process's peak so far")
     failed = [r for r in reports if r.status == "failed"]
     print(json.dumps({"shape": args.shape, "scale": args.scale, "train_images": n_train, "test_images": n_test,
                       "epochs": epochs, "device": device, "inputs_s": round(inputs_s, 1),
-                      "total_s": round(time.time() - began, 1), "bundle": str(meter.root),
+                      "total_s": round(time.time() - began, 1), "projected_total_s": round(projected),
+                      "bundle": str(meter.root),
                       "teacher_config": json.loads((teacher / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
                       .get("vision_cfg"), "stages": meter.rows, "failed": [r.step for r in failed]}))
     return 1 if failed else 0

@@ -31,6 +31,10 @@ def test_the_rehearsal_measures_every_stage_and_builds_a_bundle_the_app_opens(tm
     assert all(row["status"] == "built" and row["seconds"] >= 0 and row["host_peak_gb"] > 0.1
                for row in stages.values())
     assert stages["train relu_topk"]["bytes_written"] > 1e6 and stages["retrieval jumprelu"]["bytes_written"] > 1e6
+    for stage, ratio in (("train abs_topk", 50_000 * 10 / 300), ("retrieval abs_topk", 50_000 / 300),
+                         ("evaluate relu_topk", 10_000 / 100), ("report", 1)):  # the true scale's share of the work
+        assert stages[stage]["projected_s"] == pytest.approx(stages[stage]["seconds"] * ratio, abs=0.06)
+    assert result["projected_total_s"] == pytest.approx(sum(row["projected_s"] for row in stages.values()), abs=1)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "data").rglob("*.png"))
     assert stages["inputs (teacher, images)"]["bytes_written"] > on_disk > 0
     assert len(list((tmp_path / "data" / "test").iterdir())) == 100  # every class in both splits
