@@ -10,7 +10,7 @@ run, in the training dtype: bf16 on a GPU, fp32 on a CPU).
 
 ``--profile`` then runs a few more steps of each decoding path under the torch profiler and prints where their time
 goes: the ops with the most self time (device time on a GPU) and the shares of matmuls, top-k selection, gathers and
-scatters, the optimizer and the rest (in the JSON line too).
+scatters, zeroing, the optimizer and the rest (in the JSON line too).
 
     python scripts/bench_train.py [--d-model 768 --expansion 16 --k 128 --batch-tokens 4096 --steps 20]
                                   [--decoders dense,sparse] [--profile]
@@ -80,8 +80,8 @@ class Trainer:
     def __init__(self, config: CLTConfig, device: torch.device, batch_tokens: int, sparse: bool,
                  autocast: torch.dtype | None):
         torch.manual_seed(0)
-        self.clt, self.cfg, self.sparse, self.autocast = CrossLayerTranscoder(config, device=device), TrainConfig(), \
-            sparse, autocast
+        self.clt, self.cfg = CrossLayerTranscoder(config, device=device), TrainConfig()
+        self.sparse, self.autocast = sparse, autocast
         self.optimizer = make_optimizer(self.clt, self.cfg)
         self.tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
         self.xs = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
@@ -122,7 +122,8 @@ def profile(trainer: Trainer, steps: int, rows: int = 12) -> dict:
         entry = by_op.setdefault(event.name, [0.0, 0])
         entry[0] += spent
         entry[1] += 1
-        groups[op_group(event)] = groups.get(op_group(event), 0.0) + spent
+        group = op_group(event)
+        groups[group] = groups.get(group, 0.0) + spent
     total = sum(groups.values()) or 1.0
     ranked = sorted(by_op.items(), key=lambda item: -item[1][0])[:rows]
     return {"time_per_step_ms": total / 1e3 / steps,
