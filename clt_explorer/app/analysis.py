@@ -318,6 +318,18 @@ class Explorer:
         return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes, surrogate.teacher_codes)
 
     @torch.no_grad()
+    def both_passes(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int]
+                    ) -> tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]:
+        """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it at block ``start``, with
+        the codes of the teacher's pass at every layer: those above ``start`` are encoded in the replaced pass's own
+        products."""
+        capture = self.teacher.capture(pixels, residual_at=start)
+        below = _pass_below(self.clt(clt), capture, start)
+        replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
+        codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start, self.n_layers)]
+        return capture, below, codes, replaced
+
+    @torch.no_grad()
     def model_pass(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                    kept_sources: Sequence[int] | None = None) -> ModelPass:
         """The model's part of an analysis: the teacher's pass with hooks, the codes, the reconstruction, the
@@ -328,12 +340,8 @@ class Explorer:
         self.check(clt, tokens, start)
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
-        capture = self.teacher.capture(self.pixels(image), residual_at=start)
-        below = _pass_below(model, capture, start)
-        replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
-        above = range(start, self.n_layers)
-        codes = below.codes + [replaced.teacher_codes[layer] for layer in above]
-        terms = below.terms + [model.decode_source(layer, codes[layer]) for layer in above]
+        capture, below, codes, replaced = self.both_passes(self.pixels(image), clt, tokens, start, kept)
+        terms = below.terms + [model.decode_source(layer, codes[layer]) for layer in range(start, self.n_layers)]
         yhat = model.sum_terms(terms).float()
         contributions = {group: normalize_contributions(model.term_norms(terms, token_index(group))).tolist()
                          for group in TOKEN_SETS}

@@ -164,8 +164,7 @@ def image_features(explorer: Explorer, image: Image.Image, clt: str, tokens: str
     kept = explorer.kept_or_all(kept_sources)
     model, teacher, store = explorer.clt(clt), explorer.teacher, explorer.feature_store(clt)
     pixels = explorer.pixels(image)
-    teacher_codes = model.encode_sparse(teacher.capture(pixels).xs)
-    replaced = explorer.replaced_pass(pixels, clt, tokens, start, kept)
+    _, _, teacher_codes, replaced = explorer.both_passes(pixels, clt, tokens, start, kept)
     predicted = int(replaced.logits[0].argmax())
     gradient = readout_gradient(teacher, explorer.classifier, replaced.final_cls[0])[predicted]
     weights = explorer.term_weights(kept)
