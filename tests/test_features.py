@@ -15,8 +15,9 @@ from PIL import Image
 from test_app import named
 
 from clt_explorer.app import features
+from clt_explorer.app.analysis import top_predictions
 from clt_explorer.data import image_batches, load_dataset
-from clt_explorer.model.attribution import reach, readout_gradient
+from clt_explorer.model.attribution import reach, readout_gradient, residual_directions
 from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.model.tokens import PATCHES, token_index
 from clt_explorer.model.zeroshot import ZeroShotClassifier
@@ -193,6 +194,29 @@ def test_scale_one_and_inactive_features_change_nothing_and_ablating_a_layer_zer
         zeroed = explorer.classifier.logits(explorer.teacher.encode_images(pixels))
     assert torch.allclose(ablated.logits, zeroed, atol=1e-5)
     assert not torch.allclose(ablated.logits, plain.logits, atol=1e-3)
+
+
+def test_an_intervention_resumed_at_the_first_replaced_block_equals_the_whole_passes(explorer, image):
+    """An intervention's edited and plain passes both resume from the teacher's pass at ``start``: the same as
+    running them from the pixels, with an edit below ``start`` and one above it."""
+    name, start, scales = "abs_topk", 2, {(1, 4): 0.0, (3, 7): -2.0}
+    found = features.intervene(explorer, image, name, scales, "all", start)
+    pixels, kept = explorer.pixels(image), list(range(explorer.n_layers))
+    edited = explorer.replaced_pass(pixels, name, "all", start, kept, scales).logits
+    replaced = explorer.replaced_pass(pixels, name, "all", start, kept).logits
+    teacher = explorer.classifier.logits(explorer.teacher.encode_images(pixels))
+    names = explorer.classifier.classnames
+    for mine, logits in ((found.edited, edited), (found.replaced, replaced), (found.teacher, teacher)):
+        theirs = top_predictions(logits[0], names)
+        assert [p.classname for p in mine] == [p.classname for p in theirs]
+        assert [p.probability for p in mine] == pytest.approx([p.probability for p in theirs], abs=1e-5)
+    top1 = int(replaced[0].argmax())
+    assert found.logit_change == pytest.approx(float(edited[0, top1] - replaced[0, top1]), abs=1e-4)
+    card = features.feature_card(explorer, name, 3, 7, image, "all", start)  # linearised at the resumed pass
+    effect = readout_gradient(explorer.teacher, explorer.classifier, explorer.replaced_pass(
+        pixels, name, "all", start, kept).final_cls[0]) @ residual_directions(
+        explorer.clt(name), explorer.teacher, 3, torch.tensor([7]), start, None)[0]
+    assert card.towards[0].effect == pytest.approx(float(effect.max()), rel=1e-4, abs=1e-6)
 
 
 def test_feature_cards_read_the_store_and_refuse_what_does_not_exist(explorer, image):

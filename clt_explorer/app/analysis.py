@@ -280,9 +280,8 @@ class Explorer:
         """Zero-shot top-5 of the teacher and of CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final
         layer keeping only the source terms ``kept_sources`` (all by default)."""
         self.check(clt, tokens, start)
-        capture = self.teacher.capture(self.pixels(image), residual_at=start)
-        replaced = self.replaced_pass(_pass_below(self.clt(clt), capture, start), clt, tokens, start,
-                                      self.kept_or_all(kept_sources))
+        capture, below = self.teacher_pass(self.pixels(image), clt, start)
+        replaced = self.replaced_pass(below, clt, tokens, start, self.kept_or_all(kept_sources))
         return compare(self.classifier.logits(capture.embeddings), replaced.logits, self.classifier.classnames)
 
     @torch.no_grad()
@@ -318,13 +317,22 @@ class Explorer:
         return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes, surrogate.teacher_codes)
 
     @torch.no_grad()
+    def teacher_pass(self, pixels: torch.Tensor, clt: str, start: int) -> tuple[Capture, PassBelow]:
+        """The teacher's pass, and what a replacement with CLT ``clt`` starting at block ``start`` takes from it
+        (:meth:`replaced_pass` then runs from block ``start`` on)."""
+        capture = self.teacher.capture(pixels, residual_at=start)
+        model = self.clt(clt)
+        codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
+        return capture, PassBelow(capture.residual, codes, [model.decode_source(layer, c) for layer, c in
+                                                            enumerate(codes)])
+
+    @torch.no_grad()
     def both_passes(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int]
                     ) -> tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]:
         """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it at block ``start``, with
         the codes of the teacher's pass at every layer: those above ``start`` are encoded in the replaced pass's own
         products."""
-        capture = self.teacher.capture(pixels, residual_at=start)
-        below = _pass_below(self.clt(clt), capture, start)
+        capture, below = self.teacher_pass(pixels, clt, start)
         replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
         codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start, self.n_layers)]
         return capture, below, codes, replaced
@@ -374,13 +382,6 @@ class Explorer:
         return {tokens: [[Neighbour(n.image_id, names[self.thumbnails.labels[n.image_id]], n.score)
                           for n in per_layer[layer][0]] for layer in range(target + 1)]
                 for tokens, per_layer in found.items()}
-
-
-def _pass_below(model: CrossLayerTranscoder, capture: Capture, start: int) -> PassBelow:
-    """The teacher's pass below block ``start`` as a replacement starting there takes it: the codes and terms of
-    blocks 0..start-1."""
-    codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
-    return PassBelow(capture.residual, codes, [model.decode_source(layer, c) for layer, c in enumerate(codes)])
 
 
 def _quality(ys: torch.Tensor, yhat: torch.Tensor, codes) -> list[LayerQuality]:
