@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clt_explorer.app import analysis, features
 from clt_explorer.app.analysis import compare
 from clt_explorer.model.tokens import TOKEN_SETS, token_index
 
@@ -37,3 +38,25 @@ def test_the_model_pass_equals_its_parts_computed_on_their_own(explorer, clt, to
     predicted = explorer.predict(image, clt, tokens, start, kept)
     assert [p.classname for p in predicted.surrogate] == [p.classname for p in expected.surrogate]
     assert abs(predicted.kl - expected.kl) < 1e-5
+
+
+def test_one_images_passes_are_kept_for_its_ranking_cards_and_interventions(explorer, monkeypatch):
+    """The teacher's pass and the unedited replaced pass of the latest images are computed once: an analysis, the
+    feature ranking, a card and an intervention of the same image, CLT, tokens, start and kept sources share them."""
+    calls = []
+    teacher_pass = explorer.teacher_pass
+    monkeypatch.setattr(explorer, "teacher_pass", lambda *args: calls.append(args[1:]) or teacher_pass(*args))
+    monkeypatch.setattr(explorer, "_passes", type(explorer._passes)())
+    image = Image.open(explorer.examples()[2]).convert("RGB")
+    explorer.model_pass(image, "relu_topk", "cls", 1)
+    features.image_features(explorer, image, "relu_topk", "cls", 1)
+    features.feature_card(explorer, "relu_topk", 2, 5, image, "cls", 1)
+    features.intervene(explorer, image, "relu_topk", {(2, 5): 0.0}, "cls", 1)
+    assert calls == [("relu_topk", 1)]
+    explorer.model_pass(image, "relu_topk", "cls", 2)  # another start: passes of their own
+    explorer.model_pass(image, "relu_topk", "all", 1)
+    assert len(calls) == 3
+    for i in range(analysis.PASSES_KEPT):  # other images push the first out
+        explorer.model_pass(Image.open(explorer.examples()[3 + i % 2]).convert("RGB"), "relu_topk", "cls", i % 3)
+    explorer.model_pass(image, "relu_topk", "cls", 1)
+    assert len(calls) == 4 + analysis.PASSES_KEPT and len(explorer._passes) == analysis.PASSES_KEPT

@@ -14,8 +14,10 @@ The app, its API, the benchmarks and the tests all call :meth:`Explorer.analyze`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +36,9 @@ from ..retrieval.features import FeatureStore
 from ..retrieval.index import RetrievalIndex, descriptors
 
 BF16_ABOVE_BYTES = 2**30  # CLTs larger than this run in bfloat16 on a CPU by default
+# the model passes of the latest images kept (a few MB each): one image's analysis, feature ranking, cards and
+# interventions share its teacher's pass and unedited replaced pass
+PASSES_KEPT = 4
 
 
 @dataclass
@@ -178,6 +183,7 @@ class Explorer:
         self._indexes: dict[str, RetrievalIndex] = {}
         self._feature_stores: dict[str, FeatureStore] = {}
         self._dataset_contributions: dict[str, dict | None] = {}
+        self._passes: OrderedDict[tuple, tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]] = OrderedDict()
         self._lock = threading.Lock()
         self._manifest_mtime = bundle.manifest_path.stat().st_mtime_ns if bundle.manifest_path.is_file() else None
         if not bundle.clt_names:
@@ -331,10 +337,21 @@ class Explorer:
                     ) -> tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]:
         """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it at block ``start``, with
         the codes of the teacher's pass at every layer: those above ``start`` are encoded in the replaced pass's own
-        products."""
+        products. The passes of the last ``PASSES_KEPT`` (image, CLT, tokens, start, kept) are kept and shared: their
+        tensors must not be changed in place."""
+        key = (hashlib.blake2b(pixels.cpu().numpy().tobytes(), digest_size=16).digest(), clt, tokens, start,
+               tuple(kept))
+        with self._lock:
+            if key in self._passes:
+                self._passes.move_to_end(key)
+                return self._passes[key]
         capture, below = self.teacher_pass(pixels, clt, start)
         replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
         codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start, self.n_layers)]
+        with self._lock:
+            self._passes[key] = capture, below, codes, replaced
+            while len(self._passes) > PASSES_KEPT:
+                self._passes.popitem(last=False)
         return capture, below, codes, replaced
 
     @torch.no_grad()

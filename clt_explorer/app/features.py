@@ -211,10 +211,9 @@ def feature_card(explorer: Explorer, clt: str, layer: int, feature: int, image: 
                                     explorer.term_weights(kept))[0]
     activation = image_map = None
     if image is not None:
-        capture, below = explorer.teacher_pass(explorer.pixels(image), clt, start)
-        codes = model.encode_layer(layer, capture.xs[layer])
-        activation, image_map = float(codes.dense()[0, 0, feature]), _patch_map(codes, feature)
-        point, linearised_at = explorer.replaced_pass(below, clt, tokens, start, kept).final_cls[0], "this image"
+        _, _, codes, replaced = explorer.both_passes(explorer.pixels(image), clt, tokens, start, kept)
+        activation, image_map = float(codes[layer].dense()[0, 0, feature]), _patch_map(codes[layer], feature)
+        point, linearised_at = replaced.final_cls[0], "this image"
     elif store is not None:
         point, linearised_at = store.final_cls_mean, "the training images' mean final residual"
     else:
@@ -246,10 +245,9 @@ def intervene(explorer: Explorer, image: Image.Image, clt: str, scales: dict[tup
     began = time.perf_counter()
     explorer.check(clt, tokens, start)
     kept = explorer.kept_or_all(kept_sources)
-    capture, below = explorer.teacher_pass(explorer.pixels(image), clt, start)  # both passes resume from it
-    edited = explorer.replaced_pass(below, clt, tokens, start, kept, scales).logits  # first: it checks the scales
-    teacher_logits = explorer.classifier.logits(capture.embeddings)
-    replaced = explorer.replaced_pass(below, clt, tokens, start, kept).logits
+    capture, below, _, plain = explorer.both_passes(explorer.pixels(image), clt, tokens, start, kept)
+    edited = explorer.replaced_pass(below, clt, tokens, start, kept, scales).logits  # resumed from the teacher's pass
+    teacher_logits, replaced = explorer.classifier.logits(capture.embeddings), plain.logits
     names, top1 = explorer.classifier.classnames, int(replaced[0].argmax())
     against_teacher = compare(teacher_logits, edited, names)
     return Intervention({f"{s}:{f}": float(a) for (s, f), a in scales.items()}, against_teacher.teacher,
