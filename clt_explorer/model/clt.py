@@ -147,14 +147,6 @@ class CrossLayerTranscoder(nn.Module):
         out = _apply_decoder(weight.view(weight.shape[0], -1), codes, sparse)
         return out.view(*out.shape[:-1], weight.shape[1], weight.shape[2])
 
-    def source_terms(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None
-                     ) -> list[torch.Tensor]:
-        """u_{s->l} of every source s, each [..., L - s, d] (no bias): one image's analysis decodes once and takes
-        its reconstruction (:meth:`sum_terms`), contributions (:meth:`term_norms`) and the replaced pass's blocks
-        below the first replaced one from these. A batch decodes one source at a time instead (:meth:`decode`)."""
-        codes = self._as_sparse(codes)
-        return [self.decode_source(source, codes[source], sparse) for source in range(self.config.n_layers)]
-
     def decode(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
         """yhat [L, ..., d] from dense codes [L, ..., F] or a list of per-layer SparseCodes."""
         codes = self._as_sparse(codes)

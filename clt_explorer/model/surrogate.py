@@ -89,7 +89,7 @@ class CLTSurrogate:
 
     def resume(self, codes: list[SparseCodes], terms: list[torch.Tensor], index: slice | torch.Tensor) -> None:
         """Start a pass at block ``len(codes)`` (:meth:`Teacher.encode_from`): the codes of every block below and
-        their terms ([B, T, L - s, d], :meth:`CrossLayerTranscoder.source_terms`), all tokens, from the teacher's own
+        their terms ([B, T, L - s, d], :meth:`CrossLayerTranscoder.decode_source`), all tokens, from the teacher's own
         pass, which a replacement starting above them leaves unchanged there; ``index`` picks the replaced tokens.
         An edit below is applied here as it would be in a whole pass."""
         self.begin()
