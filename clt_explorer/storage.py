@@ -25,17 +25,19 @@ class AssetError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced, given the permissions of a file made
-    with ``open`` (mkstemp's are owner-only) and renamed onto ``path``."""
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced (unless not ``durable``: a cache that a crash
+    may lose, whose readers must still never see half a file), given the permissions of a file made with ``open``
+    (mkstemp's are owner-only) and renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
@@ -85,9 +87,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise AssetError(f"{path}: not valid JSON ({error})") from error
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes atomically."""
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write bytes atomically (fsynced when ``durable``, see :func:`atomic_path`)."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
 
 

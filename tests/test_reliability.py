@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -21,7 +22,7 @@ from clt_explorer.app.images import ImageError, open_upload
 from clt_explorer.assets.bundle import Bundle, open_bundle, validate_name
 from clt_explorer.retrieval.index import ExactIndex, RetrievalIndex
 from clt_explorer.retrieval.thumbnails import ThumbnailStore
-from clt_explorer.storage import AssetError, atomic_path, write_json
+from clt_explorer.storage import AssetError, atomic_path, write_bytes, write_json
 
 ROOT = Path(__file__).parent.parent
 LIMITS = dict(max_bytes=2 * 2**20, max_pixels=4_000_000)
@@ -238,6 +239,17 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert json.loads(target.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["bundle.json"]  # no temporary file left behind
 
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_only_durable_writes_are_fsynced(tmp_path, monkeypatch, durable):
+    """A cache file (the app's served thumbnails) skips the fsync, and is still renamed into place whole."""
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    write_bytes(tmp_path / "thumb.jpg", b"\xff\xd8 jpeg", durable=durable)
+    assert (tmp_path / "thumb.jpg").read_bytes() == b"\xff\xd8 jpeg"
+    assert len(synced) == int(durable)
+    assert [p.name for p in tmp_path.iterdir()] == ["thumb.jpg"]
 
 def test_clt_checkpoint_files_are_complete_or_absent(tmp_path):
     clt = CrossLayerTranscoder(CLTConfig(2, 8, 2, "relu_topk", 4))

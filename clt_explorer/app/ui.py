@@ -337,7 +337,7 @@ class AboutPanel:
         if report.is_file():
             served = staging / f"report-{explorer.version}" / f"{explorer.bundle.name}-report.html"
             if not served.is_file():
-                with atomic_path(served) as tmp:
+                with atomic_path(served, durable=False) as tmp:
                     shutil.copyfile(report, tmp)
         return dict(zip(self.components, (about_markdown(explorer), *about_figures(explorer),
                                           str(served) if served else None)))
@@ -389,10 +389,11 @@ class App:
             raise gr.Error(str(error)) from error
 
     def thumbnail_file(self, thumbnail_id: int) -> str:
-        """A thumbnail as a JPEG file (written once, served as is: no re-encoding per request)."""
+        """A thumbnail as a JPEG file (written once, served as is: no re-encoding per request; not fsynced: the
+        folder lives as long as the process)."""
         path = self._served / f"{thumbnail_id}.jpg"
         if not path.is_file():
-            write_bytes(path, self.explorer.thumbnails.jpeg(thumbnail_id))
+            write_bytes(path, self.explorer.thumbnails.jpeg(thumbnail_id), durable=False)
         return str(path)
 
     def render(self, image: Image.Image, analysis: Analysis, heatmap_tokens: str) -> dict:
