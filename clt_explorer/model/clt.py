@@ -123,9 +123,11 @@ class CrossLayerTranscoder(nn.Module):
     # ---- encoding -------------------------------------------------------------------------
 
     def preactivations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """pre_l = (x_l * input_scale_l) @ W_enc[l] + b_enc[l], for x of shape [..., d]."""
+        """pre_l = (x_l * input_scale_l) @ W_enc[l] + b_enc[l], for x of shape [..., d]: one fused product (in bfloat16
+        on a CPU, a separate bias add took a quarter of the encode's time)."""
         x = (x * self.input_scale[layer]).to(self.W_enc.dtype)
-        return x @ self.W_enc[layer] + self.b_enc[layer]
+        pre = torch.addmm(self.b_enc[layer], x.reshape(-1, x.shape[-1]), self.W_enc[layer])
+        return pre.view(*x.shape[:-1], pre.shape[-1])
 
     def encode_layer(self, layer: int, x: torch.Tensor) -> SparseCodes:
         return self.sparsifier(layer, self.preactivations(layer, x))
