@@ -110,6 +110,12 @@ def _search_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="retrieval")
 
 
+@functools.cache
+def _blas_controller() -> threadpoolctl.ThreadpoolController:
+    """The BLAS libraries loaded by the first search (numpy's, faiss's), found once: finding them took ~4 ms a call."""
+    return threadpoolctl.ThreadpoolController()
+
+
 @dataclass
 class Hit:
     """One retrieved image: its row (= thumbnail id) and cosine similarity."""
@@ -150,7 +156,7 @@ class RetrievalIndex:
 
         # The searches' matrix-vector products are small; BLAS threads, once woken, spin after each call and held the
         # second core while torch's threads needed it (the next analysis's first torch ops waited ~50 ms on 2 cores).
-        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             found = list(_search_pool().map(run, pairs))
         out: dict[str, dict[int, list[list[Hit]]]] = {tokens: {} for tokens in queries}
         for (tokens, layer), (scores, ids) in zip(pairs, found):
