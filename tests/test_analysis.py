@@ -38,6 +38,7 @@ def test_the_model_pass_equals_its_parts_computed_on_their_own(explorer, clt, to
     predicted = explorer.predict(image, clt, tokens, start, kept)
     assert [p.classname for p in predicted.surrogate] == [p.classname for p in expected.surrogate]
     assert abs(predicted.kl - expected.kl) < 1e-5
+    assert not explorer.teacher.has_text_tower  # freed once the classifier was loaded
 
 
 def test_one_images_passes_are_kept_for_its_ranking_cards_and_interventions(explorer, monkeypatch):

@@ -1,10 +1,11 @@
 import open_clip
 import pytest
 import torch
-from conftest import Recorder, random_clt, random_pixels
+from conftest import Recorder, make_local_teacher, random_clt, random_pixels
 
 from clt_explorer.model.teacher import Teacher, TeacherMLPs
 from clt_explorer.model.tokens import token_index
+from clt_explorer.model.zeroshot import ZeroShotClassifier
 from clt_explorer.storage import save_tensors
 
 
@@ -135,6 +136,21 @@ def test_load_architecture_with_local_safetensors_weights(tmp_path):
         assert torch.equal(tensor, teacher.model.state_dict()[name])
     assert teacher.identity.startswith("ViT-B-32-quickgelu@local:")
 
+
+
+def test_dropping_the_text_tower_keeps_the_image_tower_and_frees_the_rest(tmp_path):
+    """An app whose zero-shot classifier is built keeps only the image tower (and the logit scale)."""
+    teacher = make_local_teacher(tmp_path)
+    pixels = random_pixels(teacher, 2)
+    before = teacher.encode_images(pixels)
+    visual = sum(p.numel() for p in teacher.model.visual.parameters())
+    assert sum(p.numel() for p in teacher.model.parameters()) > visual + 1
+    ZeroShotClassifier.build(teacher, ["cat", "dog"], ["a photo of a {}."])
+    teacher.drop_text_tower()
+    assert sum(p.numel() for p in teacher.model.parameters()) == visual + 1  # + the logit scale
+    assert torch.equal(teacher.encode_images(pixels), before)
+    with pytest.raises(ValueError, match="text tower was freed"):
+        ZeroShotClassifier.build(teacher, ["cat", "dog"], ["a photo of a {}."])
 
 def test_load_refuses_pickled_weights(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"not loaded")

@@ -178,6 +178,7 @@ class Explorer:
         self.bundle, self.device, self.clt_dtype = bundle, torch.device(device), clt_dtype
         self.teacher = bundle.load_teacher(self.device)
         self.classifier = bundle.load_classifier(self.teacher)
+        self.teacher.drop_text_tower()  # the classifier is all an analysis needs of it
         self.thumbnails = bundle.load_thumbnails()
         self._clts: dict[str, CrossLayerTranscoder] = {}
         self._indexes: dict[str, RetrievalIndex] = {}

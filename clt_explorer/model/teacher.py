@@ -91,6 +91,7 @@ class Teacher:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.name, self.pretrained = name, pretrained
+        self.has_text_tower = True
         visual = model.visual
         if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None:
             raise ValueError(f"{name}: only open_clip ViT image towers with a CLS token are supported")
@@ -170,6 +171,17 @@ class Teacher:
         )
         tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         return cls(model, preprocess, tokenizer, model_name, pretrained)
+
+    def drop_text_tower(self) -> None:
+        """Free the text tower (a third of ViT-B/32 CLIP's weights): an app whose zero-shot classifier is built needs
+        the image tower only. The logit scale stays."""
+        for name, _ in list(self.model.named_children()):
+            if name != "visual":
+                setattr(self.model, name, None)
+        for name, _ in list(self.model.named_parameters(recurse=False)):
+            if not name.startswith("logit_"):
+                setattr(self.model, name, None)
+        self.has_text_tower = False
 
     @property
     def device(self) -> torch.device:

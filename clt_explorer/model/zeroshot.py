@@ -42,6 +42,9 @@ class ZeroShotClassifier:
         """Encode every template x class name with the teacher's text tower."""
         if not classnames or not templates:
             raise ValueError("zero-shot classification needs class names and at least one template")
+        if not teacher.has_text_tower:
+            raise ValueError(f"{teacher.name}: its text tower was freed (Teacher.drop_text_tower); load the teacher "
+                             f"again to build a zero-shot classifier")
         per_template = []
         for template in as_format_strings(templates):
             texts = [template.format(name) for name in classnames]
