@@ -8,8 +8,10 @@ high-mass columns every query reads, and the per-image numbers), and unmapping t
 of 8.7 (before the fine rows were read unmapped, :mod:`.row_file`). So the pages of every open index are unmapped
 together, once the process's resident file pages have grown by ``BUDGET`` since the last time. With 24 loaded copies
 of a true-size index at 10% searched in turn, as an analysis of a 12-layer CLT searches every layer's index, a budget
-of 256 MB took 6.9 ms a search, 1 GB 4.7 ms: every layer's pages of one CLT stay mapped, and the process's peak grows
-by ~0.7 GB of page cache.
+of 256 MB took 6.9 ms a search, 1 GB 4.7 ms: with 1 GB every layer's pages of one CLT stay mapped, and the process's
+peak grows by ~0.7 GB of page cache. The budget is 256 MB: in a whole analysis at ViT-B/32 size (`bench_app.py`, two
+runs each in one sitting) the searches took 10-20 ms longer than with 1 GB, and the app's peak (VmHWM) fell from
+3.76-3.83 GB to 3.38-3.39 GB (384 MB: 3.47-3.48 GB, 512 MB: 3.61-3.64 GB).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 import weakref
 from typing import Protocol
 
-BUDGET = 1 << 30  # bytes
+BUDGET = 256 << 20  # bytes
 
 _STATM = "/proc/self/statm"  # Linux: its third field counts resident file-backed pages
 
