@@ -9,9 +9,11 @@ of 8.7 (before the fine rows were read unmapped, :mod:`.row_file`). So the pages
 together, once the process's resident file pages have grown by ``BUDGET`` since the last time. With 24 loaded copies
 of a true-size index at 10% searched in turn, as an analysis of a 12-layer CLT searches every layer's index, a budget
 of 256 MB took 6.9 ms a search, 1 GB 4.7 ms: with 1 GB every layer's pages of one CLT stay mapped, and the process's
-peak grows by ~0.7 GB of page cache. The budget is 256 MB: in a whole analysis at ViT-B/32 size (`bench_app.py`, two
-runs each in one sitting) the searches took 10-20 ms longer than with 1 GB, and the app's peak (VmHWM) fell from
-3.76-3.83 GB to 3.38-3.39 GB (384 MB: 3.47-3.48 GB, 512 MB: 3.61-3.64 GB).
+peak grows by ~0.7 GB of page cache. The budget is 256 MB, so that the app's peak at ViT-B/32 size stays within
+3.5 GB: there, with the text tower freed, its peak (VmHWM, `bench_app.py`) is 3.38-3.39 GB, against 3.76-3.83 GB with
+1 GB (384 MB: 3.47-3.48, 512 MB: 3.61-3.64), and the 24 searches of one analysis take ~88 ms, against ~64 ms with
+pages never unmapped (medians of four rounds of ten analyses in one process). Unmapping only the index just searched
+once over the budget (those searched first stay mapped) took as long (87 ms).
 """
 
 from __future__ import annotations
