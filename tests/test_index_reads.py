@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from test_retrieval import compact, random_descriptors
 
+from clt_explorer.retrieval import compact as compact_module
 from clt_explorer.retrieval import mapped_pages, row_file
-from clt_explorer.retrieval.compact import CompactIndex
+from clt_explorer.retrieval.compact import CompactIndex, column_sums
 from clt_explorer.storage import AssetError
 
 
@@ -65,13 +66,44 @@ def test_a_loaded_index_keeps_its_searched_pages_mapped_within_the_budget_and_re
     monkeypatch.setattr(mapped_pages, "BUDGET", 1 << 40)
     index.search(database[:3], 5)  # the first search since the process started may release
     index.search(database[3:6], 5)
-    assert mapped_kb(coarse) > 100  # 3,000 rows x 16 entries x 4 bytes, most read
+    assert mapped_kb(coarse) > 50  # 3,000 rows x 16 entries x 2 bytes, most read
     assert mapped_kb(fine) == 0 and row_file.AVAILABLE  # 1,000 rows of 600 bytes read from the file
     monkeypatch.setattr(mapped_pages, "BUDGET", 0)
     found = index.search(database[:3], 5)[1]
     assert mapped_kb(coarse) == 0
     assert found[:, 0].tolist() == [0, 1, 2]  # read again from the page cache
 
+
+
+def test_small_corpora_store_short_row_ids_and_search_as_with_long_ones(tmp_path, monkeypatch):
+    """Up to 65,536 images the coarse tier's row ids take 16 bits (3 bytes an entry mapped and read instead of 5);
+    an index with 32-bit ones (larger corpora, and every index built before) loads and finds the same."""
+    database = random_descriptors(400, f=300, nnz=80)
+    short = compact(database, 400, coarse_keep=12, candidates=60)
+    monkeypatch.setattr(compact_module, "SHORT_ROW_IDS_UP_TO", 399)  # this corpus counts as a large one
+    long = compact(database, 400, coarse_keep=12, candidates=60)
+    assert short.arrays["coarse_indices"].dtype == np.uint16 and long.arrays["coarse_indices"].dtype == np.int32
+    assert np.array_equal(short.arrays["coarse_indices"], long.arrays["coarse_indices"])
+    monkeypatch.undo()
+    for index, name in ((short, "short"), (long, "long")):
+        index.save(tmp_path / name)
+    loaded = {name: CompactIndex.load(tmp_path / name) for name in ("short", "long")}
+    assert loaded["short"].arrays["coarse_indices"].dtype == np.uint16
+    found = [index.search(database[:20], 5) for index in (short, *loaded.values())]
+    assert np.array_equal(found[0][1], found[1][1]) and np.array_equal(found[0][1], found[2][1])
+    assert found[0][1][:, 0].tolist() == list(range(20))
+
+
+def test_a_damaged_coarse_tier_is_refused_on_load_and_stray_row_ids_are_never_written(tmp_path):
+    database = random_descriptors(100, f=64, nnz=20)
+    compact(database, 100, coarse_keep=4, candidates=30).save(tmp_path / "i")
+    indptr = np.load(tmp_path / "i" / "coarse_indptr.npy")
+    np.save(tmp_path / "i" / "coarse_indptr.npy", indptr[::-1].copy())
+    with pytest.raises(AssetError, match="column pointers"):
+        CompactIndex.load(tmp_path / "i")
+    indices = np.array([0, 5, 70_000, 99], np.int32)  # one row id past the 100 rows
+    sums = column_sums(np.array([0, 4]), indices, np.ones(4, np.int8), np.array([0]), np.array([2.0], np.float32), 100)
+    assert sums[[0, 5, 99]].tolist() == [2.0, 2.0, 2.0] and sums.sum() == 6.0
 
 @pytest.mark.skipif(not row_file.AVAILABLE, reason="no positioned reads")
 def test_a_row_file_reads_the_rows_its_memory_map_holds_and_refuses_a_short_file(tmp_path):

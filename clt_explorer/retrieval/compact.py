@@ -1,8 +1,8 @@
 """The compact retrieval index: cosine search over sparse descriptors in two tiers, both memory-mapped.
 
-- coarse: each descriptor's ``coarse_keep`` largest entries, 8-bit with a per-row scale, in a scipy CSC
-  matrix whose columns are features. A query scores every image through the columns of its own
-  ``query_keep`` largest entries and keeps the ``candidates`` best: this only has to find the true
+- coarse: each descriptor's ``coarse_keep`` largest entries, 8-bit with a per-row scale, in a CSC matrix whose
+  columns are features (row ids in 16 bits up to 65,536 images). A query scores every image through the columns of
+  its own ``query_keep`` largest entries and keeps the ``candidates`` best: this only has to find the true
   neighbours among a few hundred, not to rank them. Where the index has correction directions U
   (:mod:`.fine_codec`), each image also stores its projection U^T x, a query scores it with U^T q, and the
   sparse entries are those of what lies outside span U: real codes share their largest entries (the demo's top
@@ -49,7 +49,9 @@ from .fine_rows import (
 
 FORMAT = 5  # 1: one tier of truncated 8-bit entries; 2: fine entries all in float16; 3: no common block, no
 # correction; 4: 4-bit tail codes only (all rebuilt automatically)
-COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id
+COARSE_BYTES_PER_ENTRY = 5  # an 8-bit value and an int32 row id (what the sizes assume; stored smaller, see below)
+SHORT_ROW_IDS_UP_TO = 1 << 16  # images up to which the coarse tier stores its row ids as uint16 (int32 above): a
+# search maps and reads 3 bytes an entry instead of 5
 ROW_BYTES = 4 + 4 + 4 + 1 + 1  # per image: coarse scale, head slots, code scale, signedness, tail code bits
 
 
@@ -64,13 +66,29 @@ def top_entries(vectors: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]
 def column_sums(indptr, indices, data, columns, weights, n_rows):
     """sum_c weights[c] * column ``columns[c]`` of a CSC matrix (indptr, indices, data) of ``n_rows`` rows, as a dense
     float32 vector. The columns are read in place: scipy's column slice copied a query's ~1.2M entries before its
-    product (true size at 10%: 2.2 ms a search against 1.3 ms here)."""
+    product (true size at 10%: 2.2 ms a search against 1.3 ms here). Row ids outside the rows (a damaged file) are
+    skipped, not written past the vector."""
     sums = np.zeros(n_rows, np.float32)
     for c in range(columns.shape[0]):
         column, weight = columns[c], weights[c]
         for entry in range(indptr[column], indptr[column + 1]):
-            sums[indices[entry]] += weight * np.float32(data[entry])
+            row = np.int64(indices[entry])
+            if 0 <= row < n_rows:
+                sums[row] += weight * np.float32(data[entry])
     return sums
+
+
+def check_coarse(arrays: dict[str, np.ndarray], n_rows: int, n_features: int) -> None:
+    """Raise ``ValueError`` where the coarse tier's columns (indptr, row ids, values) do not make an ``n_rows`` x
+    ``n_features`` CSC matrix (without reading every row id: a loaded index maps only what its searches touch)."""
+    indptr, indices, data = arrays["coarse_indptr"], arrays["coarse_indices"], arrays["coarse_data"]
+    if indices.dtype not in (np.uint16, np.int32) or (indices.dtype == np.uint16 and n_rows > SHORT_ROW_IDS_UP_TO):
+        raise ValueError(f"row ids of type {indices.dtype} for {n_rows} rows")
+    if indptr.shape != (n_features + 1,) or indices.ndim != 1 or indices.shape != data.shape:
+        raise ValueError(f"column pointers {indptr.shape}, row ids {indices.shape} and values {data.shape} do not "
+                         f"make {n_features} columns")
+    if indptr[0] != 0 or indptr[-1] != len(indices) or np.any(np.diff(indptr) < 0):
+        raise ValueError("column pointers that do not run from 0 up to the entries' count")
 
 
 FINE_ARRAYS = ("fine_rows", "head_count", "tail_scale", "tail_signed", "tail_bits")  # in the order of FineRows
@@ -85,22 +103,21 @@ class CompactIndex:
 
     def __init__(self, arrays: dict[str, np.ndarray], n_features: int, query_keep: int, candidates: int):
         self.arrays, self.query_keep, self.candidates = arrays, query_keep, candidates
-        n = arrays["coarse_scale"].shape[0]
+        self.shape = (arrays["coarse_scale"].shape[0], n_features)  # images x features
+        check_coarse(arrays, *self.shape)
         self.fine_file: row_file.RowFile | None = None  # where a loaded index reads its fine rows from
         mapped_pages.register(self)
-        self.coarse = scipy.sparse.csc_matrix((arrays["coarse_data"], arrays["coarse_indices"],
-                                               arrays["coarse_indptr"]), shape=(n, n_features), copy=False)
 
     @property
     def n_features(self) -> int:
-        return self.coarse.shape[1]
+        return self.shape[1]
 
     @property
     def nbytes(self) -> int:
         return sum(array.nbytes for array in self.arrays.values())
 
     def __len__(self) -> int:
-        return self.coarse.shape[0]
+        return self.shape[0]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, rows) per query [Q, F]: the fine tier ranks the coarse tier's candidates."""
@@ -163,7 +180,7 @@ class CompactIndex:
         tmp.mkdir(parents=True)
         for name, array in self.arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-        write_json(tmp / "meta.json", {"format": FORMAT, "shape": list(self.coarse.shape),
+        write_json(tmp / "meta.json", {"format": FORMAT, "shape": list(self.shape),
                                        "query_keep": self.query_keep, "candidates": self.candidates})
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -195,7 +212,6 @@ class CompactIndex:
             raise AssetError(f"{path}: tail codes of {unknown} bits; this version reads {CODE_BITS}")
         try:
             index = cls(arrays, n_features, int(meta["query_keep"]), int(meta["candidates"]))
-            index.coarse.check_format(full_check=False)
             if row_file.AVAILABLE:
                 index.fine_file = row_file.RowFile(path / "fine_rows.npy", arrays["fine_rows"])
         except ValueError as error:
@@ -259,7 +275,8 @@ class CompactBuilder:
                                          shape=(self.n_images, self.n_features), dtype=dtype)
         matrix.eliminate_zeros()
         matrix = matrix.tocsc()
-        arrays = {"coarse_data": matrix.data, "coarse_indices": matrix.indices.astype(np.int32),
+        row_ids = np.uint16 if self.n_images <= SHORT_ROW_IDS_UP_TO else np.int32
+        arrays = {"coarse_data": matrix.data, "coarse_indices": matrix.indices.astype(row_ids),
                   "coarse_indptr": matrix.indptr.astype(np.int64), "coarse_scale": scale,
                   "common_features": self.codec.common.astype(np.int32), "directions": self.codec.directions,
                   "fine_rows": np.array(self.fine[:, :used]), **self.per_row}
