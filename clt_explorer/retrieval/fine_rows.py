@@ -164,17 +164,17 @@ def _score_rows(data, common, query, head_slots, tail_bits, common_levels, tail_
     scores = np.empty(data.shape[0], np.float32)
     for i in range(data.shape[0]):
         row = data[i]
-        common_sum = 0.0
+        common_sum = np.float32(0.0)  # float32 sums: float64 ones spent ~10% of the loop converting
         for j in range(common.shape[0]):
             code = (np.int64(row[j >> 1]) >> (4 * (j & 1))) & 15  # low nibble first
             common_sum += query[common[j]] * common_levels[i, code]
-        head_sum, feature, byte = 0.0, 0, (common.shape[0] + 1) // 2
+        head_sum, feature, byte = np.float32(0.0), 0, (common.shape[0] + 1) // 2
         for _ in range(head_slots[i]):
             feature = min(feature + np.int64(row[byte]), n_features - 1)
             head_sum += query[feature] * float16_values[np.int64(row[byte + 1]) | np.int64(row[byte + 2]) << 8]
             byte += HEAD_SLOT_BYTES
         bits = tail_bits[i]
-        tail_sum, feature = 0.0, 0
+        tail_sum, feature = np.float32(0.0), 0
         for byte in range(byte, width):
             slot = np.int64(row[byte])
             feature = min(feature + (slot >> bits), n_features - 1)
