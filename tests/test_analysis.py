@@ -61,3 +61,17 @@ def test_one_images_passes_are_kept_for_its_ranking_cards_and_interventions(expl
         explorer.model_pass(Image.open(explorer.examples()[3 + i % 2]).convert("RGB"), "relu_topk", "cls", i % 3)
     explorer.model_pass(image, "relu_topk", "cls", 1)
     assert len(calls) == 4 + analysis.PASSES_KEPT and len(explorer._passes) == analysis.PASSES_KEPT
+
+
+@pytest.mark.parametrize("tokens,start", [("all", 0), ("cls", 2)])
+def test_the_first_replaced_blocks_tokens_are_encoded_once(explorer, monkeypatch, tokens, start):
+    """Up to the first replaced block's MLP the replaced pass's tokens are the teacher's: encoded once there, in the
+    teacher's product, and beside the teacher's above it."""
+    model = explorer.clt("relu_topk")
+    rows, encode = [], model.encode_layer
+    monkeypatch.setattr(model, "encode_layer", lambda layer, x: rows.append((layer, x.shape[-2])) or encode(layer, x))
+    monkeypatch.setattr(explorer, "_passes", type(explorer._passes)())
+    explorer.model_pass(Image.open(explorer.examples()[0]).convert("RGB"), "relu_topk", tokens, start)
+    n, replaced = explorer.teacher.n_tokens, (explorer.teacher.n_tokens if tokens == "all" else 1)
+    assert rows == [(layer, n) for layer in range(start + 1)] + [(layer, n + replaced)
+                                                                  for layer in range(start + 1, explorer.n_layers)]

@@ -10,6 +10,7 @@ from clt_explorer.evaluation.metrics import (
     ReconstructionAccumulator,
     kl_divergence,
     linear_cka,
+    reconstruction_quality,
     spearman_rows,
     top_k_overlap,
 )
@@ -92,3 +93,20 @@ def test_reconstruction_accumulator_reference_values():
     r = acc.result()
     assert r["r2"] == pytest.approx([0.0, 0.0], abs=1e-9)  # predicting the mean explains nothing
     assert r["mse"] == pytest.approx((y - mean).pow(2).mean((1, 2)).tolist(), rel=1e-6)
+
+
+def test_reconstruction_quality_of_one_batch_agrees_with_the_float64_accumulator():
+    torch.manual_seed(0)
+    y = torch.randn(3, 50, 64) + 100 * torch.randn(3, 1, 64)  # channel means far above the spread: SST cancels
+    yhat = y + 0.5 * torch.randn_like(y)
+    accumulator = ReconstructionAccumulator(3, 64)
+    accumulator.update(y, yhat)
+    expected = accumulator.result()
+    quality = reconstruction_quality(y, yhat)
+    assert quality["r2"].dtype == torch.float32
+    assert quality["r2"].tolist() == pytest.approx(expected["r2"], abs=1e-5)
+    assert quality["cosine"].tolist() == pytest.approx(expected["cosine"], abs=1e-6)
+    assert 0.5 < min(expected["r2"]) < max(expected["r2"]) < 1  # the case is neither trivial nor degenerate
+    mean = y.mean(1, keepdim=True).expand_as(y)
+    assert reconstruction_quality(y, mean)["r2"].tolist() == pytest.approx([0.0] * 3, abs=1e-5)
+    assert reconstruction_quality(y, y.clone())["r2"].tolist() == [1.0] * 3

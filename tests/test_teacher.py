@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import Recorder, make_local_teacher, random_clt, random_pixels
 
-from clt_explorer.model.teacher import Teacher, TeacherMLPs
+from clt_explorer.model.teacher import Teacher, TeacherMLPs, patch_product
 from clt_explorer.model.tokens import token_index
 from clt_explorer.model.zeroshot import ZeroShotClassifier
 from clt_explorer.storage import save_tensors
@@ -12,6 +12,26 @@ from clt_explorer.storage import save_tensors
 @pytest.fixture(scope="module")
 def clt(random_teacher):
     return random_clt(random_teacher, 4, "relu_topk", 16, seed=1)
+
+
+def convolved_patches(visual, pixels):
+    """The patch embedding [B, patches, width] as the convolution it is (the teacher computes it as a product)."""
+    conv = visual.conv1
+    return torch.nn.functional.conv2d(pixels, conv.weight, conv.bias, stride=conv.stride).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_patch_product_is_the_convolution_whose_kernel_is_its_stride(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 8, 8, bias=bias)
+    product = patch_product(conv)
+    for shape in [(2, 3, 32, 24), (1, 3, 16, 16), (2, 3, 30, 32)]:  # the last is not tiled: the convolution runs
+        x = torch.randn(shape)
+        expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=8)
+        found = product(x)
+        assert found.shape == expected.shape and torch.allclose(found, expected, atol=1e-5)
+    overlapping = torch.nn.Conv2d(3, 16, 8, 4)
+    assert patch_product(overlapping) == overlapping.forward
 
 
 @pytest.mark.parametrize("arch,tokens", [("ViT-B-32-quickgelu", 50), ("ViT-B-16-quickgelu", 197)])
@@ -24,6 +44,9 @@ def test_capture_on_real_vit_b_configs(arch, tokens):
     capture = teacher.capture(pixels)
     assert capture.xs.shape == capture.ys.shape == (12, 2, tokens, 768)
     assert torch.equal(capture.embeddings, teacher.encode_images(pixels))
+    visual = teacher.model.visual
+    assert torch.allclose(visual._embeds(pixels)[:, 1:], visual.ln_pre(convolved_patches(visual, pixels) +
+                                                                       visual.positional_embedding[1:]), atol=1e-5)
     block = teacher.blocks[5]
     assert torch.allclose(capture.ys[5], block.mlp(capture.xs[5]), atol=1e-6)
 
@@ -37,7 +60,7 @@ def test_capture_records_ln2_output_and_mlp_output(random_teacher):
     # x_0 is ln_2 of (ln_pre(tokens) + attention): recompute it by hand from the first block.
     visual = random_teacher.model.visual
     with torch.no_grad():
-        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        x = convolved_patches(visual, pixels)
         cls = visual.class_embedding.expand(x.shape[0], 1, -1)
         x = visual.ln_pre(torch.cat([cls, x], 1) + visual.positional_embedding)
         block = random_teacher.blocks[0]
@@ -175,7 +198,7 @@ def forward_by_hand(teacher, pixels, start, tokens, delta):
     """The image tower written out: patch embedding, CLS token, positions, ln_pre, each block's attention and MLP
     (the MLP output of the chosen tokens shifted by delta[l] in blocks l >= start), ln_post and projection."""
     visual, index = teacher.model.visual, token_index(tokens)
-    x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+    x = convolved_patches(visual, pixels)
     x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], 1) + visual.positional_embedding
     x = visual.ln_pre(x)
     for layer, block in enumerate(teacher.blocks):

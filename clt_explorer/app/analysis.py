@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..assets.bundle import Bundle
 from ..evaluation.layer_terms import keep_sources, source_order
-from ..evaluation.metrics import ReconstructionAccumulator, kl_divergence
+from ..evaluation.metrics import kl_divergence, reconstruction_quality
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.sparsifiers import SparseCodes
 from ..model.teacher import Capture
@@ -404,8 +404,7 @@ class Explorer:
 
 def _quality(ys: torch.Tensor, yhat: torch.Tensor, codes) -> list[LayerQuality]:
     """Per layer, over this image's tokens: R^2, mean cosine and mean L0."""
-    accumulator = ReconstructionAccumulator(ys.shape[0], ys.shape[-1])
-    accumulator.update(ys.flatten(1, -2), yhat.flatten(1, -2))
-    r = accumulator.result()
+    r = {name: values.tolist() for name, values in
+         reconstruction_quality(ys.flatten(1, -2), yhat.flatten(1, -2)).items()}
     return [LayerQuality(layer, r["r2"][layer], r["cosine"][layer], float(codes[layer].l0().float().mean()))
             for layer in range(ys.shape[0])]

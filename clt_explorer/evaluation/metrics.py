@@ -101,6 +101,18 @@ class ReconstructionAccumulator:
         }
 
 
+def reconstruction_quality(y: torch.Tensor, yhat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per layer, R^2 and mean cosine of :class:`ReconstructionAccumulator` for one small set of tokens y, yhat
+    [L, tokens, d], in their own precision (float32: an app's analysis of one image, ~1 ms against ~15 ms for the
+    accumulator's float64 sums); SST sums the squares of centred values, exact where a large mean would cancel."""
+    difference = yhat - y
+    sse = difference.mul_(difference).sum((1, 2))
+    centred = y - y.mean(1, keepdim=True)
+    sst = centred.mul_(centred).sum((1, 2))
+    return {"r2": 1 - sse / sst.clamp_min(torch.finfo(sst.dtype).tiny),
+            "cosine": torch.nn.functional.cosine_similarity(yhat, y, dim=-1).mean(1)}
+
+
 class AgreementAccumulator:
     """Top-1 agreement of a surrogate with its teacher on the same images.
 

@@ -17,7 +17,7 @@ exactly the teacher, and an edit then acts on the teacher itself rather than on 
 Given ``teacher_xs`` (the teacher's own x_l of the same images), the surrogate encodes them in the same product as
 this pass's x_l, as extra tokens: for one image on a CPU the encode is bound by reading W_enc[l] (100 tokens take
 ~10% longer than 50), so an analysis gets the teacher's codes nearly free. Tokens are encoded independently, so
-neither set's codes depend on the other's.
+neither set's codes depend on the other's; up to the first replaced block's MLP both sets are the same, encoded once.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class CLTSurrogate:
         """The replacement of block ``layer``'s MLP output for the tokens ``x[:, index]`` [B, T', d]."""
         if layer != len(self.codes):
             raise RuntimeError(f"CLT surrogate called for block {layer} after {len(self.codes)} blocks")
-        codes = self._encode(layer, x[:, index])
+        codes = self._encode(layer, x, index)
         scale = self.scales[layer]
         edited = codes if scale is None else codes.scaled(scale.to(x.device))
         self.codes.append(edited)
@@ -122,13 +122,18 @@ class CLTSurrogate:
         self._plain = self._add_terms(self._plain, layer, codes, None)
         return y[:, index] + (self._edited[..., layer, :] - self._plain[..., layer, :]).to(y.dtype)
 
-    def _encode(self, layer: int, x: torch.Tensor) -> SparseCodes:
-        """The codes of this pass's tokens ``x`` [B, T', d] at ``layer``, and of the teacher's there, if given, in one
-        product."""
+    def _encode(self, layer: int, x: torch.Tensor, index: slice | torch.Tensor) -> SparseCodes:
+        """The codes of this pass's tokens ``x[:, index]`` [B, T', d] at ``layer``, and of the teacher's there, if
+        given, in one product; where this pass's tokens are still the teacher's own (up to the first replaced block),
+        the teacher's codes are theirs."""
+        x = x[:, index]
         if self.teacher_xs is None:
             return self.clt.encode_layer(layer, x)
-        teacher_x = self.teacher_xs[layer]
-        both = self.clt.encode_layer(layer, torch.cat([teacher_x.to(x.dtype), x], dim=-2))
+        teacher_x = self.teacher_xs[layer].to(x.dtype)
+        if torch.equal(teacher_x[:, index], x):
+            self.teacher_codes[layer] = self.clt.encode_layer(layer, teacher_x)
+            return self.teacher_codes[layer].take_tokens(index)
+        both = self.clt.encode_layer(layer, torch.cat([teacher_x, x], dim=-2))
         n_teacher = teacher_x.shape[-2]
         self.teacher_codes[layer] = both.take_tokens(slice(None, n_teacher))
         return both.take_tokens(slice(n_teacher, None))

@@ -79,6 +79,28 @@ def _check_local_weights(model_name: str, pretrained: str | None) -> None:
             raise FileNotFoundError(f"teacher weights file {pretrained} does not exist")
 
 
+def patch_product(conv: torch.nn.Conv2d):
+    """``conv``'s forward as one matrix product where its kernel is its stride (a ViT's patch embedding): each
+    output is a patch's pixels times the flattened weight, the same numbers to float rounding. oneDNN's convolution
+    reorders its weight on every call: 13 ms of a ViT-B/32 analysis on 2 cores, against 2.3 ms for the product.
+    Other convolutions, and inputs the patches do not tile, keep the convolution."""
+    convolve = conv.forward
+    if conv.kernel_size != conv.stride or any(conv.padding) or conv.dilation != (1, 1) or conv.groups != 1:
+        return convolve
+    ph, pw = conv.kernel_size
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-2] % ph or x.shape[-1] % pw:
+            return convolve(x)
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * ph * pw)
+        out = patches @ conv.weight.reshape(conv.out_channels, -1).t()
+        if conv.bias is not None:
+            out = out + conv.bias
+        return out.transpose(1, 2).view(b, conv.out_channels, h // ph, w // pw)  # conv's layout, no copy
+    return run
+
+
 class Teacher:
     """A frozen open_clip CLIP: hooks into its image tower and its text tower for zero-shot.
 
@@ -105,6 +127,7 @@ class Teacher:
         self.resize_mode = getattr(visual, "preprocess_cfg", {}).get("resize_mode", "shortest")
         self.image_size = visual.image_size
         self._thread = threading.local()
+        visual.conv1.forward = patch_product(visual.conv1)
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
             block.mlp.forward = self._skippable(layer, block.mlp.forward)
