@@ -34,6 +34,17 @@ def test_the_patch_product_is_the_convolution_whose_kernel_is_its_stride(bias):
     assert patch_product(overlapping) == overlapping.forward
 
 
+def test_the_patch_product_leaves_untiled_and_accelerator_inputs_to_the_convolution():
+    convolved = []
+    for device in ("cpu", "meta"):  # "meta" stands for an accelerator: no numbers, only shapes
+        conv = torch.nn.Conv2d(3, 16, 8, 8, device=device)
+        conv.forward = lambda x, conv=conv: convolved.append(tuple(x.shape)) or torch.nn.Conv2d.forward(conv, x)
+        product = patch_product(conv)
+        for shape in [(2, 3, 32, 24), (2, 3, 30, 32)]:
+            assert product(torch.zeros(shape, device=device)).shape == (2, 16, shape[2] // 8, shape[3] // 8)
+    assert convolved == [(2, 3, 30, 32), (2, 3, 32, 24), (2, 3, 30, 32)]
+
+
 @pytest.mark.parametrize("arch,tokens", [("ViT-B-32-quickgelu", 50), ("ViT-B-16-quickgelu", 197)])
 def test_capture_on_real_vit_b_configs(arch, tokens):
     torch.manual_seed(0)
