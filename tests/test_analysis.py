@@ -63,15 +63,24 @@ def test_one_images_passes_are_kept_for_its_ranking_cards_and_interventions(expl
     assert len(calls) == 4 + analysis.PASSES_KEPT and len(explorer._passes) == analysis.PASSES_KEPT
 
 
-@pytest.mark.parametrize("tokens,start", [("all", 0), ("cls", 2)])
-def test_the_first_replaced_blocks_tokens_are_encoded_once(explorer, monkeypatch, tokens, start):
+@pytest.mark.parametrize("tokens,start", [("all", 0), ("cls", 2), ("all", 1)])
+def test_the_first_replaced_blocks_tokens_are_encoded_once_and_decoded_once_where_all_are_replaced(
+        explorer, monkeypatch, tokens, start):
     """Up to the first replaced block's MLP the replaced pass's tokens are the teacher's: encoded once there, in the
-    teacher's product, and beside the teacher's above it."""
+    teacher's product, and beside the teacher's above it. Where every token is replaced, their terms there are the
+    teacher's too: decoded once."""
     model = explorer.clt("relu_topk")
-    rows, encode = [], model.encode_layer
-    monkeypatch.setattr(model, "encode_layer", lambda layer, x: rows.append((layer, x.shape[-2])) or encode(layer, x))
+    encoded, encode = [], model.encode_layer
+    decoded, decode = [], model.decode_source
+    monkeypatch.setattr(model, "encode_layer", lambda layer, x: encoded.append((layer, x.shape[-2])) or
+                        encode(layer, x))
+    monkeypatch.setattr(model, "decode_source", lambda layer, codes, *args: decoded.append(layer) or
+                        decode(layer, codes, *args))
     monkeypatch.setattr(explorer, "_passes", type(explorer._passes)())
     explorer.model_pass(Image.open(explorer.examples()[0]).convert("RGB"), "relu_topk", tokens, start)
     n, replaced = explorer.teacher.n_tokens, (explorer.teacher.n_tokens if tokens == "all" else 1)
-    assert rows == [(layer, n) for layer in range(start + 1)] + [(layer, n + replaced)
-                                                                  for layer in range(start + 1, explorer.n_layers)]
+    assert encoded == [(layer, n) for layer in range(start + 1)] + [(layer, n + replaced)
+                                                                     for layer in range(start + 1, explorer.n_layers)]
+    once = range(start + 1) if tokens == "all" else range(start)  # below the first replaced block: the teacher's pass
+    assert sorted(decoded) == sorted([*once, *(layer for layer in range(explorer.n_layers) if layer not in once
+                                               for _ in range(2))])

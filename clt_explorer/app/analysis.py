@@ -103,12 +103,13 @@ class ModelPass:
 class ReplacedPass:
     """One image's pass with the CLT replacing MLPs: zero-shot logits [1, C], the final residual at the CLS token
     [1, d], the (edited) codes of the replaced tokens per layer and, where the teacher's x_l were given, their codes
-    per replaced layer (all tokens, unedited)."""
+    per replaced layer (all tokens, unedited) and their terms where the pass decoded the same codes."""
 
     logits: torch.Tensor
     final_cls: torch.Tensor
     codes: list[SparseCodes]
     teacher_codes: dict[int, SparseCodes]
+    teacher_terms: dict[int, torch.Tensor]
 
 
 @dataclass
@@ -321,7 +322,8 @@ class Explorer:
                 embeddings, final_cls = self.teacher.encode_from(pixels.residual, start)
             else:
                 embeddings, final_cls = self.teacher.encode_with_final(pixels)
-        return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes, surrogate.teacher_codes)
+        return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes, surrogate.teacher_codes,
+                            surrogate.teacher_terms)
 
     @torch.no_grad()
     def teacher_pass(self, pixels: torch.Tensor, clt: str, start: int) -> tuple[Capture, PassBelow]:
@@ -367,7 +369,8 @@ class Explorer:
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
         capture, below, codes, replaced = self.both_passes(self.pixels(image), clt, tokens, start, kept)
-        terms = below.terms + [model.decode_source(layer, codes[layer]) for layer in range(start, self.n_layers)]
+        terms = below.terms + [replaced.teacher_terms[layer] if layer in replaced.teacher_terms else
+                               model.decode_source(layer, codes[layer]) for layer in range(start, self.n_layers)]
         yhat = model.sum_terms(terms).float()
         contributions = {group: normalize_contributions(model.term_norms(terms, token_index(group))).tolist()
                          for group in TOKEN_SETS}

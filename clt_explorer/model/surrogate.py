@@ -17,7 +17,8 @@ exactly the teacher, and an edit then acts on the teacher itself rather than on 
 Given ``teacher_xs`` (the teacher's own x_l of the same images), the surrogate encodes them in the same product as
 this pass's x_l, as extra tokens: for one image on a CPU the encode is bound by reading W_enc[l] (100 tokens take
 ~10% longer than 50), so an analysis gets the teacher's codes nearly free. Tokens are encoded independently, so
-neither set's codes depend on the other's; up to the first replaced block's MLP both sets are the same, encoded once.
+neither set's codes depend on the other's; up to the first replaced block's MLP both sets are the same, encoded once
+(and, where every token is replaced, decoded once: ``teacher_terms``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class CLTSurrogate:
         self._edited: torch.Tensor | None = None  # sum of the edited terms per target [B, T', L, d]
         self._plain: torch.Tensor | None = None  # the same without the edit (error term only)
         self.teacher_codes: dict[int, SparseCodes] = {}  # the unedited codes of teacher_xs[l], per layer encoded
+        self.teacher_terms: dict[int, torch.Tensor] = {}  # their terms where this pass decoded the same codes
 
     def resume(self, codes: list[SparseCodes], terms: list[torch.Tensor], index: slice | torch.Tensor) -> None:
         """Start a pass at block ``len(codes)`` (:meth:`Teacher.encode_from`): the codes of every block below and
@@ -112,7 +114,10 @@ class CLTSurrogate:
         scale = self.scales[layer]
         edited = codes if scale is None else codes.scaled(scale.to(x.device))
         self.codes.append(edited)
-        self._edited = self._add_terms(self._edited, layer, edited, self.term_weights)
+        part = None
+        if edited is self.teacher_codes.get(layer):  # the teacher's own codes, every token, unedited: their terms too
+            part = self.teacher_terms[layer] = self.clt.decode_source(layer, edited, self.sparse)
+        self._edited = self._add_terms(self._edited, layer, edited, self.term_weights, part)
         if not self.error_term:
             return self._edited[..., layer, :] + self.clt.b_dec[layer].to(self._edited.dtype)
         if y is None:
@@ -131,8 +136,8 @@ class CLTSurrogate:
             return self.clt.encode_layer(layer, x)
         teacher_x = self.teacher_xs[layer].to(x.dtype)
         if torch.equal(teacher_x[:, index], x):
-            self.teacher_codes[layer] = self.clt.encode_layer(layer, teacher_x)
-            return self.teacher_codes[layer].take_tokens(index)
+            codes = self.teacher_codes[layer] = self.clt.encode_layer(layer, teacher_x)
+            return codes if index == slice(None) else codes.take_tokens(index)
         both = self.clt.encode_layer(layer, torch.cat([teacher_x, x], dim=-2))
         n_teacher = teacher_x.shape[-2]
         self.teacher_codes[layer] = both.take_tokens(slice(None, n_teacher))
