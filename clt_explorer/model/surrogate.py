@@ -124,7 +124,7 @@ class CLTSurrogate:
             raise ValueError("the error term needs the teacher's MLP output y")
         if not self.edits:
             return y[:, index].clone()
-        self._plain = self._add_terms(self._plain, layer, codes, None)
+        self._plain = self._add_terms(self._plain, layer, codes, None, part)  # part: these codes' terms, if decoded
         return y[:, index] + (self._edited[..., layer, :] - self._plain[..., layer, :]).to(y.dtype)
 
     def _encode(self, layer: int, x: torch.Tensor, index: slice | torch.Tensor) -> SparseCodes:
