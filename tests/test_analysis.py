@@ -63,24 +63,40 @@ def test_one_images_passes_are_kept_for_its_ranking_cards_and_interventions(expl
     assert len(calls) == 4 + analysis.PASSES_KEPT and len(explorer._passes) == analysis.PASSES_KEPT
 
 
+def test_a_kept_pass_holds_no_decoded_terms_and_gives_the_same_model_pass_again(explorer, monkeypatch):
+    """The teacher's terms decoded in the replaced pass are summed by the model pass that computed them and not kept
+    with the pass (11 MB a pass at true size): the same image again decodes them again, to the same numbers."""
+    monkeypatch.setattr(explorer, "_passes", type(explorer._passes)())
+    image = Image.open(explorer.examples()[1]).convert("RGB")
+    first = explorer.model_pass(image, "relu_topk", "all", 1)
+    (kept,) = explorer._passes.values()
+    assert kept[3].teacher_codes and not kept[3].teacher_terms
+    again = explorer.model_pass(image, "relu_topk", "all", 1)
+    assert torch.equal(first.yhat, again.yhat) and first.contributions == again.contributions
+
+
 @pytest.mark.parametrize("tokens,start", [("all", 0), ("cls", 2), ("all", 1)])
-def test_the_first_replaced_blocks_tokens_are_encoded_once_and_decoded_once_where_all_are_replaced(
+def test_the_first_replaced_blocks_tokens_are_encoded_once_and_both_sets_decoded_in_one_gather_where_all_are_replaced(
         explorer, monkeypatch, tokens, start):
     """Up to the first replaced block's MLP the replaced pass's tokens are the teacher's: encoded once there, in the
     teacher's product, and beside the teacher's above it. Where every token is replaced, their terms there are the
-    teacher's too: decoded once."""
+    teacher's too: decoded once; above it both sets' codes are decoded in one gather, token by token [B, T, 2, k]."""
     model = explorer.clt("relu_topk")
     encoded, encode = [], model.encode_layer
     decoded, decode = [], model.decode_source
     monkeypatch.setattr(model, "encode_layer", lambda layer, x: encoded.append((layer, x.shape[-2])) or
                         encode(layer, x))
-    monkeypatch.setattr(model, "decode_source", lambda layer, codes, *args: decoded.append(layer) or
-                        decode(layer, codes, *args))
+    monkeypatch.setattr(model, "decode_source", lambda layer, codes, *args: decoded.append(
+        (layer, tuple(codes.indices.shape[1:-1]))) or decode(layer, codes, *args))
     monkeypatch.setattr(explorer, "_passes", type(explorer._passes)())
     explorer.model_pass(Image.open(explorer.examples()[0]).convert("RGB"), "relu_topk", tokens, start)
     n, replaced = explorer.teacher.n_tokens, (explorer.teacher.n_tokens if tokens == "all" else 1)
     assert encoded == [(layer, n) for layer in range(start + 1)] + [(layer, n + replaced)
                                                                      for layer in range(start + 1, explorer.n_layers)]
-    once = range(start + 1) if tokens == "all" else range(start)  # below the first replaced block: the teacher's pass
-    assert sorted(decoded) == sorted([*once, *(layer for layer in range(explorer.n_layers) if layer not in once
-                                               for _ in range(2))])
+    if tokens == "all":
+        expected = [(layer, (n,)) for layer in range(start + 1)] + [(layer, (n, 2))
+                                                                   for layer in range(start + 1, explorer.n_layers)]
+    else:  # below the first replaced block: the teacher's pass; above, this pass's token and the teacher's apart
+        expected = [(layer, (n,)) for layer in range(start)] + [
+            shape for layer in range(start, explorer.n_layers) for shape in ((layer, (1,)), (layer, (n,)))]
+    assert sorted(decoded) == sorted(expected)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.model.sparsifiers import SPARSIFIERS
+from clt_explorer.model.sparsifiers import SPARSIFIERS, SparseCodes, paired_codes
 from clt_explorer.storage import AssetError
 
 
@@ -41,6 +41,30 @@ def test_dense_and_sparse_decode_agree_with_the_pairwise_formula(sparsifier):
     assert dense.shape == (5, 3, 7, 12)
     assert ((dense - sparse).norm() / dense.norm()) < 1e-5
     assert ((dense - reference).norm() / reference.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("sparsifier", SPARSIFIERS)
+def test_a_pair_of_code_sets_decodes_in_one_gather_as_each_set_alone(sparsifier):
+    """Two sets of codes of the same tokens (a replaced pass's and the teacher's) decode together, token by token, to
+    what each decodes to alone; sets that cannot be paired (other tokens, another form or sparse width) decode apart."""
+    clt = make_clt(sparsifier)
+    with torch.no_grad():
+        first, second = (clt.encode_layer(1, x) for x in torch.randn(2, 3, 7, 12))
+        apart = clt.decode_source(1, first), clt.decode_source(1, second)
+        together = clt.decode_source_pair(1, first, second)
+        assert [tuple(t.shape) for t in together] == [(3, 7, 4, 12)] * 2
+        if first.held_sparse:  # a gather sums each bag on its own: the same bits
+            assert all(map(torch.equal, together, apart))
+        else:  # held dense: one product of twice the rows
+            assert all(torch.allclose(mine, theirs, atol=1e-6, rtol=0) for mine, theirs in zip(together, apart))
+        other_form = (SparseCodes.from_dense(second.dense()) if first.held_sparse else
+                      SparseCodes(second.values, second.indices, n_features=second.n_features))
+        wider = SparseCodes(torch.cat([second.values, torch.zeros_like(second.values[..., :1])], -1),
+                            torch.cat([second.indices, second.indices[..., :1]], -1), n_features=second.n_features)
+        for other in (other_form, second.take_tokens(slice(1, None)), *([wider] if first.held_sparse else [])):
+            assert paired_codes(first, other) is None
+            for mine, theirs in zip(clt.decode_source_pair(1, first, other), (apart[0], clt.decode_source(1, other))):
+                assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])

@@ -103,7 +103,7 @@ class ModelPass:
 class ReplacedPass:
     """One image's pass with the CLT replacing MLPs: zero-shot logits [1, C], the final residual at the CLS token
     [1, d], the (edited) codes of the replaced tokens per layer and, where the teacher's x_l were given, their codes
-    per replaced layer (all tokens, unedited) and their terms where the pass decoded the same codes."""
+    per replaced layer (all tokens, unedited) and their terms where the pass replaced every token."""
 
     logits: torch.Tensor
     final_cls: torch.Tensor
@@ -341,7 +341,8 @@ class Explorer:
         """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it at block ``start``, with
         the codes of the teacher's pass at every layer: those above ``start`` are encoded in the replaced pass's own
         products. The passes of the last ``PASSES_KEPT`` (image, CLT, tokens, start, kept) are kept and shared: their
-        tensors must not be changed in place."""
+        tensors must not be changed in place. They are kept without the teacher's terms decoded in the replaced pass,
+        which only the model pass that computed them sums (11 MB a pass at ViT-B/32 size)."""
         key = (hashlib.blake2b(pixels.cpu().numpy().tobytes(), digest_size=16).digest(), clt, tokens, start,
                tuple(kept))
         with self._lock:
@@ -352,7 +353,7 @@ class Explorer:
         replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
         codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start, self.n_layers)]
         with self._lock:
-            self._passes[key] = capture, below, codes, replaced
+            self._passes[key] = capture, below, codes, dataclasses.replace(replaced, teacher_terms={})
             while len(self._passes) > PASSES_KEPT:
                 self._passes.popitem(last=False)
         return capture, below, codes, replaced

@@ -89,6 +89,20 @@ class SparseCodes:
                            n_features=self.n_features)
 
 
+def paired_codes(first: SparseCodes, second: SparseCodes) -> SparseCodes | None:
+    """Two sets of codes of the same tokens [..., T, ·] as one [..., T, 2, ·], token t's of both side by side, held
+    in their common form (None where the forms or the sparse widths differ)."""
+    if first.held_sparse != second.held_sparse:
+        return None
+    if not first.held_sparse:
+        dense = first.dense(), second.dense()
+        return SparseCodes.from_dense(torch.stack(dense, -2)) if dense[0].shape == dense[1].shape else None
+    if first.values.shape != second.values.shape:
+        return None
+    return SparseCodes(torch.stack([first.values, second.values], -2), torch.stack([first.indices, second.indices], -2),
+                       n_features=first.n_features)
+
+
 def relu_topk(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> SparseCodes:
     """Keep the k largest entries of relu(pre) (among the ``allowed`` features, when given): codes are >= 0."""
     scores = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))

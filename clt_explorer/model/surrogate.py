@@ -17,8 +17,10 @@ exactly the teacher, and an edit then acts on the teacher itself rather than on 
 Given ``teacher_xs`` (the teacher's own x_l of the same images), the surrogate encodes them in the same product as
 this pass's x_l, as extra tokens: for one image on a CPU the encode is bound by reading W_enc[l] (100 tokens take
 ~10% longer than 50), so an analysis gets the teacher's codes nearly free. Tokens are encoded independently, so
-neither set's codes depend on the other's; up to the first replaced block's MLP both sets are the same, encoded once
-(and, where every token is replaced, decoded once: ``teacher_terms``).
+neither set's codes depend on the other's; up to the first replaced block's MLP both sets are the same, encoded once.
+Where every token is replaced, the teacher's codes are decoded here too (``teacher_terms``): once where they are this
+pass's own, else in the same gather as this pass's, token by token, so that the decoder rows both sets use at a token
+are read from memory once (the decode is bound by reading W_dec: ~20% less time at ViT-B/32 size).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class CLTSurrogate:
         self._edited: torch.Tensor | None = None  # sum of the edited terms per target [B, T', L, d]
         self._plain: torch.Tensor | None = None  # the same without the edit (error term only)
         self.teacher_codes: dict[int, SparseCodes] = {}  # the unedited codes of teacher_xs[l], per layer encoded
-        self.teacher_terms: dict[int, torch.Tensor] = {}  # their terms where this pass decoded the same codes
+        self.teacher_terms: dict[int, torch.Tensor] = {}  # their terms, per layer where this pass replaced every token
 
     def resume(self, codes: list[SparseCodes], terms: list[torch.Tensor], index: slice | torch.Tensor) -> None:
         """Start a pass at block ``len(codes)`` (:meth:`Teacher.encode_from`): the codes of every block below and
@@ -114,9 +116,11 @@ class CLTSurrogate:
         scale = self.scales[layer]
         edited = codes if scale is None else codes.scaled(scale.to(x.device))
         self.codes.append(edited)
-        part = None
-        if edited is self.teacher_codes.get(layer):  # the teacher's own codes, every token, unedited: their terms too
+        part, teacher = None, self.teacher_codes.get(layer)
+        if edited is teacher:  # the teacher's own codes, every token, unedited: their terms too
             part = self.teacher_terms[layer] = self.clt.decode_source(layer, edited, self.sparse)
+        elif teacher is not None and index == slice(None):  # every token, changed: both sets' terms in one gather
+            self.teacher_terms[layer], part = self.clt.decode_source_pair(layer, teacher, edited, self.sparse)
         self._edited = self._add_terms(self._edited, layer, edited, self.term_weights, part)
         if not self.error_term:
             return self._edited[..., layer, :] + self.clt.b_dec[layer].to(self._edited.dtype)
@@ -124,7 +128,7 @@ class CLTSurrogate:
             raise ValueError("the error term needs the teacher's MLP output y")
         if not self.edits:
             return y[:, index].clone()
-        self._plain = self._add_terms(self._plain, layer, codes, None, part)  # part: these codes' terms, if decoded
+        self._plain = self._add_terms(self._plain, layer, codes, None, part if edited is codes else None)
         return y[:, index] + (self._edited[..., layer, :] - self._plain[..., layer, :]).to(y.dtype)
 
     def _encode(self, layer: int, x: torch.Tensor, index: slice | torch.Tensor) -> SparseCodes:
