@@ -30,6 +30,7 @@ from ..storage import (
     save_tensors,
     write_json,
 )
+from . import huge_pages
 from .sparsifiers import SparseCodes, Sparsifier, paired_codes, sparsifier_class
 from .surrogate import CLTSurrogate
 
@@ -265,12 +266,15 @@ class CrossLayerTranscoder(nn.Module):
                         device: torch.device | str = "cpu", cache_dir: str | None = None,
                         dtype: torch.dtype | None = None) -> "CrossLayerTranscoder":
         """Load from a folder, or from a Hugging Face Hub repo id (``owner/name``) through huggingface_hub.
-        ``dtype`` casts the weights (not thresholds and input scales) while loading, one tensor at a time."""
+        ``dtype`` casts the weights (not thresholds and input scales) while loading, one tensor at a time, on a CPU
+        into memory backed by huge pages where Linux allows (:mod:`.huge_pages`)."""
         directory = Path(path_or_repo)
         if not directory.is_dir():
             directory = _download_from_hub(str(path_or_repo), revision, cache_dir)
         config = CLTConfig.from_dict(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
-        cast = None if dtype is None else (lambda name, t: t if cls.keeps_fp32(name) else t.to(dtype))
+        on_cpu = torch.device(device).type == "cpu"
+        cast = None if dtype is None else (lambda name, t: t if cls.keeps_fp32(name) else
+                                           huge_pages.empty(t.shape, dtype).copy_(t) if on_cpu else t.to(dtype))
         tensors = load_tensors(directory / WEIGHTS_FILE, device=device, cast=cast)
         tensors = {LEGACY_TENSOR_NAMES.get(name, name): t for name, t in tensors.items()}
         with torch.device("meta"):
