@@ -100,3 +100,17 @@ def test_the_first_replaced_blocks_tokens_are_encoded_once_and_both_sets_decoded
         expected = [(layer, (n,)) for layer in range(start)] + [
             shape for layer in range(start, explorer.n_layers) for shape in ((layer, (1,)), (layer, (n,)))]
     assert sorted(decoded) == sorted(expected)
+
+
+def test_passes_asked_for_without_the_teachers_terms_decode_only_what_the_replacement_needs(explorer, monkeypatch):
+    """The Features tab's passes (no ``decode_teacher``) decode the replaced pass's own codes alone above the first
+    replaced block, and keep only the terms there, which both sets share."""
+    model = explorer.clt("relu_topk")
+    decoded, decode = [], model.decode_source
+    monkeypatch.setattr(model, "decode_source", lambda layer, codes, *args: decoded.append(
+        (layer, tuple(codes.indices.shape[1:-1]))) or decode(layer, codes, *args))
+    monkeypatch.setattr(explorer, "_passes", type(explorer._passes)())
+    pixels = explorer.pixels(Image.open(explorer.examples()[0]).convert("RGB"))
+    *_, replaced = explorer.both_passes(pixels, "relu_topk", "all", 1, explorer.kept_or_all(None))
+    assert decoded == [(layer, (explorer.teacher.n_tokens,)) for layer in range(explorer.n_layers)]
+    assert list(replaced.teacher_terms) == [1]

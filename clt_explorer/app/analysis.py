@@ -309,13 +309,14 @@ class Explorer:
     @torch.no_grad()
     def replaced_pass(self, pixels: torch.Tensor | PassBelow, clt: str, tokens: str, start: int, kept: list[int],
                       feature_scales: dict[tuple[int, int], float] | None = None,
-                      teacher_xs: torch.Tensor | None = None) -> ReplacedPass:
+                      teacher_xs: torch.Tensor | None = None, decode_teacher: bool = False) -> ReplacedPass:
         """The pass with CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final layer keeping the source
         terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}. Given the teacher's pass
         below ``start`` instead of the pixels, it runs from block ``start`` on (the same result, sooner). The
-        teacher's x_l ``teacher_xs`` [L, 1, T, d] are encoded in the same products (their codes nearly free)."""
+        teacher's x_l ``teacher_xs`` [L, 1, T, d] are encoded in the same products (their codes nearly free), and
+        with ``decode_teacher`` decoded in the same gathers where every token is replaced."""
         surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales,
-                                            teacher_xs=teacher_xs)
+                                            teacher_xs=teacher_xs, decode_teacher=decode_teacher)
         with self.teacher.replace_mlps(surrogate, start, tokens):
             if isinstance(pixels, PassBelow):
                 surrogate.resume(pixels.codes, pixels.terms, token_index(tokens))
@@ -336,13 +337,14 @@ class Explorer:
                                                             enumerate(codes)])
 
     @torch.no_grad()
-    def both_passes(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int]
-                    ) -> tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]:
+    def both_passes(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],
+                    decode_teacher: bool = False) -> tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]:
         """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it at block ``start``, with
         the codes of the teacher's pass at every layer: those above ``start`` are encoded in the replaced pass's own
-        products. The passes of the last ``PASSES_KEPT`` (image, CLT, tokens, start, kept) are kept and shared: their
-        tensors must not be changed in place. They are kept without the teacher's terms decoded in the replaced pass,
-        which only the model pass that computed them sums (11 MB a pass at ViT-B/32 size)."""
+        products (and with ``decode_teacher`` decoded in its gathers, where every token is replaced). The passes of
+        the last ``PASSES_KEPT`` (image, CLT, tokens, start, kept) are kept and shared: their tensors must not be
+        changed in place. They are kept without the teacher's terms decoded in the replaced pass, which only the model
+        pass that asked for them sums (11 MB a pass at ViT-B/32 size)."""
         key = (hashlib.blake2b(pixels.cpu().numpy().tobytes(), digest_size=16).digest(), clt, tokens, start,
                tuple(kept))
         with self._lock:
@@ -350,7 +352,8 @@ class Explorer:
                 self._passes.move_to_end(key)
                 return self._passes[key]
         capture, below = self.teacher_pass(pixels, clt, start)
-        replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs)
+        replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs,
+                                      decode_teacher=decode_teacher)
         codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start, self.n_layers)]
         with self._lock:
             self._passes[key] = capture, below, codes, dataclasses.replace(replaced, teacher_terms={})
@@ -369,7 +372,8 @@ class Explorer:
         self.check(clt, tokens, start)
         kept = self.kept_or_all(kept_sources)
         model = self.clt(clt)
-        capture, below, codes, replaced = self.both_passes(self.pixels(image), clt, tokens, start, kept)
+        capture, below, codes, replaced = self.both_passes(self.pixels(image), clt, tokens, start, kept,
+                                                           decode_teacher=True)
         terms = below.terms + [replaced.teacher_terms[layer] if layer in replaced.teacher_terms else
                                model.decode_source(layer, codes[layer]) for layer in range(start, self.n_layers)]
         yhat = model.sum_terms(terms).float()

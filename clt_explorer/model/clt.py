@@ -222,13 +222,15 @@ class CrossLayerTranscoder(nn.Module):
 
     def surrogate(self, sparse: bool | None = None, term_weights: torch.Tensor | None = None,
                   feature_scales: dict[tuple[int, int], float] | None = None,
-                  error_term: bool = False, teacher_xs: torch.Tensor | None = None) -> CLTSurrogate:
+                  error_term: bool = False, teacher_xs: torch.Tensor | None = None,
+                  decode_teacher: bool = False) -> CLTSurrogate:
         """This CLT as the MLP replacement of :meth:`Teacher.replace_mlps`, optionally with its codes edited
         between encode and decode (see :class:`CLTSurrogate`): ``term_weights`` [L, L] or [B, L, L] scale each
         term u_{s->l}; ``feature_scales`` {(layer, feature): scale} scale single codes; ``error_term`` adds the
         teacher's own MLP output minus the unedited reconstruction, so that without edits it is the teacher;
-        ``teacher_xs`` [L, B, T, d] are encoded alongside, into ``teacher_codes``."""
-        return CLTSurrogate(self, sparse, term_weights, feature_scales, error_term, teacher_xs)
+        ``teacher_xs`` [L, B, T, d] are encoded alongside, into ``teacher_codes``, and with ``decode_teacher``
+        decoded alongside where every token is replaced, into ``teacher_terms``."""
+        return CLTSurrogate(self, sparse, term_weights, feature_scales, error_term, teacher_xs, decode_teacher)
 
     def _as_sparse(self, codes: torch.Tensor | list[SparseCodes]) -> list[SparseCodes]:
         if isinstance(codes, torch.Tensor):
