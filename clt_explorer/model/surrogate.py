@@ -20,8 +20,8 @@ this pass's x_l, as extra tokens: for one image on a CPU the encode is bound by 
 neither set's codes depend on the other's; up to the first replaced block's MLP both sets are the same, encoded once.
 Where every token is replaced, the teacher's codes are decoded too (``teacher_terms``): where they are this pass's own,
 as this pass's; above, with ``decode_teacher``, in the same gather as this pass's, token by token, so that the decoder
-rows both sets use at a token are read from memory once (the decode is bound by reading W_dec: the 11 layers' 22
-gathers of one true-size analysis take ~45 instead of ~57 ms).
+rows both sets use at a token are read from memory once (the decode is bound by reading W_dec: a true-size
+analysis's decodes take ~45 instead of ~57 ms).
 """
 
 from __future__ import annotations
