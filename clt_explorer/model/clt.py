@@ -275,9 +275,13 @@ class CrossLayerTranscoder(nn.Module):
             directory = _download_from_hub(str(path_or_repo), revision, cache_dir)
         config = CLTConfig.from_dict(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
         on_cpu = torch.device(device).type == "cpu"
-        cast = None if dtype is None else (lambda name, t: t if cls.keeps_fp32(name) else
-                                           huge_pages.empty(t.shape, dtype).copy_(t) if on_cpu else t.to(dtype))
-        tensors = load_tensors(directory / WEIGHTS_FILE, device=device, cast=cast)
+
+        def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if cls.keeps_fp32(name):
+                return tensor
+            return huge_pages.empty(tensor.shape, dtype).copy_(tensor) if on_cpu else tensor.to(dtype)
+
+        tensors = load_tensors(directory / WEIGHTS_FILE, device=device, cast=None if dtype is None else cast)
         tensors = {LEGACY_TENSOR_NAMES.get(name, name): t for name, t in tensors.items()}
         with torch.device("meta"):
             clt = cls(config)
