@@ -18,6 +18,7 @@ from gradio_client import Client
 from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.app.analysis import Explorer
 from clt_explorer.app.ui import CSS, THEME, UploadLimits, build_ui
+from clt_explorer.model import onednn_products
 from clt_explorer.model.teacher import LOCAL_DIR, Teacher
 from clt_explorer.training.tiny_clip import PREPROCESS_CONFIG, TINY_CLIP_CONFIG, save_open_clip_folder
 
@@ -62,6 +63,19 @@ def page_with_example(app_url: str, explorer, index: int, viewport: dict):
         page.locator("#examples img").nth(index).click()
         expect(page.locator("#upload")).to_contain_text(explorer.examples()[index].stem, timeout=30_000)
         yield page
+
+
+@pytest.fixture
+def inner_products(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the inputs that reach oneDNN's inner product (:mod:`clt_explorer.model.onednn_products`)."""
+    calls = []
+    real = onednn_products.INNER_PRODUCT
+
+    def record(x, *args):
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+    monkeypatch.setattr(onednn_products, "INNER_PRODUCT", record)
+    return calls
 
 
 def make_local_teacher(folder, seed: int = 0, model_cfg: dict | None = None) -> Teacher:

@@ -1,12 +1,16 @@
+import copy
+
 import open_clip
 import pytest
 import torch
 from conftest import Recorder, make_local_teacher, random_clt, random_pixels
 
+from clt_explorer.model import onednn_products
 from clt_explorer.model.teacher import Teacher, TeacherMLPs, patch_product
 from clt_explorer.model.tokens import token_index
 from clt_explorer.model.zeroshot import ZeroShotClassifier
 from clt_explorer.storage import save_tensors
+from clt_explorer.training.tiny_clip import TINY_CLIP_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,21 @@ def test_the_patch_product_leaves_untiled_and_accelerator_inputs_to_the_convolut
         for shape in [(2, 3, 32, 24), (2, 3, 30, 32)]:
             assert product(torch.zeros(shape, device=device)).shape == (2, 16, shape[2] // 8, shape[3] // 8)
     assert convolved == [(2, 3, 30, 32), (2, 3, 32, 24), (2, 3, 30, 32)]
+
+
+def test_the_teachers_products_through_onednn_give_open_clips_pass(tmp_path, inner_products):
+    """The teacher's image tower (its products through oneDNN where available) against the same open_clip model
+    without the teacher."""
+    teacher = make_local_teacher(tmp_path, seed=3)
+    torch.manual_seed(3)
+    plain = open_clip.CLIP(**copy.deepcopy(TINY_CLIP_CONFIG)).eval()  # make_local_teacher's model, as it was built
+    pixels = random_pixels(teacher, n=2)
+    with torch.no_grad():
+        expected = plain.encode_image(pixels)
+    assert torch.allclose(teacher.encode_images(pixels), expected, atol=1e-5)
+    assert torch.equal(teacher.model.visual.proj, plain.visual.proj)
+    # the patch embedding, and per block the attention's two projections and the MLP's two layers
+    assert len(inner_products) == (1 + 4 * teacher.n_layers if onednn_products.AVAILABLE else 0)
 
 
 @pytest.mark.parametrize("arch,tokens", [("ViT-B-32-quickgelu", 50), ("ViT-B-16-quickgelu", 197)])

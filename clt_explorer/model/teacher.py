@@ -18,6 +18,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from . import onednn_products
 from .tokens import ALL, token_index
 
 LOCAL_DIR = "local-dir:"
@@ -95,9 +96,7 @@ def patch_product(conv: torch.nn.Conv2d):
             return convolve(x)
         b, c, h, w = x.shape
         patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * ph * pw)
-        out = patches @ conv.weight.reshape(conv.out_channels, -1).t()
-        if conv.bias is not None:
-            out = out + conv.bias
+        out = onednn_products.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
         return out.transpose(1, 2).view(b, conv.out_channels, h // ph, w // pw)  # conv's layout, no copy
     return run
 
@@ -129,6 +128,7 @@ class Teacher:
         self.image_size = visual.image_size
         self._thread = threading.local()
         visual.conv1.forward = patch_product(visual.conv1)
+        onednn_products.route_products(visual.transformer)
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
             block.mlp.forward = self._skippable(layer, block.mlp.forward)
