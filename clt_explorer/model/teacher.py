@@ -128,7 +128,7 @@ class Teacher:
         self.image_size = visual.image_size
         self._thread = threading.local()
         visual.conv1.forward = patch_product(visual.conv1)
-        onednn_products.route_products(visual.transformer)
+        onednn_products.route_products(visual.transformer)  # its float32 products through oneDNN on a CPU
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
             block.mlp.forward = self._skippable(layer, block.mlp.forward)
