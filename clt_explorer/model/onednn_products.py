@@ -66,8 +66,8 @@ def attention_forward(attn: torch.nn.MultiheadAttention):
 
 
 def route_products(module: torch.nn.Module) -> None:
-    """Send the products of ``module``'s linear layers and multi-head attentions through this module's forwards. The
-    projection inside a multi-head attention (a subclass of ``nn.Linear``) is left alone: its forward never runs."""
+    """Give ``module``'s linear layers :func:`linear_forward` and its multi-head attentions :func:`attention_forward`.
+    The projection inside a multi-head attention (a subclass of ``nn.Linear``) is left alone: its forward never runs."""
     for child in module.modules():
         if isinstance(child, torch.nn.MultiheadAttention):
             child.forward = attention_forward(child)
