@@ -19,6 +19,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from .heap_topk import top_indices
+
 
 class SparseCodes:
     """Codes of one layer, held sparse (``values``, ``indices`` [..., m]; padding entries have value 0)
@@ -106,14 +108,14 @@ def paired_codes(first: SparseCodes, second: SparseCodes) -> SparseCodes | None:
 def relu_topk(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> SparseCodes:
     """Keep the k largest entries of relu(pre) (among the ``allowed`` features, when given): codes are >= 0."""
     scores = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))
-    indices = scores.topk(k, dim=-1, sorted=False).indices
+    indices = top_indices(scores, k)
     return SparseCodes(pre.gather(-1, indices).relu(), indices, n_features=pre.shape[-1])
 
 
 def abs_topk(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> SparseCodes:
     """Keep the k entries of largest |pre| (among the ``allowed`` features, when given) with their sign."""
     scores = pre.abs() if allowed is None else pre.abs().masked_fill(~allowed, float("-inf"))
-    indices = scores.topk(k, dim=-1, sorted=False).indices
+    indices = top_indices(scores, k)
     return SparseCodes(pre.gather(-1, indices), indices, n_features=pre.shape[-1])
 
 
