@@ -5,9 +5,11 @@ entries, each later entry larger than the heap's smallest replacing it, then the
 entries it keeps among those that tie with the k-th value depends on that heap's history, and a CLT's bfloat16
 pre-activations tie there in most rows (at ViT-B/32 size, 64-100% of the rows of a layer, 5-6 entries sharing the
 k-th value): a selection by threshold or partition keeps other features. This module replays the same heap steps in
-compiled code, each entry's value and index packed in one 64-bit word (the value as an integer of the same order in
-the upper half, so that a comparison reads the upper halves and a move is one word), and splits the rows between
-threads: 2.0 against torch's 3.2 ms for 100 x 12,288 bfloat16 on 2 cores, the same indices in the same order.
+compiled code, each entry's value and index packed in one 64-bit word (the value as an unsigned integer of the same
+order in the upper half, so that a comparison reads the upper halves and a move is one word), the hole sinking through
+the smaller child without a branch, the rows split between numba's threads: 1.6-1.9 against torch's 2.8-3.2 ms for 100
+x 12,288 bfloat16 on 2 cores, the same indices in the same order, and an analysis's model pass 12-19 ms shorter
+(``scripts/bench_topk.py``). A Python thread pool instead of numba's threads lost that to waiting beside torch's.
 Everything else (a GPU, other dtypes, k x 64 > n, a NaN among the scores) keeps ``torch.topk``.
 """
 
