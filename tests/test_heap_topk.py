@@ -70,6 +70,14 @@ def test_other_cases_keep_torch_topk(shape, k, dtype, launches):
     assert launches == []
 
 
+def test_a_torch_built_without_libstdcxx_keeps_its_own_topk(monkeypatch, launches):
+    monkeypatch.setattr(heap_topk, "LIBSTDCXX", False)  # macOS's libc++ and Windows's STL order a heap otherwise
+    scores = tie_heavy((40, 8192), torch.bfloat16, seed=4)
+    assert not replays(scores, 128)
+    assert torch.equal(top_indices(scores, 128), scores.topk(128, dim=-1, sorted=False).indices)
+    assert launches == []
+
+
 def test_the_sparsifiers_select_as_torch_did():
     pre = tie_heavy((50, 8192), torch.bfloat16, seed=3)
     for select, scores in ((relu_topk, pre), (abs_topk, pre.abs())):

@@ -10,11 +10,13 @@ order in the upper half, so that a comparison reads the upper halves and a move 
 the smaller child without a branch, the rows split between numba's threads: 1.6-1.9 against torch's 2.8-3.2 ms for 100
 x 12,288 bfloat16 on 2 cores, the same indices in the same order, and an analysis's model pass 12-19 ms shorter
 (``scripts/bench_topk.py``). A Python thread pool instead of numba's threads lost that to waiting beside torch's.
-Everything else (a GPU, other dtypes, k x 64 > n, a NaN among the scores) keeps ``torch.topk``.
+Everything else (a GPU, other dtypes, k x 64 > n, a NaN among the scores, a torch built with another C++
+library than Linux's libstdc++) keeps ``torch.topk``.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numba
@@ -23,6 +25,9 @@ import torch
 
 # the dtypes replayed, with the unsigned view of their bits and the shift that makes those bits a float32's
 BITS_VIEWS = {torch.bfloat16: (torch.uint16, 16), torch.float32: (torch.uint32, 0)}
+# torch's Linux builds sort with libstdc++, whose heap steps these are (libc++'s and MSVC's differ, and so would their
+# choice among ties)
+LIBSTDCXX = sys.platform.startswith("linux")
 ROWS_PER_THREAD = 16  # fewer rows than this per thread are not worth a thread's start
 # one launch of the compiled threads at a time: numba's fallback threading layer (workqueue, where neither TBB nor
 # OpenMP is found) aborts the process on launches from two threads at once, which a web server's requests would make
@@ -32,7 +37,7 @@ _LAUNCH = threading.Lock()
 def replays(scores: torch.Tensor, k: int) -> bool:
     """Whether :func:`top_indices` replays torch's heap for these scores, rather than calling ``torch.topk``."""
     n = scores.shape[-1] if scores.dim() else 0
-    return (scores.device.type == "cpu" and scores.dtype in BITS_VIEWS and 1 <= k and k * 64 <= n < 2**32
+    return (LIBSTDCXX and scores.device.type == "cpu" and scores.dtype in BITS_VIEWS and 1 <= k and k * 64 <= n < 2**32
             and scores.numel() > 0)
 
 
