@@ -2,6 +2,7 @@ import threading
 
 import pytest
 import torch
+from conftest import random_clt, random_pixels
 
 from clt_explorer.model import heap_topk
 from clt_explorer.model.heap_topk import replays, top_indices
@@ -86,6 +87,25 @@ def test_the_sparsifiers_select_as_torch_did():
         assert torch.equal(codes.indices, expected)
         assert torch.equal(codes.values, pre.gather(-1, expected).relu() if select is relu_topk
                            else pre.gather(-1, expected))
+
+
+@pytest.mark.parametrize("tokens", ["all", "cls"])
+def test_a_bfloat16_replaced_pass_is_torchs_bit_for_bit(random_teacher, monkeypatch, launches, tokens):
+    clt = random_clt(random_teacher, 16, "relu_topk", 4, seed=5).to(torch.bfloat16)  # F = 16 d: 4 x 64 <= F
+    pixels = random_pixels(random_teacher)
+
+    def replaced_pass():
+        surrogate = clt.surrogate(teacher_xs=random_teacher.capture(pixels).xs)
+        with torch.no_grad(), random_teacher.replace_mlps(surrogate, 0, tokens):
+            return random_teacher.encode_images(pixels), surrogate.codes + list(surrogate.teacher_codes.values())
+
+    replayed, replayed_codes = replaced_pass()
+    assert len(launches) == clt.config.n_layers  # the teacher's x_l and the pass's own in one selection a layer
+    monkeypatch.setattr(heap_topk, "replays", lambda scores, k: False)
+    expected, expected_codes = replaced_pass()
+    assert torch.equal(replayed, expected)
+    for found, codes in zip(replayed_codes, expected_codes, strict=True):
+        assert torch.equal(found.indices, codes.indices) and torch.equal(found.values, codes.values)
 
 
 def test_threads_selecting_at_once_get_their_own_rows():
