@@ -23,8 +23,8 @@ def launches(monkeypatch) -> list[tuple[int, int]]:
 
 
 def tie_heavy(shape, dtype, seed=0) -> torch.Tensor:
-    """Values on a coarse grid (quarters from -8 to 8), so that most rows tie at their k-th value, as a CLT's bfloat16
-    pre-activations do."""
+    """Values on a coarse grid (quarters, most between -8 and 8), so that most rows tie at their k-th value, as a CLT's
+    bfloat16 pre-activations do."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * 2).mul(4).round().div(4).to(dtype)
 
@@ -40,7 +40,7 @@ def test_the_same_indices_in_the_same_order_as_torch_where_rows_tie(dtype, launc
     assert ties_at_kth(scores, 128) > 0.9  # the case a threshold or a partition gets wrong
     expected = scores.topk(128, dim=-1, sorted=False).indices
     assert torch.equal(top_indices(scores, 128), expected)
-    assert launches == [(300, min(torch.get_num_threads(), 300 // heap_topk.ROWS_PER_THREAD))]
+    assert [rows for rows, _ in launches] == [300]
 
 
 def test_extremes_negative_zeros_and_a_batch_axis(launches):
