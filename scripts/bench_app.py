@@ -138,6 +138,11 @@ def bundle_bytes(root: Path) -> int:
     return sum(path.stat().st_size for path in Path(root).rglob("*") if path.is_file())
 
 
+def random_image(seed: int) -> Image.Image:
+    """An upload of random pixels, 320 x 240, the same for the same seed."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+
+
 def measure(bundle_path: str, repeats: int) -> dict:
     """In this process: open the bundle as the app does, then time full analyses and rendering."""
     torch.set_num_threads(2)
@@ -147,8 +152,7 @@ def measure(bundle_path: str, repeats: int) -> dict:
     name = explorer.clt_names[0]
     explorer.clt(name), explorer.index(name)
     load_s = time.time() - start
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8))
-              for i in range(repeats + 1)]
+    images = [random_image(i) for i in range(repeats + 1)]
     times, inside, assembling, rendering = [], [], [], []
     for i, image in enumerate(images):
         began = time.perf_counter()
@@ -206,7 +210,7 @@ def measure_graph(bundle_path: str, repeats: int) -> dict:
     name = explorer.clt_names[0]
     built, drawn, nodes = [], [], 0
     for i in range(repeats + 1):
-        image = Image.fromarray(np.random.default_rng(100 + i).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        image = random_image(100 + i)
         began = time.perf_counter()
         graph = image_graph(explorer, image, name, "cls", 0)
         between = time.perf_counter()

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_app import DEFAULT_CACHE, build_true_size_bundle
-from PIL import Image
+from bench_app import DEFAULT_CACHE, build_true_size_bundle, random_image
 
 from clt_explorer.app.analysis import Explorer
 from clt_explorer.app.ui import UploadLimits, build_app
@@ -41,16 +40,11 @@ def median_ms(run, repeats: int = 50) -> float:
     return 1e3 * float(np.median(times))
 
 
-def random_images(n: int) -> list[Image.Image]:
-    return [Image.fromarray(np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8))
-            for i in range(n)]
-
-
 def selection_alone(explorer: Explorer, name: str) -> list[dict]:
     """Per layer of :data:`LAYERS`: torch's and the replay's milliseconds, whether they agree, the rows tied at k."""
     clt = explorer.clt(name)
     k = clt.config.k
-    pixels = torch.cat([explorer.pixels(image) for image in random_images(2)])
+    pixels = torch.cat([explorer.pixels(random_image(seed)) for seed in range(2)])
     xs = explorer.teacher.capture(pixels).xs
     rows = []
     for layer in LAYERS:
@@ -72,7 +66,8 @@ def alternating_analyses(explorer: Explorer, name: str, n_images: int) -> dict[s
     modes = {"torch": lambda scores, k: False, "replay": replays}
     times = {mode: {"model_pass_s": [], "analysis_s": []} for mode in modes}
     try:
-        for i, image in enumerate(random_images(n_images)):
+        for i in range(n_images):
+            image = random_image(i)
             mode = list(modes)[i % 2]
             heap_topk.replays = modes[mode]
             began = time.perf_counter()
