@@ -8,7 +8,8 @@ captures the teacher's activations as it streams them), retrieval indexes, featu
 evaluation tables, layer terms and the report. The first row is the rehearsal's own inputs. Each stage's wall time,
 peak GPU memory (``torch.cuda.max_memory_allocated``, reset per stage), peak host memory (this process's VmHWM,
 reset per stage through /proc/self/clear_refs) and the bytes it wrote to the bundle are printed as a table, then one
-JSON line.
+JSON line; each stage's row is also printed as that stage ends (``stage {json}``), so that a run stopped early keeps
+the stages it finished.
 
 ``--scale`` shrinks the image counts and the epochs for a CPU run, or for a GPU lent for less time than the whole run
 takes; ``--shape tiny`` swaps the ViT-B/32 shape for the offline tiny CLIP's (4 layers, width 64), which the tests use.
@@ -125,12 +126,16 @@ def host_peak_gb() -> float:
     return float("nan")
 
 
+STAGE_LINE = "stage "  # a stage's row is printed as it ends: a run stopped before its table keeps those done
+
+
 class StageMeter:
     """Told by the pipeline when each step starts and ends (the interface of its status writer): records each
-    step's wall time, peak GPU and host memory, and the bytes it added to the bundle folder."""
+    step's wall time, peak GPU and host memory, and the bytes it added to the bundle folder, and prints each row as
+    ``stage {json}`` when the step ends."""
 
-    def __init__(self, bundle_root: Path):
-        self.root, self.rows, self._start = bundle_root, [], None
+    def __init__(self, bundle_root: Path, echo: bool = True):
+        self.root, self.rows, self._start, self.echo = bundle_root, [], None, echo
         self.peak_resets = True
 
     def started(self, step: str) -> None:
@@ -141,11 +146,16 @@ class StageMeter:
 
     def finished(self, report) -> None:
         step, began, before = self._start
-        self.rows.append({"stage": step, "status": report.status, "seconds": round(time.time() - began, 2),
-                          "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                          if torch.cuda.is_available() else None,
-                          "host_peak_gb": round(host_peak_gb(), 3),
-                          "bytes_written": folder_bytes(self.root) - before, "detail": report.detail})
+        self.record({"stage": step, "status": report.status, "seconds": round(time.time() - began, 2),
+                     "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                     if torch.cuda.is_available() else None,
+                     "host_peak_gb": round(host_peak_gb(), 3),
+                     "bytes_written": folder_bytes(self.root) - before, "detail": report.detail})
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.echo:
+            print(STAGE_LINE + json.dumps(row), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     epochs = max(1, round(EPOCHS * args.scale))
     [job] = preset_jobs("paper", datasets=["folder"], backbones=[LOCAL_DIR + str(teacher)], data_root=data,
                         train_overrides={"epochs": epochs})
-    meter = StageMeter(work / "bundles" / job.name)
-    meter.rows.append({"stage": "inputs (teacher, images)", "status": "built", "seconds": round(inputs_s, 2),
-                       "gpu_peak_gb": None, "host_peak_gb": round(host_peak_gb(), 3),
-                       "bytes_written": folder_bytes(teacher) + folder_bytes(data), "detail": str(work)})
+    meter = StageMeter(work / "bundles" / job.name, echo=rank == 0)
+    meter.record({"stage": "inputs (teacher, images)", "status": "built", "seconds": round(inputs_s, 2),
+                  "gpu_peak_gb": None, "host_peak_gb": round(host_peak_gb(), 3),
+                  "bytes_written": folder_bytes(teacher) + folder_bytes(data), "detail": str(work)})
     reports = build_bundles([job], work / "bundles", default_device(), progress=rank == 0, status=meter)
     if rank != 0:
         return 0

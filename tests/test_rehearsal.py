@@ -22,6 +22,8 @@ def test_the_rehearsal_measures_every_stage_and_builds_a_bundle_the_app_opens(tm
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["train_images"], result["test_images"], result["epochs"]) == (300, 100, 1)
+    printed = [json.loads(line[len("stage "):]) for line in done.stdout.splitlines() if line.startswith("stage {")]
+    assert printed == [{key: value for key, value in row.items() if key != "projected_s"} for row in result["stages"]]
     assert result["teacher_config"]["layers"] == 4 and result["failed"] == []
     stages = {row["stage"]: row for row in result["stages"]}
     expected = ["inputs (teacher, images)", "teacher", "zero-shot classifier", "examples", "thumbnails", "report"]
