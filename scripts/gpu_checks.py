@@ -5,15 +5,15 @@ Steps, one after another, each in its own process with its own time limit, its o
 1. ``train_4096``: training throughput at true ViT-B/32 scale (``bench_train.py``: F = 12288, k = 128, bf16), the
    dense and the sparse decoder, 4,096 tokens a batch, with the profile of where a step's time goes;
 2. ``train_16384``: the same at 16,384 tokens a batch, without the profile;
-3. ``rehearsal``: the ``paper`` preset end to end at the ViT-B/32 shape (``rehearse_paper.py``), scaled to fit what is
-   left of the budget, with each stage projected to the true scale.
+3. ``rehearsal``: the ``paper`` preset end to end at the ViT-B/32 shape (``rehearse_paper.py``) at ``--scale`` (0.05:
+   2,500 / 500 images, one epoch), each stage projected to the true scale; its limit is what is left of the budget.
 
 A step that outlives its limit is stopped (its whole process group) and recorded as timed out; the next one runs. The
 machine's image lacks some of the packages the pipeline needs (open_clip and what it needs, faiss, plotly): they
 travel as wheels of the versions installed here, fetched here first. Each step's log and a ``summary.json`` land in
 ``--out`` (``$OUT`` on the lent machine), and a table is printed.
 
-    python scripts/gpu_checks.py wheels                       # here: .whl/ (add /.whl/ to .git/info/exclude)
+    python scripts/gpu_checks.py wheels                       # here: .whl/ (ignored by git, carried there)
     python3 scripts/gpu_checks.py run --out $OUT --wheels .whl # there: in one call that carries .whl
     python scripts/gpu_checks.py run --out /tmp/checks --tiny  # a CPU rehearsal of the run at toy sizes
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-# Needed by the pipeline and absent from the lent machines' image (/work/.library/device/KINDS.md, 2026-11-17).
+# Needed by the pipeline and absent from the image of the GPU machines lent to this project (as listed 2026-11-17).
 MISSING_THERE = ("open_clip_torch", "ftfy", "wcwidth", "faiss-cpu", "plotly")
 THEIR_PYTHON = "3.12"
 THEIR_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
