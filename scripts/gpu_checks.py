@@ -4,7 +4,7 @@ Steps, one after another, each in its own process with its own time limit, its o
 
 1. ``train_4096``: training throughput at true ViT-B/32 scale (``bench_train.py``: F = 12288, k = 128, bf16), the
    dense and the sparse decoder, 4,096 tokens a batch, with the profile of where a step's time goes;
-2. ``train_16384``: the same at 16,384 tokens a batch, without the profile;
+2. ``train_16384``: the same at 16,384 tokens a batch, where the products weigh more against the rest of a step;
 3. ``rehearsal``: the ``paper`` preset end to end at the ViT-B/32 shape (``rehearse_paper.py``) at ``--scale`` (0.05:
    2,500 / 500 images, one epoch), each stage projected to the true scale; its limit is what is left of the budget.
 
@@ -69,7 +69,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
     shape = ["--shape", "tiny"] if args.tiny else []
     return [Step("train_4096", train + ["--batch-tokens", "64" if args.tiny else "4096", "--profile"],
                  args.train_limit_s),
-            Step("train_16384", train + ["--batch-tokens", "256" if args.tiny else "16384"], args.train_limit_s),
+            Step("train_16384", train + ["--batch-tokens", "256" if args.tiny else "16384", "--profile"],
+                 args.train_limit_s),
             Step("rehearsal", [python, str(SCRIPTS / "rehearse_paper.py"), "--work", str(args.work), "--scale",
                                str(args.scale), *shape], None)]
 

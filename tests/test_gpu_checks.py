@@ -44,7 +44,7 @@ def test_the_run_keeps_each_steps_figures_and_stops_the_one_over_the_budget(tmp_
         assert steps[name]["status"] == "ok" and result["batch_tokens"] == tokens
         assert [path["path"] for path in result["all"]] == ["dense", "sparse"]
         assert all(path["tokens_per_s"] > 0 for path in result["all"])
-        assert all(("profile" in path) == (name == "train_4096") for path in result["all"])
+        assert all(path["profile"]["time_per_step_ms"] > 0 for path in result["all"])
         assert name in done.stdout and f"{result['all'][0]['tokens_per_s']:,.0f} tok/s" in done.stdout
     rehearsal = steps["rehearsal"]
     assert rehearsal["status"].startswith("timed out") and rehearsal["result"] is None
