@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -140,7 +141,7 @@ def print_profile(path: str, found: dict) -> None:
         print(f"  {op['op'][:40]:40} {100 * op['share']:5.1f}% {op['calls']:11d}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     parser.add_argument("--layers", type=int, default=12)
@@ -169,23 +170,40 @@ def main() -> None:
     print(f"measured {str(dtype).replace('torch.', '')} matmul rate: {rate / 1e12:.2f} TFLOP/s; "
           f"dense work per token (fwd + bwd): {flops / 1e9:.2f} GFLOP")
     print(f"{'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15}")
-    results = []
-    for path in decoders:  # one trainer at a time: at true size each holds ~14 GB of weights and optimizer state
-        trainer = Trainer(config, device, args.batch_tokens, path == "sparse", torch.bfloat16 if gpu else None)
-        speed = tokens_per_second(trainer, args.steps)
-        results.append({"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate})
-        print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}%")
-        if args.profile:
-            results[-1]["profile"] = profile(trainer, args.profile_steps)
-        del trainer
+    results = [measure_path(config, device, args, path, flops, rate) for path in decoders]
     for result in results if args.profile else ():
-        print_profile(result["path"], result["profile"])
-    best = max(results, key=lambda r: r["tokens_per_s"])
-    print(json.dumps({"device": name, "tokens_per_s": best["tokens_per_s"], "flops_per_token": flops,
-                      "matmul_fraction": best["matmul_fraction"], "path": best["path"],
+        if "profile" in result:
+            print_profile(result["path"], result["profile"])
+    measured = [r for r in results if "error" not in r]
+    best = max(measured, key=lambda r: r["tokens_per_s"]) if measured else {}
+    print(json.dumps({"device": name, "tokens_per_s": best.get("tokens_per_s"), "flops_per_token": flops,
+                      "matmul_fraction": best.get("matmul_fraction"), "path": best.get("path"),
                       "matmul_tflops": rate / 1e12, "d_model": config.d_model, "n_features": config.n_features,
                       "k": config.k, "batch_tokens": args.batch_tokens, "all": results}))
+    return 0 if len(measured) == len(results) else 1
 
+
+def measure_path(config: CLTConfig, device: torch.device, args: argparse.Namespace, path: str, flops: int,
+                 rate: float) -> dict:
+    """One decoding path's tokens/s (and profile), printed as a row; a path that fails (out of memory, an op this
+    device lacks) is recorded with its error, so that the other path's figures still come out."""
+    gpu = device.type == "cuda"
+    try:  # one trainer at a time: at true size each holds ~14 GB of weights and optimizer state
+        trainer = Trainer(config, device, args.batch_tokens, path == "sparse", torch.bfloat16 if gpu else None)
+        speed = tokens_per_second(trainer, args.steps)
+        result = {"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate}
+        print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}%", flush=True)
+        if args.profile:
+            result["profile"] = profile(trainer, args.profile_steps)
+        return result
+    except RuntimeError as error:  # torch.OutOfMemoryError and NotImplementedError among them
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{path:10} failed: {message}", flush=True)
+        return {"path": path, "error": message}
+    finally:
+        trainer = None  # frees the weights and optimizer state before the next path's trainer
+        if gpu:
+            torch.cuda.empty_cache()
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""The training benchmark's profile: where a training step's time goes, by op and by group, for each decoding path."""
+"""The training benchmark: where a training step's time goes, by op and by group, for each decoding path, and a path
+that fails (out of memory, say) leaving the other's figures."""
 
 import json
 import subprocess
@@ -9,6 +10,8 @@ from types import SimpleNamespace
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_train  # noqa: E402
+import torch  # noqa: E402
 from bench_train import op_group  # noqa: E402
 
 
@@ -45,3 +48,21 @@ def test_an_unknown_decoding_path_is_refused():
     done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--decoders", "dense,csr"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--decoders takes sparse and/or dense, got 'dense,csr'" in done.stderr
+
+
+def test_a_path_that_fails_is_recorded_with_its_error_and_the_other_still_measured(monkeypatch, capsys):
+    class FailingSparse(bench_train.Trainer):
+        def __init__(self, config, device, batch_tokens, sparse, autocast):
+            if sparse:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+            super().__init__(config, device, batch_tokens, sparse, autocast)
+
+    monkeypatch.setattr(bench_train, "Trainer", FailingSparse)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--layers", "2", "--d-model", "32", "--expansion", "4", "--k",
+                                      "8", "--batch-tokens", "64", "--steps", "1", "--decoders", "sparse,dense"])
+    assert bench_train.main() == 1
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["all"][0] == {"path": "sparse", "error": "CUDA out of memory. Tried to allocate 9.00 GiB"}
+    assert result["path"] == "dense" and result["tokens_per_s"] == result["all"][1]["tokens_per_s"] > 0
+    assert "sparse     failed: CUDA out of memory. Tried to allocate 9.00 GiB" in out

@@ -69,3 +69,11 @@ def test_the_wheels_are_the_versions_tested_here_built_for_the_lent_machines_pyt
 def test_a_run_told_to_install_wheels_from_an_empty_folder_says_how_to_fetch_them(tmp_path):
     with pytest.raises(SystemExit, match="no wheels in .*: run `python scripts/gpu_checks.py wheels`"):
         gpu_checks.main(["run", "--out", str(tmp_path / "out"), "--wheels", str(tmp_path)])
+
+
+def test_the_table_names_a_failed_decoding_path_beside_the_measured_one():
+    found = {"result": {"all": [{"path": "dense", "tokens_per_s": 73_000.0, "matmul_fraction": 0.48},
+                                {"path": "sparse", "error": "CUDA out of memory"}], "matmul_tflops": 790.2},
+             "stages": []}
+    assert gpu_checks.headline("train_16384", found) == "dense 73,000 tok/s (48%), sparse failed of 790 TFLOP/s"
+    assert gpu_checks.headline("rehearsal", {"result": None, "stages": []}) == "-"
