@@ -144,13 +144,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    paths = [str(ROOT)]
+    paths = [str(ROOT)]  # the package, not installed there
     if args.wheels:
-        site = Path(args.site)
-        install_wheels(Path(args.wheels), site)
-        paths.insert(0, str(site))
-        sys.path.insert(0, str(site))  # the rehearsal's module, read for its logs, imports them
+        install_wheels(Path(args.wheels), Path(args.site))
+        paths.insert(0, args.site)
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+    sys.path[:0] = paths  # this process too reads the rehearsal's module (for its logs), which imports them
     summary = {"environment": environment(), "budget_s": args.budget_s, "steps": {}}
     deadline = time.time() + args.budget_s
     machine = summary["environment"]
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     wheels = verbs.add_parser("wheels", help="fetch the wheels the lent machine lacks (here, where pip works)")
     wheels.add_argument("--dest", default=str(ROOT / ".whl"))
     checks = verbs.add_parser("run", help="run the steps (on the lent machine)")
-    checks.add_argument("--out", default=os.environ.get("OUT", "gpu-checks"), help="logs and summary.json")
+    checks.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu-checks", help="logs and summary.json")
     checks.add_argument("--wheels", help="a folder of wheels to install first (the `wheels` verb's)")
     checks.add_argument("--site", default="/tmp/site", help="where the wheels are installed")
     checks.add_argument("--budget-s", type=float, default=330, help="seconds for all steps together")
