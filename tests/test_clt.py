@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.model import clt as clt_module
 from clt_explorer.model.sparsifiers import SPARSIFIERS, SparseCodes, paired_codes
 from clt_explorer.storage import AssetError
 
@@ -53,10 +54,7 @@ def test_a_pair_of_code_sets_decodes_in_one_gather_as_each_set_alone(sparsifier)
         apart = clt.decode_source(1, first), clt.decode_source(1, second)
         together = clt.decode_source_pair(1, first, second)
         assert [tuple(t.shape) for t in together] == [(3, 7, 4, 12)] * 2
-        if first.held_sparse:  # a gather sums each bag on its own: the same bits
-            assert all(map(torch.equal, together, apart))
-        else:  # held dense: one product of twice the rows
-            assert all(torch.allclose(mine, theirs, atol=1e-6, rtol=0) for mine, theirs in zip(together, apart))
+        assert all(map(torch.equal, together, apart))  # on a CPU a gather sums each bag on its own: the same bits
         other_form = (SparseCodes.from_dense(second.dense()) if first.held_sparse else
                       SparseCodes(second.values, second.indices, n_features=second.n_features))
         wider = SparseCodes(torch.cat([second.values, torch.zeros_like(second.values[..., :1])], -1),
@@ -93,6 +91,28 @@ def test_the_sparse_decoder_refuses_to_train_jumprelu():
         clt(xs, sparse=True)
     with torch.no_grad():
         assert torch.allclose(clt(xs, sparse=True).yhat, clt(xs, sparse=False).yhat, atol=1e-5)
+
+
+def test_codes_held_dense_decode_on_a_cpu_through_their_nonzero_rows_except_in_training(monkeypatch):
+    """JumpReLU's codes, held dense, decode without gradients as the gather of each token's nonzero entries (tokens
+    of any L0, none included) to the matmul's result; with the straight-through gradient they keep the matmul, and
+    an inactive code gets its gradient."""
+    clt = make_clt("jumprelu")
+    gathered = []
+    gather = clt_module._gather_nonzero
+    monkeypatch.setattr(clt_module, "_gather_nonzero", lambda w, z: gathered.append(z.shape) or gather(w, z))
+    z = torch.randn(3, 4, clt.config.n_features)
+    z[z.abs() < 1.0] = 0
+    z[0, 0], z[1, 2, :] = 0, torch.randn(clt.config.n_features)  # a token without codes, one with all of them
+    weight = clt.W_dec[1].reshape(clt.config.n_features, -1)
+    with torch.no_grad():
+        found = clt.decode_source(1, SparseCodes.from_dense(z))
+    assert gathered == [z.shape]
+    reference = (z.double() @ weight.double()).reshape(found.shape)
+    assert torch.allclose(found.double(), reference, rtol=0, atol=1e-5) and not found[0, 0].any()
+    z.requires_grad_(True)
+    clt.decode_source(1, SparseCodes.from_dense(z)).sum().backward()
+    assert gathered == [z.shape] and z.grad[0, 0].ne(0).all()  # the matmul: every code has its gradient
 
 
 @pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])
