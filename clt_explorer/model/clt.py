@@ -316,10 +316,9 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
     matmul. By default a CPU gathers, where the matmul would do ~F/k times the arithmetic: codes held sparse (TopK
     kinds) as they are, codes held dense (JumpReLU) through their nonzero entries, one bag of its own length per
     token (at ViT-B/32 size in bfloat16, 100 tokens at a mean L0 of 157 through the 12 layers' decoders: 0.11-0.15
-    against 0.45 s for the matmuls on 2 cores). The
-    matmul runs on a GPU (see LEADS.md), and for codes held dense that carry JumpReLU's straight-through gradient
-    (training), which reaches inactive codes near their threshold too (1.5x slower to train than the matmul on 2
-    CPU cores)."""
+    against 0.45 s for the matmuls on 2 cores). The matmul runs on a GPU (see LEADS.md), and for codes held dense
+    that carry JumpReLU's straight-through gradient (training), which reaches inactive codes near their threshold
+    too (1.5x slower to train than the matmul on 2 CPU cores)."""
     straight_through = not codes.held_sparse and torch.is_grad_enabled() and codes.dense().requires_grad
     if sparse is None:
         sparse = weight.device.type == "cpu" and not straight_through
