@@ -50,6 +50,12 @@ def test_the_rehearsal_measures_every_stage_and_builds_a_bundle_the_app_opens(tm
     assert len(analysis.retrievals["cls"]) == explorer.n_layers and analysis.predictions.teacher
     assert bundle.report_path.is_file()
 
+    again = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path), "--scale", "0.006", "--shape",
+                            "tiny"], capture_output=True, text=True, timeout=900)
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])["stages"]
+    assert {row["status"] for row in rerun[1:]} == {"skipped"}  # a rerun skips what is built: nothing to project
+    assert all(row["projected_s"] == round(row["seconds"], 1) for row in rerun[1:])
+
 
 @pytest.mark.slow
 def test_the_rehearsal_under_torchrun_trains_on_two_processes(tmp_path):
