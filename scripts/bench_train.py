@@ -1,7 +1,10 @@
 """Training throughput of one CLT, in tokens per second, against the device's measured matmul rate.
 
-On a GPU: true ViT-B/32 scale (L = 12, d = 768, F = 12288, k = 128), bf16 autocast, dense decoding.
-Without one: a reduced width (default d = 192, F = 3072) in fp32 on the CPU, sparse and dense decoding.
+On a GPU: true ViT-B/32 scale (L = 12, d = 768, F = 12288, k = 128), bf16 autocast. Without one: a reduced width
+(default d = 192, F = 3072) in fp32 on the CPU. Both time the dense decoder and the sparse one (a gather of the active
+rows: embedding_bag on a CPU, the Triton kernels of clt_explorer/model/triton_gather.py on a GPU), whose outputs and
+gradients are first compared with the dense decoder's for 256 tokens in fp32 on the same device ("vs dense", the
+largest relative difference).
 
 flops_per_token counts the matrix multiplications a dense implementation must do for one token,
 forward and backward (3 x forward): encoders 2 L d F, decoders 2 (L(L+1)/2) F d per forward.
@@ -59,6 +62,7 @@ def flops_per_token(config: CLTConfig) -> int:
 # op name -> group, by the first pattern the name contains; ops run inside the optimizer's step count as "optimizer"
 OP_GROUPS = (("matmul", ("mm", "matmul", "linear")), ("top-k", ("topk", "sort")),
              ("gather and scatter", ("embedding", "gather", "scatter", "index")), ("zeroing", ("fill_", "zero_")))
+AGREEMENT_TOKENS = 256  # tokens of the float32 check of the sparse path against the dense one
 OPTIMIZER = "Optimizer.step"  # the torch optimizers' own profiler label
 
 
@@ -91,6 +95,25 @@ class Trainer:
     def step(self) -> None:
         training_step(self.clt, self.clt, self.optimizer, self.tracker, self.xs, self.ys, self.cfg, self.autocast,
                       self.sparse)
+
+
+def difference_from_dense(trainer: Trainer) -> float:
+    """The largest relative difference ||sparse - dense|| / ||dense|| between the two decoding paths' outputs and
+    parameter gradients for the first ``AGREEMENT_TOKENS`` tokens of the trainer's batch, in float32: the gather
+    checked on the device that times it."""
+    clt, xs, ys = trainer.clt, trainer.xs[:, :AGREEMENT_TOKENS], trainer.ys[:, :AGREEMENT_TOKENS]
+    found = {}
+    for sparse in (False, True):
+        clt.zero_grad(set_to_none=True)
+        out = clt(xs, sparse=sparse)
+        (out.yhat - ys).pow(2).mean().backward()
+        found[sparse] = {"yhat": out.yhat.detach(),
+                         **{name: p.grad for name, p in clt.named_parameters() if p.grad is not None}}
+    clt.zero_grad(set_to_none=True)
+    if found[True].keys() != found[False].keys():
+        return float("inf")
+    return max(float((found[True][name] - dense).norm() / dense.norm().clamp_min(1e-30))
+               for name, dense in found[False].items())
 
 
 def tokens_per_second(trainer: Trainer, steps: int) -> float:
@@ -150,7 +173,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=4096 if gpu else 1024)
     parser.add_argument("--steps", type=int, default=20 if gpu else 5)
-    parser.add_argument("--decoders", default="dense" if gpu else "sparse,dense",
+    parser.add_argument("--decoders", default="dense,sparse",
                         help="decoding paths to time, comma-separated: sparse (a gather of the active rows), dense")
     parser.add_argument("--profile", action="store_true", help="then profile a few steps of each path")
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -169,7 +192,7 @@ def main() -> int:
           f"{'bf16 autocast' if gpu else 'fp32'}")
     print(f"measured {str(dtype).replace('torch.', '')} matmul rate: {rate / 1e12:.2f} TFLOP/s; "
           f"dense work per token (fwd + bwd): {flops / 1e9:.2f} GFLOP")
-    print(f"{'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15}")
+    print(f"{'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15} {'vs dense':>14}")
     results = [measure_path(config, device, args, path, flops, rate) for path in decoders]
     for result in results if args.profile else ():
         if "profile" in result:
@@ -186,17 +209,21 @@ def main() -> int:
 def measure_path(config: CLTConfig, device: torch.device, args: argparse.Namespace, path: str, flops: int,
                  rate: float) -> dict:
     """One decoding path's tokens/s (and profile), printed as a row; a path that fails (out of memory, an op this
-    device lacks) is recorded with its error, so that the other path's figures still come out."""
+    device lacks, a kernel that does not compile) is recorded with its error, so that the other path's figures still
+    come out."""
     gpu = device.type == "cuda"
     try:  # one trainer at a time: at true size each holds ~14 GB of weights and optimizer state
         trainer = Trainer(config, device, args.batch_tokens, path == "sparse", torch.bfloat16 if gpu else None)
         speed = tokens_per_second(trainer, args.steps)
-        result = {"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate}
-        print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}%", flush=True)
+        difference = difference_from_dense(trainer) if trainer.sparse else 0.0
+        result = {"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate,
+                  "difference_from_dense": difference}
+        print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}% "
+              f"{difference:14.1e}", flush=True)
         if args.profile:
             result["profile"] = profile(trainer, args.profile_steps)
         return result
-    except RuntimeError as error:  # torch.OutOfMemoryError and NotImplementedError among them
+    except Exception as error:  # torch.OutOfMemoryError, NotImplementedError, a Triton kernel's TritonError among them
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"{path:10} failed: {message}", flush=True)
         return {"path": path, "error": message}

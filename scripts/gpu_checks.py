@@ -121,7 +121,8 @@ def headline(name: str, found: dict) -> str:
     result = found["result"]
     if name.startswith("train") and result is not None:
         paths = ", ".join(f"{r['path']} failed" if "error" in r else
-                          f"{r['path']} {r['tokens_per_s']:,.0f} tok/s ({100 * r['matmul_fraction']:.0f}%)"
+                          f"{r['path']} {r['tokens_per_s']:,.0f} tok/s ({100 * r['matmul_fraction']:.0f}%"
+                          + (f", {r['difference_from_dense']:.0e} from dense)" if r['difference_from_dense'] else ")")
                           for r in result["all"])
         return f"{paths} of {result['matmul_tflops']:.3g} TFLOP/s"
     if result is not None:

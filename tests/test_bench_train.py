@@ -7,12 +7,17 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_train  # noqa: E402
 import torch  # noqa: E402
 from bench_train import op_group  # noqa: E402
+
+from clt_explorer import CLTConfig  # noqa: E402
+from clt_explorer.model import clt as clt_module  # noqa: E402
 
 
 def test_ops_are_grouped_by_name_and_inside_the_optimizer_by_their_place():
@@ -40,6 +45,8 @@ def test_the_profile_splits_each_paths_step_into_ops_and_groups():
         assert {"matmul", "top-k", "optimizer"} <= set(found["groups"])
         assert [op["share"] for op in found["top_ops"]] == sorted((op["share"] for op in found["top_ops"]),
                                                                   reverse=True)
+    differences = {path["path"]: path["difference_from_dense"] for path in result["all"]}
+    assert differences["dense"] == 0 and 0 < differences["sparse"] < 1e-5
     by_path = {path["path"]: path["profile"]["groups"] for path in result["all"]}
     assert by_path["sparse"]["gather and scatter"] > by_path["dense"].get("gather and scatter", 0)
 
@@ -50,11 +57,20 @@ def test_an_unknown_decoding_path_is_refused():
     assert done.returncode == 2 and "--decoders takes sparse and/or dense, got 'dense,csr'" in done.stderr
 
 
-def test_a_path_that_fails_is_recorded_with_its_error_and_the_other_still_measured(monkeypatch, capsys):
+class CompilationError(Exception):
+    """Like Triton's, not a RuntimeError."""
+
+
+@pytest.mark.parametrize("error, message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail"),
+     "CUDA out of memory. Tried to allocate 9.00 GiB"),
+    (CompilationError("at 12:8: unsupported\nsource"), "at 12:8: unsupported")])
+def test_a_path_that_fails_is_recorded_with_its_error_and_the_other_still_measured(error, message, monkeypatch,
+                                                                                  capsys):
     class FailingSparse(bench_train.Trainer):
         def __init__(self, config, device, batch_tokens, sparse, autocast):
             if sparse:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+                raise error
             super().__init__(config, device, batch_tokens, sparse, autocast)
 
     monkeypatch.setattr(bench_train, "Trainer", FailingSparse)
@@ -63,6 +79,15 @@ def test_a_path_that_fails_is_recorded_with_its_error_and_the_other_still_measur
     assert bench_train.main() == 1
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["all"][0] == {"path": "sparse", "error": "CUDA out of memory. Tried to allocate 9.00 GiB"}
+    assert result["all"][0] == {"path": "sparse", "error": message}
     assert result["path"] == "dense" and result["tokens_per_s"] == result["all"][1]["tokens_per_s"] > 0
-    assert "sparse     failed: CUDA out of memory. Tried to allocate 9.00 GiB" in out
+    assert f"sparse     failed: {message}" in out
+
+
+def test_the_check_against_the_dense_decoder_finds_a_gather_that_drops_the_codes_values(monkeypatch):
+    trainer = bench_train.Trainer(CLTConfig(3, 16, 4, "relu_topk", 4), torch.device("cpu"), 32, True, None)
+    assert bench_train.difference_from_dense(trainer) < 1e-5
+    embedding_bag = clt_module.F.embedding_bag
+    monkeypatch.setattr(clt_module.F, "embedding_bag", lambda *args, per_sample_weights, mode: embedding_bag(
+        *args, per_sample_weights=per_sample_weights.detach().sign(), mode=mode))
+    assert bench_train.difference_from_dense(trainer) > 0.1

@@ -72,8 +72,13 @@ def test_a_run_told_to_install_wheels_from_an_empty_folder_says_how_to_fetch_the
 
 
 def test_the_table_names_a_failed_decoding_path_beside_the_measured_one():
-    found = {"result": {"all": [{"path": "dense", "tokens_per_s": 73_000.0, "matmul_fraction": 0.48},
+    found = {"result": {"all": [{"path": "dense", "tokens_per_s": 73_000.0, "matmul_fraction": 0.48,
+                                 "difference_from_dense": 0.0},
                                 {"path": "sparse", "error": "CUDA out of memory"}], "matmul_tflops": 790.2},
              "stages": []}
     assert gpu_checks.headline("train_16384", found) == "dense 73,000 tok/s (48%), sparse failed of 790 TFLOP/s"
+    found["result"]["all"][1] = {"path": "sparse", "tokens_per_s": 140_500.0, "matmul_fraction": 0.92,
+                                 "difference_from_dense": 3.1e-7}
+    assert gpu_checks.headline("train_16384", found) == \
+        "dense 73,000 tok/s (48%), sparse 140,500 tok/s (92%, 3e-07 from dense) of 790 TFLOP/s"
     assert gpu_checks.headline("rehearsal", {"result": None, "stages": []}) == "-"

@@ -5,7 +5,8 @@
 
 The decoders of one source layer s are stored together as ``W_dec[s]`` of shape [F, L - s, d]
 (targets s..L-1), so a source's contribution to every target is one matmul (dense path) or one
-gather of the k active rows (sparse path, ``F.embedding_bag``); both give the same yhat.
+gather of the k active rows (sparse path: ``F.embedding_bag`` on a CPU, Triton kernels on a GPU); both give the
+same yhat.
 """
 
 from __future__ import annotations
@@ -316,9 +317,10 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
     matmul. By default a CPU gathers, where the matmul would do ~F/k times the arithmetic: codes held sparse (TopK
     kinds) as they are, codes held dense (JumpReLU) through their nonzero entries, one bag of its own length per
     token (at ViT-B/32 size in bfloat16, 100 tokens at a mean L0 of 157 through the 12 layers' decoders: 0.11-0.15
-    against 0.45 s for the matmuls on 2 cores). The matmul runs on a GPU (see LEADS.md), and for codes held dense
-    that carry JumpReLU's straight-through gradient (training), which reaches inactive codes near their threshold
-    too (1.5x slower to train than the matmul on 2 CPU cores)."""
+    against 0.45 s for the matmuls on 2 cores). The matmul runs by default on a GPU (see LEADS.md), where a gather
+    of codes held sparse, asked for with ``sparse=True``, runs in Triton kernels; and for codes held dense that carry
+    JumpReLU's straight-through gradient (training), which reaches inactive codes near their threshold too (1.5x
+    slower to train than the matmul on 2 CPU cores)."""
     straight_through = not codes.held_sparse and torch.is_grad_enabled() and codes.dense().requires_grad
     if sparse is None:
         sparse = weight.device.type == "cpu" and not straight_through
@@ -331,9 +333,29 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
     if not codes.held_sparse:
         return _gather_nonzero(weight, codes.dense())
     indices, values = codes.indices, codes.values
+    if _gathers_in_triton(weight):
+        return _gather_in_triton(weight, indices, values)
     out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), weight.contiguous(),
                           per_sample_weights=values.reshape(-1, values.shape[-1]).to(weight.dtype), mode="sum")
     return out.view(*indices.shape[:-1], weight.shape[1])
+
+
+def _gathers_in_triton(weight: torch.Tensor) -> bool:
+    """Whether a gather of codes held sparse runs in Triton kernels (on a CUDA device) rather than embedding_bag."""
+    return weight.device.type == "cuda"
+
+
+def _gather_in_triton(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The gather of :func:`_apply_decoder` through the Triton kernels of :mod:`.triton_gather`, in the autocast dtype
+    where autocast is on (as the matmul would be)."""
+    try:
+        from .triton_gather import gather_decode
+    except ImportError as error:
+        raise RuntimeError("the sparse decoder on a GPU needs Triton (pip install triton); or decode dense "
+                           "(sparse=False)") from error
+    device = weight.device.type
+    autocast = torch.is_autocast_enabled(device)
+    return gather_decode(weight, indices, values, torch.get_autocast_dtype(device) if autocast else weight.dtype)
 
 
 def _gather_nonzero(weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Cases of the Triton sparse decoder, run on the CPU by test_triton_gather.py in a process of their own with
+TRITON_INTERPRET=1 (set before triton is imported, which the interpreter needs)."""
+
+import os
+
+import pytest
+import torch
+
+from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.model import clt as clt_module
+from clt_explorer.model.triton_gather import GATHER_BLOCKS, VALUES_GRADIENT_BLOCKS, gather_decode
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton_gather.py"
+
+
+def sparse_codes(n_tokens: int, n_features: int, k: int, padded: int, seed: int):
+    """Codes [N, k] of distinct features per token with negative values too (Abs-TopK's), the last ``padded`` of
+    every token padding (feature 0, value 0), as a sparsifier pads."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(n_features, generator=generator)[:k] for _ in range(n_tokens)])
+    values = torch.randn(n_tokens, k, generator=generator)
+    indices[:, k - padded:], values[:, k - padded:] = 0, 0.0
+    return indices, values
+
+
+def dense_decode(weight, indices, values):
+    return torch.zeros(indices.shape[0], weight.shape[0], dtype=values.dtype).scatter_add(1, indices, values) @ weight
+
+
+# widths and code counts that are not multiples of the kernels' blocks, one token, and more codes than a block
+@pytest.mark.parametrize("n_tokens, n_features, width, k, padded", [
+    (9, 300, 70, 20, 3), (1, 40, GATHER_BLOCKS["BLOCK_D"] + 5, GATHER_BLOCKS["BLOCK_K"], 0),
+    (12, 200, 48, VALUES_GRADIENT_BLOCKS["BLOCK_K"] + 1, 5)])
+def test_gather_and_its_gradients_equal_the_dense_products(n_tokens, n_features, width, k, padded):
+    """The output, the weight's gradient (zero in rows no token uses) and the values' gradient equal those of the
+    dense matmul of the scattered codes, in float32."""
+    indices, values = sparse_codes(n_tokens, n_features, k, padded, seed=n_tokens)
+    weight = torch.randn(n_features, width, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(n_tokens, width, generator=torch.Generator().manual_seed(2))
+    results = []
+    for decode in (gather_decode, dense_decode):
+        w, v = weight.clone().requires_grad_(), values.clone().requires_grad_()
+        out = decode(w, indices, v)
+        out.backward(grad_out)
+        results.append((out.detach(), w.grad, v.grad))
+    (out, grad_weight, grad_values), (out_ref, grad_weight_ref, grad_values_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_weight, grad_weight_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_values, grad_values_ref, rtol=1e-5, atol=1e-5)
+    unused = torch.ones(n_features, dtype=torch.bool)
+    unused[indices[values != 0]] = False
+    assert unused.any() and not grad_weight[unused].any()
+
+
+def test_bfloat16_codes_of_a_float32_weight_decode_in_the_dtype_asked_for():
+    """Autocast's case: bfloat16 values, the float32 weight: the output in bfloat16 within bfloat16's rounding of the
+    float32 result, each gradient in its input's dtype."""
+    indices, values = sparse_codes(6, 50, 8, 1, seed=3)
+    weight = torch.randn(50, 40, requires_grad=True)
+    values = values.bfloat16().requires_grad_()
+    out = gather_decode(weight, indices, values, torch.bfloat16)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32 and values.grad.dtype == torch.bfloat16
+    reference = dense_decode(weight.detach(), indices, values.detach().float())
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(values.grad.float(), weight.detach()[indices].sum(-1), rtol=1e-2, atol=1e-2)
+
+
+def test_no_tokens_decode_to_nothing_with_a_zero_weight_gradient():
+    weight = torch.randn(10, 7, requires_grad=True)
+    values = torch.zeros(0, 3, requires_grad=True)
+    out = gather_decode(weight, torch.zeros(0, 3, dtype=torch.int64), values)
+    out.sum().backward()
+    assert out.shape == (0, 7) and not weight.grad.any() and values.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])
+def test_a_clt_trains_through_the_kernels_as_through_the_dense_decoder(sparsifier, monkeypatch):
+    """A training pass of a CLT whose gathers run in the kernels (as on a GPU) gives the dense decoder's output and
+    every parameter's gradient (the encoder's through the codes' values)."""
+    monkeypatch.setattr(clt_module, "_gathers_in_triton", lambda weight: True)
+    monkeypatch.setattr(clt_module.F, "embedding_bag", None)  # not reached
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(4, 12, 4, sparsifier, 6))
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.1)
+    xs, ys = torch.randn(4, 10, 12), torch.randn(4, 10, 12)
+    outputs, gradients = {}, {}
+    for sparse in (False, True):
+        clt.zero_grad(set_to_none=True)
+        out = clt(xs, sparse=sparse)
+        (out.yhat - ys).pow(2).mean().backward()
+        outputs[sparse] = out.yhat.detach()
+        gradients[sparse] = {name: p.grad.clone() for name, p in clt.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+    assert gradients[True].keys() == gradients[False].keys() and "W_enc" in gradients[True]
+    for name, dense in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], dense, rtol=1e-5, atol=1e-7, msg=name)
