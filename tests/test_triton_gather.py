@@ -21,10 +21,10 @@ def test_the_triton_gather_equals_the_dense_decoder_in_values_and_gradients():
     assert "\n7 passed" in done.stdout, done.stdout[-2000:]
 
 
-@pytest.mark.parametrize("codes, weight", [("bf16", "fp32"), ("fp32", "fp32")])
-def test_the_kernels_compile_for_a_hopper_gpu(codes, weight):
-    """Compiled as training launches them (bfloat16 codes and outputs under autocast, or float32 throughout, of a
-    float32 weight) to a cubin for sm_90, which catches what the interpreter lets pass (types, loop bounds)."""
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_kernels_compile_for_a_hopper_gpu(dtype):
+    """Compiled as training launches them (the weight, codes and output in bfloat16 under autocast, or in float32)
+    to a cubin for sm_90, which catches what the interpreter lets pass (types, loop bounds)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -32,15 +32,16 @@ def test_the_kernels_compile_for_a_hopper_gpu(codes, weight):
     from clt_explorer.model import triton_gather as kernels
 
     index = "*i64"
-    pointers = {kernels._gather_rows: {"weight": f"*{weight}", "indices": index, "values": f"*{codes}",
-                                       "out": f"*{codes}"},
-                kernels._values_gradient: {"weight": f"*{weight}", "indices": index, "grad_out": f"*{codes}",
-                                           "grad_values": f"*{codes}"},
-                kernels._weight_gradient: {"starts": index, "tokens": index, "scales": f"*{codes}",
-                                           "grad_out": f"*{codes}", "grad_weight": f"*{weight}"}}
+    pointers = {kernels._gather_rows: {"weight": f"*{dtype}", "indices": index, "values": f"*{dtype}",
+                                       "out": f"*{dtype}"},
+                kernels._values_gradient: {"weight": f"*{dtype}", "indices": index, "grad_out": f"*{dtype}",
+                                           "partial": "*fp32"},
+                kernels._weight_gradient: {"starts": index, "tokens": index, "scales": f"*{dtype}",
+                                           "grad_out": f"*{dtype}", "grad_weight": f"*{dtype}"}}
     blocks = {kernels._gather_rows: kernels.GATHER_BLOCKS, kernels._values_gradient: kernels.VALUES_GRADIENT_BLOCKS,
               kernels._weight_gradient: kernels.WEIGHT_GRADIENT_BLOCKS}
     for kernel, types in pointers.items():
+        assert set(types) < set(kernel.arg_names)
         signature = {name: "constexpr" if name in blocks[kernel] else types.get(name, "i32")
                      for name in kernel.arg_names}
         constants = {(kernel.arg_names.index(name),): size for name, size in blocks[kernel].items()}

@@ -346,16 +346,18 @@ def _gathers_in_triton(weight: torch.Tensor) -> bool:
 
 
 def _gather_in_triton(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The gather of :func:`_apply_decoder` through the Triton kernels of :mod:`.triton_gather`, in the autocast dtype
-    where autocast is on (as the matmul would be)."""
+    """The gather of :func:`_apply_decoder` through the Triton kernels of :mod:`.triton_gather`, from the weight cast
+    to the autocast dtype where autocast is on (as the matmul would be: half the bytes to read, and the weight's
+    gradient rounded as the matmul's would be)."""
     try:
         from .triton_gather import gather_decode
     except ImportError as error:
         raise RuntimeError("the sparse decoder on a GPU needs Triton (pip install triton); or decode dense "
                            "(sparse=False)") from error
     device = weight.device.type
-    autocast = torch.is_autocast_enabled(device)
-    return gather_decode(weight, indices, values, torch.get_autocast_dtype(device) if autocast else weight.dtype)
+    if torch.is_autocast_enabled(device):
+        weight = weight.to(torch.get_autocast_dtype(device))
+    return gather_decode(weight, indices, values.to(weight.dtype))
 
 
 def _gather_nonzero(weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

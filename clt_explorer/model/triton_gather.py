@@ -2,15 +2,19 @@
 
 A CLT's decoder reads k = 128 of F = 12,288 rows per token; a dense matmul does F/k times that arithmetic.
 ``F.embedding_bag`` gathers on a CUDA device too, but slowly and without a bfloat16 backward with per-sample
-weights (LEADS.md), so a GPU decodes through these kernels when asked to gather (``sparse=True``):
+weights (LEADS.md), so a GPU decodes through these kernels when asked to gather (``sparse=True``). Each program owns
+one block of BLOCK_D output columns, and the programs of one column block run next to each other (the token or
+feature is the grid's fastest axis): the rows they read, F x BLOCK_D of the weight (6 MB in bfloat16 at F = 12,288),
+stay in the GPU's L2 cache while every token reads its k of them.
 
-- forward: one program per (token, block of output columns) sums its k rows in float32;
-- the values' gradient: one program per (token, block of its codes) takes dot products with the output's gradient;
-- the weight's gradient: the (token, feature) pairs are sorted by feature, and one program per (feature, block of
-  columns) sums its tokens' output gradients, each row written once (no atomics; rows no token used are zero).
+- forward: one program per (token, column block) sums the token's k rows;
+- the values' gradient: one program per (token, column block) takes the dot products of the k rows with the output's
+  gradient over its columns, and the column blocks' partial sums are added up afterwards (in a fixed order);
+- the weight's gradient: the (token, feature) pairs are sorted by feature, and one program per (feature, column
+  block) sums its tokens' output gradients, each row written once (no atomics; rows no token used are zero).
 
-Every sum runs in float32; the output has the autocast dtype where autocast is on (as the dense matmul would),
-else the weight's. The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (the tests do).
+Every sum runs in float32 and is stored in the inputs' dtype. The kernels also run on CPU tensors under
+``TRITON_INTERPRET=1`` (the tests do).
 """
 
 from __future__ import annotations
@@ -19,11 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-# each kernel's blocks: the output columns a program owns (BLOCK_D; the values' gradient steps through them), the codes
-# (BLOCK_K) or (token, feature) pairs (BLOCK_P) loaded at once; the values' gradient kernel holds 72 registers a thread
-# on sm_90 with these (167 with 32 x 128)
+# each kernel's blocks: the output columns a program owns (BLOCK_D), the codes (BLOCK_K) or (token, feature) pairs
+# (BLOCK_P) it loads at once
 GATHER_BLOCKS = {"BLOCK_K": 16, "BLOCK_D": 256}
-VALUES_GRADIENT_BLOCKS = {"BLOCK_K": 32, "BLOCK_D": 64}
+VALUES_GRADIENT_BLOCKS = {"BLOCK_K": 16, "BLOCK_D": 256}
 WEIGHT_GRADIENT_BLOCKS = {"BLOCK_P": 16, "BLOCK_D": 256}
 
 
@@ -45,20 +48,20 @@ def _gather_rows(weight, indices, values, out, K, D, BLOCK_K: tl.constexpr, BLOC
 
 
 @triton.jit
-def _values_gradient(weight, indices, grad_out, grad_values, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _values_gradient(weight, indices, grad_out, partial, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    codes = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_codes = codes < K
-    rows = tl.load(indices + token * K + codes, mask=in_codes, other=0).to(tl.int64)
-    total = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for first in range(0, D, BLOCK_D):
-        columns = first + tl.arange(0, BLOCK_D)
-        in_row = columns < D
-        grad = tl.load(grad_out + token * D + columns, mask=in_row, other=0.0).to(tl.float32)
+    column_block = tl.program_id(1)
+    columns = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row = columns < D
+    grad = tl.load(grad_out + token * D + columns, mask=in_row, other=0.0).to(tl.float32)
+    for first in range(0, K, BLOCK_K):
+        codes = first + tl.arange(0, BLOCK_K)
+        in_codes = codes < K
+        rows = tl.load(indices + token * K + codes, mask=in_codes, other=0).to(tl.int64)
         block = tl.load(weight + rows[:, None] * D + columns[None, :], mask=in_codes[:, None] & in_row[None, :],
                         other=0.0)
-        total += tl.sum(block.to(tl.float32) * grad[None, :], axis=1)
-    tl.store(grad_values + token * K + codes, total.to(grad_values.dtype.element_ty), mask=in_codes)
+        dots = tl.sum(block.to(tl.float32) * grad[None, :], axis=1)
+        tl.store(partial + (column_block * tl.num_programs(0) + token) * K + codes, dots, mask=in_codes)
 
 
 @triton.jit
@@ -97,15 +100,12 @@ class GatherDecode(torch.autograd.Function):
     """``gather_decode`` with gradients for the weight and the values (the indices have none)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype):
-        n_tokens, k = indices.shape
-        width = weight.shape[1]
-        out = torch.empty(n_tokens, width, dtype=out_dtype, device=weight.device)
+    def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
+        (n_tokens, k), width = indices.shape, weight.shape[1]
+        out = torch.zeros(n_tokens, width, dtype=weight.dtype, device=weight.device)
         if n_tokens and k:
             _gather_rows[(n_tokens, triton.cdiv(width, GATHER_BLOCKS["BLOCK_D"]))](
                 weight, indices, values, out, k, width, **GATHER_BLOCKS)
-        else:
-            out.zero_()
         ctx.save_for_backward(weight, indices, values)
         return out
 
@@ -116,23 +116,24 @@ class GatherDecode(torch.autograd.Function):
         (n_tokens, k), (n_features, width) = indices.shape, weight.shape
         grad_weight = grad_values = None
         if ctx.needs_input_grad[2]:
-            grad_values = torch.zeros_like(values)
+            column_blocks = triton.cdiv(width, VALUES_GRADIENT_BLOCKS["BLOCK_D"])
+            partial = torch.zeros(column_blocks, n_tokens, k, dtype=torch.float32, device=weight.device)
             if n_tokens and k:
-                _values_gradient[(n_tokens, triton.cdiv(k, VALUES_GRADIENT_BLOCKS["BLOCK_K"]))](
-                    weight, indices, grad_out, grad_values, k, width, **VALUES_GRADIENT_BLOCKS)
+                _values_gradient[(n_tokens, column_blocks)](weight, indices, grad_out, partial, k, width,
+                                                            **VALUES_GRADIENT_BLOCKS)
+            grad_values = partial.sum(0).to(values.dtype)
         if ctx.needs_input_grad[0]:
             grad_weight = torch.empty_like(weight)
             starts, tokens, scales = _by_feature(indices, values.detach(), n_features)
             _weight_gradient[(n_features, triton.cdiv(width, WEIGHT_GRADIENT_BLOCKS["BLOCK_D"]))](
                 starts, tokens, scales, grad_out, grad_weight, width, **WEIGHT_GRADIENT_BLOCKS)
-        return grad_weight, None, grad_values, None
+        return grad_weight, None, grad_values
 
 
-def gather_decode(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def gather_decode(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """codes @ weight for codes held sparse (``indices``, ``values`` [..., K]; padding entries have value 0) and a
-    weight [F, D]: [..., D] in ``out_dtype`` (the weight's by default)."""
+    weight [F, D]: [..., D] in the weight's dtype."""
     flat_indices = indices.reshape(-1, indices.shape[-1]).contiguous()
     flat_values = values.reshape(-1, values.shape[-1]).contiguous()
-    out = GatherDecode.apply(weight.contiguous(), flat_indices, flat_values, out_dtype or weight.dtype)
+    out = GatherDecode.apply(weight.contiguous(), flat_indices, flat_values)
     return out.view(*indices.shape[:-1], weight.shape[1])
