@@ -2,6 +2,9 @@
 TRITON_INTERPRET=1 (set before triton is imported, which the interpreter needs)."""
 
 import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,3 +105,16 @@ def test_a_clt_trains_through_the_kernels_as_through_the_dense_decoder(sparsifie
     assert gradients[True].keys() == gradients[False].keys() and "W_enc" in gradients[True]
     for name, dense in gradients[False].items():
         torch.testing.assert_close(gradients[True][name], dense, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_training_profile_counts_the_kernels_among_the_gathers(monkeypatch):
+    """Each launch is a profiler range that bench_train.py's profile groups with the gathers."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import bench_train
+
+    monkeypatch.setattr(clt_module, "_gathers_in_triton", lambda weight: True)
+    trainer = bench_train.Trainer(CLTConfig(2, 16, 4, "relu_topk", 4), torch.device("cpu"), 32, True, None)
+    found = bench_train.profile(trainer, steps=1, rows=100)
+    ops = {op["op"] for op in found["top_ops"]}
+    assert {"triton_gather:forward", "triton_gather:values_gradient", "triton_gather:weight_gradient"} <= ops
+    assert bench_train.op_group(SimpleNamespace(name="triton_gather:forward", cpu_parent=None)) == "gather and scatter"

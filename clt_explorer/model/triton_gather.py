@@ -13,8 +13,9 @@ stay in the GPU's L2 cache while every token reads its k of them.
 - the weight's gradient: the (token, feature) pairs are sorted by feature, and one program per (feature, column
   block) sums its tokens' output gradients, each row written once (no atomics; rows no token used are zero).
 
-Every sum runs in float32 and is stored in the inputs' dtype. The kernels also run on CPU tensors under
-``TRITON_INTERPRET=1`` (the tests do).
+Every sum runs in float32 and is stored in the inputs' dtype. Each launch is a ``triton_gather:...`` range for the
+torch profiler (``scripts/bench_train.py --profile`` counts it among the gathers). The kernels also run on CPU tensors
+under ``TRITON_INTERPRET=1`` (the tests do).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import record_function
 
 # each kernel's blocks: the output columns a program owns (BLOCK_D), the codes (BLOCK_K) or (token, feature) pairs
 # (BLOCK_P) it loads at once
@@ -104,8 +106,9 @@ class GatherDecode(torch.autograd.Function):
         (n_tokens, k), width = indices.shape, weight.shape[1]
         out = torch.zeros(n_tokens, width, dtype=weight.dtype, device=weight.device)
         if n_tokens and k:
-            _gather_rows[(n_tokens, triton.cdiv(width, GATHER_BLOCKS["BLOCK_D"]))](
-                weight, indices, values, out, k, width, **GATHER_BLOCKS)
+            with record_function("triton_gather:forward"):
+                _gather_rows[(n_tokens, triton.cdiv(width, GATHER_BLOCKS["BLOCK_D"]))](
+                    weight, indices, values, out, k, width, **GATHER_BLOCKS)
         ctx.save_for_backward(weight, indices, values)
         return out
 
@@ -119,14 +122,16 @@ class GatherDecode(torch.autograd.Function):
             column_blocks = triton.cdiv(width, VALUES_GRADIENT_BLOCKS["BLOCK_D"])
             partial = torch.zeros(column_blocks, n_tokens, k, dtype=torch.float32, device=weight.device)
             if n_tokens and k:
-                _values_gradient[(n_tokens, column_blocks)](weight, indices, grad_out, partial, k, width,
-                                                            **VALUES_GRADIENT_BLOCKS)
+                with record_function("triton_gather:values_gradient"):
+                    _values_gradient[(n_tokens, column_blocks)](weight, indices, grad_out, partial, k, width,
+                                                                **VALUES_GRADIENT_BLOCKS)
             grad_values = partial.sum(0).to(values.dtype)
         if ctx.needs_input_grad[0]:
             grad_weight = torch.empty_like(weight)
             starts, tokens, scales = _by_feature(indices, values.detach(), n_features)
-            _weight_gradient[(n_features, triton.cdiv(width, WEIGHT_GRADIENT_BLOCKS["BLOCK_D"]))](
-                starts, tokens, scales, grad_out, grad_weight, width, **WEIGHT_GRADIENT_BLOCKS)
+            with record_function("triton_gather:weight_gradient"):
+                _weight_gradient[(n_features, triton.cdiv(width, WEIGHT_GRADIENT_BLOCKS["BLOCK_D"]))](
+                    starts, tokens, scales, grad_out, grad_weight, width, **WEIGHT_GRADIENT_BLOCKS)
         return grad_weight, None, grad_values
 
 
