@@ -85,16 +85,15 @@ class Trainer:
     def __init__(self, config: CLTConfig, device: torch.device, batch_tokens: int, sparse: bool,
                  autocast: torch.dtype | None):
         torch.manual_seed(0)
-        self.clt, self.cfg = CrossLayerTranscoder(config, device=device), TrainConfig()
-        self.sparse, self.autocast = sparse, autocast
+        self.clt, self.cfg = CrossLayerTranscoder(config, device=device), TrainConfig(sparse_decoder=sparse)
+        self.autocast = autocast
         self.optimizer = make_optimizer(self.clt, self.cfg)
         self.tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
         self.xs = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
         self.ys = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
 
     def step(self) -> None:
-        training_step(self.clt, self.clt, self.optimizer, self.tracker, self.xs, self.ys, self.cfg, self.autocast,
-                      self.sparse)
+        training_step(self.clt, self.clt, self.optimizer, self.tracker, self.xs, self.ys, self.cfg, self.autocast)
 
 
 def difference_from_dense(trainer: Trainer) -> float:
@@ -215,7 +214,7 @@ def measure_path(config: CLTConfig, device: torch.device, args: argparse.Namespa
     try:  # one trainer at a time: at true size each holds ~14 GB of weights and optimizer state
         trainer = Trainer(config, device, args.batch_tokens, path == "sparse", torch.bfloat16 if gpu else None)
         speed = tokens_per_second(trainer, args.steps)
-        difference = difference_from_dense(trainer) if trainer.sparse else 0.0
+        difference = difference_from_dense(trainer) if trainer.cfg.sparse_decoder else 0.0
         result = {"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate,
                   "difference_from_dense": difference}
         print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}% "

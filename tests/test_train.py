@@ -20,7 +20,9 @@ from clt_explorer.training.train import (
     aux_k_loss,
     initialize_from_data,
     is_trained,
+    make_optimizer,
     train_clt,
+    training_step,
 )
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -90,6 +92,24 @@ def test_every_batch_is_full_and_an_epoch_is_every_token_once(random_teacher):
         assert all(torch.equal(a.xs, b.xs) and torch.equal(a.ys, b.ys) for a, b in zip(resumed, batches[start:]))
     with pytest.raises(ValueError, match="fewer than one batch"):
         ActivationStream(random_teacher, SyntheticShapes("train", n_images=2), batch_tokens=96, chunk_images=12)
+
+
+@pytest.mark.parametrize("sparsifier, sparse_decoder, gathers", [
+    ("relu_topk", None, True), ("relu_topk", True, True), ("relu_topk", False, False), ("abs_topk", True, True),
+    ("jumprelu", True, False), ("jumprelu", None, False)])
+def test_a_training_step_decodes_as_its_config_says(sparsifier, sparse_decoder, gathers, monkeypatch):
+    """``sparse_decoder`` chooses the gather (on a CPU: embedding_bag) or the matmul, and by default a CPU gathers;
+    JumpReLU trains through the matmul whatever it says (its straight-through gradient reaches inactive codes)."""
+    calls, embedding_bag = [], torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag",
+                        lambda *args, **kwargs: calls.append(1) or embedding_bag(*args, **kwargs))
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(3, 8, 4, sparsifier, 4))
+    cfg = TrainConfig(sparse_decoder=sparse_decoder, aux_coef=0.0)
+    before = clt.W_dec[0].detach().clone()
+    training_step(clt, clt, make_optimizer(clt, cfg), DeadFeatureTracker(3, 32, 10**6, torch.device("cpu")),
+                  torch.randn(3, 16, 8), torch.randn(3, 16, 8), cfg, None)
+    assert bool(calls) == gathers and not torch.equal(clt.W_dec[0], before)
 
 
 def test_initialization_from_data_sets_scales_bias_and_thresholds():

@@ -199,6 +199,8 @@ class Sparsifier(nn.Module):
 
     name: ClassVar[str]
     short_name: ClassVar[str]
+    # whether training may decode the codes by a gather of the active ones (kinds whose gradient reaches only those)
+    trains_through_gather: ClassVar[bool] = True
 
     def __init__(self, n_layers: int, n_features: int, k: int):
         super().__init__()
@@ -264,6 +266,7 @@ class JumpReLU(Sparsifier):
     width ``bandwidth``; the penalty ((L0 - k) / k)^2 keeps the mean L0 near k."""
 
     name, short_name = "jumprelu", "JR"
+    trains_through_gather = False  # the straight-through gradient reaches inactive codes near their threshold
 
     def __init__(self, n_layers: int, n_features: int, k: int, bandwidth: float = 0.1,
                  device: torch.device | str | None = None):

@@ -80,6 +80,10 @@ class TrainConfig:
     """Images per teacher forward pass while collecting activations."""
     num_workers: int = 0
     """Data-loading worker processes."""
+    sparse_decoder: bool | None = None
+    """Decode by a gather of the k active rows (on a GPU in Triton kernels) instead of a dense matmul; default: gather
+    on a CPU, matmul on a GPU. JumpReLU always trains through the matmul (its straight-through gradient reaches
+    inactive codes)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,8 +190,9 @@ def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.A
 
 def training_step(model: torch.nn.Module, clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
                   tracker: DeadFeatureTracker, xs: torch.Tensor, ys: torch.Tensor, cfg: TrainConfig,
-                  autocast: torch.dtype | None, sparse: bool | None) -> tuple[torch.Tensor, CLTOutput]:
+                  autocast: torch.dtype | None) -> tuple[torch.Tensor, CLTOutput]:
     """One optimisation step on a token batch (``model`` is the CLT or its DDP wrapper)."""
+    sparse = cfg.sparse_decoder if clt.sparsifier.trains_through_gather else None
     with torch.autocast(xs.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         out = model(xs, sparse)
         loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
@@ -256,7 +261,7 @@ def is_trained(out_dir: str | Path) -> bool:
 
 
 def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: TrainConfig,
-              out_dir: str | Path, progress: bool = True, sparse: bool | None = None) -> TrainResult:
+              out_dir: str | Path, progress: bool = True) -> TrainResult:
     """Train a CLT on ``teacher``'s activations over ``dataset``; resumable and DDP-aware.
 
     ``out_dir`` receives the final CLT (config.json + model.safetensors), ``training.json`` (summary),
@@ -323,7 +328,7 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
                     initialize_from_data(clt, xs, ys)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * _lr_factor(step, total_steps, cfg)
-                loss, out = training_step(model, clt, optimizer, tracker, xs, ys, cfg, autocast, sparse)
+                loss, out = training_step(model, clt, optimizer, tracker, xs, ys, cfg, autocast)
                 step += 1
                 tokens += xs.shape[1] * world_size
                 bar.update(1)
