@@ -104,11 +104,13 @@ class GatherDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
         (n_tokens, k), width = indices.shape, weight.shape[1]
-        out = torch.zeros(n_tokens, width, dtype=weight.dtype, device=weight.device)
+        out = torch.empty(n_tokens, width, dtype=weight.dtype, device=weight.device)
         if n_tokens and k:
             with record_function("triton_gather:forward"):
                 _gather_rows[(n_tokens, triton.cdiv(width, GATHER_BLOCKS["BLOCK_D"]))](
                     weight, indices, values, out, k, width, **GATHER_BLOCKS)
+        else:
+            out.zero_()
         ctx.save_for_backward(weight, indices, values)
         return out
 
@@ -120,11 +122,13 @@ class GatherDecode(torch.autograd.Function):
         grad_weight = grad_values = None
         if ctx.needs_input_grad[2]:
             column_blocks = triton.cdiv(width, VALUES_GRADIENT_BLOCKS["BLOCK_D"])
-            partial = torch.zeros(column_blocks, n_tokens, k, dtype=torch.float32, device=weight.device)
+            partial = torch.empty(column_blocks, n_tokens, k, dtype=torch.float32, device=weight.device)
             if n_tokens and k:
                 with record_function("triton_gather:values_gradient"):
                     _values_gradient[(n_tokens, column_blocks)](weight, indices, grad_out, partial, k, width,
                                                                 **VALUES_GRADIENT_BLOCKS)
+            else:
+                partial.zero_()
             grad_values = partial.sum(0).to(values.dtype)
         if ctx.needs_input_grad[0]:
             grad_weight = torch.empty_like(weight)
