@@ -4,8 +4,8 @@ A CLT's decoder reads k = 128 of F = 12,288 rows per token; a dense matmul does 
 ``F.embedding_bag`` gathers on a CUDA device too, but slowly and without a bfloat16 backward with per-sample
 weights (LEADS.md), so a GPU decodes through these kernels when asked to gather (``sparse=True``). Each program owns
 one block of BLOCK_D output columns, and the programs of one column block run next to each other (the token or
-feature is the grid's fastest axis): the rows they read, F x BLOCK_D of the weight (6 MB in bfloat16 at F = 12,288),
-stay in the GPU's L2 cache while every token reads its k of them.
+feature is the grid's fastest axis), so that the rows they read, F x BLOCK_D of the weight (6 MB in bfloat16 at
+F = 12,288), can stay in the GPU's L2 cache while every token reads its k of them (a design choice, not yet measured).
 
 - forward: one program per (token, column block) sums the token's k rows;
 - the values' gradient: one program per (token, column block) takes the dot products of the k rows with the output's
