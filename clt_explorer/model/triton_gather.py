@@ -33,19 +33,26 @@ WEIGHT_GRADIENT_BLOCKS = {"BLOCK_P": 16, "BLOCK_D": 256}
 
 
 @triton.jit
+def _code_rows(weight, indices, token, first, K, D, columns, in_row, BLOCK_K: tl.constexpr):
+    """Codes first..first + BLOCK_K of a token (their positions and which are real) and their rows' ``columns`` of
+    the weight, in float32 (zeros outside)."""
+    codes = first + tl.arange(0, BLOCK_K)
+    in_codes = codes < K
+    rows = tl.load(indices + token * K + codes, mask=in_codes, other=0).to(tl.int64)
+    block = tl.load(weight + rows[:, None] * D + columns[None, :], mask=in_codes[:, None] & in_row[None, :], other=0.0)
+    return codes, in_codes, block.to(tl.float32)
+
+
+@triton.jit
 def _gather_rows(weight, indices, values, out, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_row = columns < D
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
     for first in range(0, K, BLOCK_K):
-        codes = first + tl.arange(0, BLOCK_K)
-        in_codes = codes < K
-        rows = tl.load(indices + token * K + codes, mask=in_codes, other=0).to(tl.int64)
+        codes, in_codes, block = _code_rows(weight, indices, token, first, K, D, columns, in_row, BLOCK_K)
         scale = tl.load(values + token * K + codes, mask=in_codes, other=0.0).to(tl.float32)
-        block = tl.load(weight + rows[:, None] * D + columns[None, :], mask=in_codes[:, None] & in_row[None, :],
-                        other=0.0)
-        total += tl.sum(block.to(tl.float32) * scale[:, None], axis=0)
+        total += tl.sum(block * scale[:, None], axis=0)
     tl.store(out + token * D + columns, total.to(out.dtype.element_ty), mask=in_row)
 
 
@@ -57,12 +64,8 @@ def _values_gradient(weight, indices, grad_out, partial, K, D, BLOCK_K: tl.const
     in_row = columns < D
     grad = tl.load(grad_out + token * D + columns, mask=in_row, other=0.0).to(tl.float32)
     for first in range(0, K, BLOCK_K):
-        codes = first + tl.arange(0, BLOCK_K)
-        in_codes = codes < K
-        rows = tl.load(indices + token * K + codes, mask=in_codes, other=0).to(tl.int64)
-        block = tl.load(weight + rows[:, None] * D + columns[None, :], mask=in_codes[:, None] & in_row[None, :],
-                        other=0.0)
-        dots = tl.sum(block.to(tl.float32) * grad[None, :], axis=1)
+        codes, in_codes, block = _code_rows(weight, indices, token, first, K, D, columns, in_row, BLOCK_K)
+        dots = tl.sum(block * grad[None, :], axis=1)
         tl.store(partial + (column_block * tl.num_programs(0) + token) * K + codes, dots, mask=in_codes)
 
 
