@@ -116,15 +116,19 @@ def read_log(log: Path) -> dict:
     return {"result": result, "stages": stages}
 
 
+def decoding_figures(path: dict) -> str:
+    """One decoding path of a training step in a few words."""
+    if "error" in path:
+        return f"{path['path']} failed"
+    difference = f", {path['difference_from_dense']:.0e} from dense" if path["difference_from_dense"] else ""
+    return f"{path['path']} {path['tokens_per_s']:,.0f} tok/s ({100 * path['matmul_fraction']:.0f}%{difference})"
+
+
 def headline(name: str, found: dict) -> str:
     """One step's figures in a few words."""
     result = found["result"]
     if name.startswith("train") and result is not None:
-        paths = ", ".join(f"{r['path']} failed" if "error" in r else
-                          f"{r['path']} {r['tokens_per_s']:,.0f} tok/s ({100 * r['matmul_fraction']:.0f}%"
-                          + (f", {r['difference_from_dense']:.0e} from dense)" if r['difference_from_dense'] else ")")
-                          for r in result["all"])
-        return f"{paths} of {result['matmul_tflops']:.3g} TFLOP/s"
+        return f"{', '.join(map(decoding_figures, result['all']))} of {result['matmul_tflops']:.3g} TFLOP/s"
     if result is not None:
         return (f"{result['train_images']} images, {result['epochs']} epochs: {result['total_s']:.0f} s; "
                 f"~{result['projected_total_s'] / 3600:.1f} h at true scale; failed: {result['failed'] or 'none'}")
