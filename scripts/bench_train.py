@@ -1,10 +1,12 @@
 """Training throughput of one CLT, in tokens per second, against the device's measured matmul rate.
 
 On a GPU: true ViT-B/32 scale (L = 12, d = 768, F = 12288, k = 128), bf16 autocast. Without one: a reduced width
-(default d = 192, F = 3072) in fp32 on the CPU. Both time the dense decoder and the sparse one (a gather of the active
-rows: embedding_bag on a CPU, the Triton kernels of clt_explorer/model/triton_gather.py on a GPU), whose outputs and
-gradients are first compared with the dense decoder's for 256 tokens in fp32 on the same device ("vs dense", the
-largest relative difference).
+(default d = 192, F = 3072) in fp32 on the CPU. Both time each of the paper's sparsifiers (ReLU-TopK, Abs-TopK,
+JumpReLU; started from the batch as training starts, JumpReLU's thresholds near the (1 - k/F) quantile) with the dense
+decoder and the sparse one (a gather of the active rows: embedding_bag on a CPU, the Triton kernels of
+clt_explorer/model/triton_gather.py on a GPU), whose outputs and gradients are first compared with the dense decoder's
+for 256 tokens in fp32 on the same device ("vs dense", the largest relative difference). JumpReLU trains through the
+dense decoder only (its straight-through gradient reaches inactive codes), so it has no sparse row.
 
 flops_per_token counts the matrix multiplications a dense implementation must do for one token,
 forward and backward (3 x forward): encoders 2 L d F, decoders 2 (L(L+1)/2) F d per forward.
@@ -13,10 +15,11 @@ run, in the training dtype: bf16 on a GPU, fp32 on a CPU).
 
 ``--profile`` then runs a few more steps of each decoding path under the torch profiler and prints where their time
 goes: the ops with the most self time (device time on a GPU) and the shares of matmuls, top-k selection, gathers and
-scatters, zeroing, the optimizer and the rest (in the JSON line too).
+scatters, zeroing, the optimizer and the rest (in the JSON line too). A JSON line is printed after each path, the
+figures so far, so that a run stopped at a time limit keeps the paths it finished; the last line is the whole run.
 
     python scripts/bench_train.py [--d-model 768 --expansion 16 --k 128 --batch-tokens 4096 --steps 20]
-                                  [--decoders dense,sparse] [--profile]
+                                  [--sparsifiers relu_topk,abs_topk,jumprelu] [--decoders dense,sparse] [--profile]
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.training.train import DeadFeatureTracker, TrainConfig, make_optimizer, training_step
+from clt_explorer.model.sparsifiers import SPARSIFIERS, sparsifier_class
+from clt_explorer.training.train import (
+    DeadFeatureTracker,
+    TrainConfig,
+    initialize_from_data,
+    make_optimizer,
+    training_step,
+)
+
+PAPER_SPARSIFIERS = ("relu_topk", "abs_topk", "jumprelu")
 
 
 def synchronize(device: torch.device) -> None:
@@ -91,6 +103,7 @@ class Trainer:
         self.tracker = DeadFeatureTracker(config.n_layers, config.n_features, 10_000_000, device)
         self.xs = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
         self.ys = torch.randn(config.n_layers, batch_tokens, config.d_model, device=device)
+        initialize_from_data(self.clt, self.xs, self.ys)
 
     def step(self) -> None:
         training_step(self.clt, self.clt, self.optimizer, self.tracker, self.xs, self.ys, self.cfg, self.autocast)
@@ -155,12 +168,44 @@ def profile(trainer: Trainer, steps: int, rows: int = 12) -> dict:
                         for name, (spent, calls) in ranked]}
 
 
-def print_profile(path: str, found: dict) -> None:
-    print(f"\nprofile of the {path} path: {found['time_per_step_ms']:.1f} ms of op self time per step")
+def print_profile(result: dict) -> None:
+    found = result["profile"]
+    print(f"\nprofile of the {result['sparsifier']} {result['path']} path: {found['time_per_step_ms']:.1f} ms of op "
+          "self time per step")
     print("  " + ", ".join(f"{group} {100 * share:.0f}%" for group, share in found["groups"].items()))
     print(f"  {'op':40} {'share':>6} {'calls/step':>11}")
     for op in found["top_ops"]:
         print(f"  {op['op'][:40]:40} {100 * op['share']:5.1f}% {op['calls']:11d}")
+
+
+def listed(parser: argparse.ArgumentParser, option: str, value: str, known) -> list[str]:
+    """A comma-separated option's names, each one of ``known`` (else the parser's error)."""
+    names = value.split(",")
+    if not value or set(names) - set(known):
+        parser.error(f"--{option} takes {', '.join(known)}, got {value!r}")
+    return names
+
+
+def paths_to_time(sparsifiers: list[str], decoders: list[str]) -> list[tuple[str, str]]:
+    """The (sparsifier, decoder) pairs to time, sparsifier by sparsifier; a sparsifier that trains through the dense
+    decoder only (JumpReLU) has no sparse pair."""
+    return [(name, path) for name in sparsifiers for path in decoders
+            if path == "dense" or sparsifier_class(name).trains_through_gather]
+
+
+def summary(name: str, config: CLTConfig, batch_tokens: int, flops: int, rate: float, results: list[dict]) -> dict:
+    """The JSON line: the fastest path overall, the fastest per sparsifier (``best``), and every path (``all``)."""
+    measured = [r for r in results if "error" not in r]
+    best: dict[str, dict] = {}  # in the order the sparsifiers were timed
+    for result in measured:
+        if result["tokens_per_s"] > best.get(result["sparsifier"], {}).get("tokens_per_s", 0):
+            best[result["sparsifier"]] = {key: result[key] for key in ("path", "tokens_per_s", "matmul_fraction")}
+    fastest = max(measured, key=lambda r: r["tokens_per_s"]) if measured else {}
+    return {"device": name, "tokens_per_s": fastest.get("tokens_per_s"), "flops_per_token": flops,
+            "matmul_fraction": fastest.get("matmul_fraction"), "path": fastest.get("path"),
+            "sparsifier": fastest.get("sparsifier"), "best": best, "matmul_tflops": rate / 1e12,
+            "d_model": config.d_model, "n_features": config.n_features, "k": config.k, "batch_tokens": batch_tokens,
+            "all": results}
 
 
 def main() -> int:
@@ -172,16 +217,18 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=4096 if gpu else 1024)
     parser.add_argument("--steps", type=int, default=20 if gpu else 5)
+    parser.add_argument("--sparsifiers", default=",".join(PAPER_SPARSIFIERS),
+                        help="sparsifiers to time, comma-separated (default: the paper's three)")
     parser.add_argument("--decoders", default="dense,sparse",
                         help="decoding paths to time, comma-separated: sparse (a gather of the active rows), dense")
     parser.add_argument("--profile", action="store_true", help="then profile a few steps of each path")
     parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
-    decoders = args.decoders.split(",")
-    if not decoders or set(decoders) - {"sparse", "dense"}:
-        parser.error(f"--decoders takes sparse and/or dense, got {args.decoders!r}")
+    sparsifiers = listed(parser, "sparsifiers", args.sparsifiers, SPARSIFIERS)
+    decoders = listed(parser, "decoders", args.decoders, ("sparse", "dense"))
     device = torch.device("cuda" if gpu else "cpu")
-    config = CLTConfig(args.layers, args.d_model, args.expansion, "relu_topk", args.k)
+    configs = {s: CLTConfig(args.layers, args.d_model, args.expansion, s, args.k) for s in sparsifiers}
+    config = configs[sparsifiers[0]]
     dtype = torch.bfloat16 if gpu else torch.float32
     rate = matmul_rate(device, dtype, 8192 if gpu else 2048)
     flops = flops_per_token(config)
@@ -191,41 +238,43 @@ def main() -> int:
           f"{'bf16 autocast' if gpu else 'fp32'}")
     print(f"measured {str(dtype).replace('torch.', '')} matmul rate: {rate / 1e12:.2f} TFLOP/s; "
           f"dense work per token (fwd + bwd): {flops / 1e9:.2f} GFLOP")
-    print(f"{'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15} {'vs dense':>14}")
-    results = [measure_path(config, device, args, path, flops, rate) for path in decoders]
+    skipped = [s for s in sparsifiers if "sparse" in decoders and not sparsifier_class(s).trains_through_gather]
+    if skipped:
+        print(f"no sparse path for {', '.join(skipped)}: it trains through the dense decoder only")
+    print(f"{'sparsifier':10} {'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15} {'vs dense':>14}")
+    results = []
+    for sparsifier, path in paths_to_time(sparsifiers, decoders):
+        results.append(measure_path(configs[sparsifier], device, args, path, flops, rate))
+        print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)), flush=True)
     for result in results if args.profile else ():
         if "profile" in result:
-            print_profile(result["path"], result["profile"])
-    measured = [r for r in results if "error" not in r]
-    best = max(measured, key=lambda r: r["tokens_per_s"]) if measured else {}
-    print(json.dumps({"device": name, "tokens_per_s": best.get("tokens_per_s"), "flops_per_token": flops,
-                      "matmul_fraction": best.get("matmul_fraction"), "path": best.get("path"),
-                      "matmul_tflops": rate / 1e12, "d_model": config.d_model, "n_features": config.n_features,
-                      "k": config.k, "batch_tokens": args.batch_tokens, "all": results}))
-    return 0 if len(measured) == len(results) else 1
+            print_profile(result)
+    print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)))
+    return 0 if all("error" not in r for r in results) else 1
 
 
 def measure_path(config: CLTConfig, device: torch.device, args: argparse.Namespace, path: str, flops: int,
                  rate: float) -> dict:
-    """One decoding path's tokens/s (and profile), printed as a row; a path that fails (out of memory, an op this
-    device lacks, a kernel that does not compile) is recorded with its error, so that the other path's figures still
-    come out."""
+    """One sparsifier's decoding path: its tokens/s (and profile), printed as a row; a path that fails (out of memory,
+    an op this device lacks, a kernel that does not compile) is recorded with its error, so that the other paths'
+    figures still come out."""
     gpu = device.type == "cuda"
+    row = f"{config.sparsifier:10} {path:10}"
     try:  # one trainer at a time: at true size each holds ~14 GB of weights and optimizer state
         trainer = Trainer(config, device, args.batch_tokens, path == "sparse", torch.bfloat16 if gpu else None)
         speed = tokens_per_second(trainer, args.steps)
         difference = difference_from_dense(trainer) if trainer.cfg.sparse_decoder else 0.0
-        result = {"path": path, "tokens_per_s": speed, "matmul_fraction": speed * flops / rate,
-                  "difference_from_dense": difference}
-        print(f"{path:10} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}% "
+        result = {"sparsifier": config.sparsifier, "path": path, "tokens_per_s": speed,
+                  "matmul_fraction": speed * flops / rate, "difference_from_dense": difference}
+        print(f"{row} {speed:12.0f} {speed * flops / 1e12:9.2f} {100 * speed * flops / rate:14.1f}% "
               f"{difference:14.1e}", flush=True)
         if args.profile:
             result["profile"] = profile(trainer, args.profile_steps)
         return result
     except Exception as error:  # torch.OutOfMemoryError, NotImplementedError, a Triton kernel's TritonError among them
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"{path:10} failed: {message}", flush=True)
-        return {"path": path, "error": message}
+        print(f"{row} failed: {message}", flush=True)
+        return {"sparsifier": config.sparsifier, "path": path, "error": message}
     finally:
         trainer = None  # frees the weights and optimizer state before the next path's trainer
         if gpu:

@@ -3,7 +3,8 @@
 Steps, one after another, each in its own process with its own time limit, its output saved as it runs:
 
 1. ``train_4096``: training throughput at true ViT-B/32 scale (``bench_train.py``: F = 12288, k = 128, bf16), the
-   dense and the sparse decoder, 4,096 tokens a batch, with the profile of where a step's time goes;
+   paper's three sparsifiers with the dense and the sparse decoder, 4,096 tokens a batch, with the profile of where a
+   step's time goes (a step stopped at its limit keeps the paths it finished);
 2. ``train_16384``: the same at 16,384 tokens a batch, where the products weigh more against the rest of a step;
 3. ``rehearsal``: the ``paper`` preset end to end at the ViT-B/32 shape (``rehearse_paper.py``) at ``--scale`` (0.05:
    2,500 / 500 images, one epoch), each stage projected to the true scale; its limit is what is left of the budget.
@@ -117,11 +118,12 @@ def read_log(log: Path) -> dict:
 
 
 def decoding_figures(path: dict) -> str:
-    """One decoding path of a training step in a few words."""
+    """One sparsifier's decoding path of a training step in a few words."""
+    label = f"{path['sparsifier']} {path['path']}"
     if "error" in path:
-        return f"{path['path']} failed"
+        return f"{label} failed"
     difference = f", {path['difference_from_dense']:.0e} from dense" if path["difference_from_dense"] else ""
-    return f"{path['path']} {path['tokens_per_s']:,.0f} tok/s ({100 * path['matmul_fraction']:.0f}%{difference})"
+    return f"{label} {path['tokens_per_s']:,.0f} tok/s ({100 * path['matmul_fraction']:.0f}%{difference})"
 
 
 def headline(name: str, found: dict) -> str:
@@ -180,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     checks.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu-checks", help="logs and summary.json")
     checks.add_argument("--wheels", help="a folder of wheels to install first (the `wheels` verb's)")
     checks.add_argument("--site", default="/tmp/site", help="where the wheels are installed")
-    checks.add_argument("--budget-s", type=float, default=330, help="seconds for all steps together")
-    checks.add_argument("--train-limit-s", type=float, default=120, help="seconds for each training benchmark")
+    checks.add_argument("--budget-s", type=float, default=360, help="seconds for all steps together")
+    checks.add_argument("--train-limit-s", type=float, default=150, help="seconds for each training benchmark")
     checks.add_argument("--scale", type=float, default=0.05, help="the rehearsal's --scale")
     checks.add_argument("--work", default="/tmp/clt-rehearsal", help="the rehearsal's --work folder")
     checks.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU")

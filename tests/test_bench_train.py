@@ -30,12 +30,14 @@ def test_ops_are_grouped_by_name_and_inside_the_optimizer_by_their_place():
     assert op_group(SimpleNamespace(name="aten::topk", cpu_parent=None)) == "top-k"
 
 
+TOY = ["--layers", "3", "--d-model", "32", "--expansion", "4", "--k", "8", "--batch-tokens", "64", "--steps", "2"]
+
+
 def test_the_profile_splits_each_paths_step_into_ops_and_groups():
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--layers", "3", "--d-model", "32",
-                           "--expansion", "4", "--k", "8", "--batch-tokens", "64", "--steps", "2", "--profile",
-                           "--profile-steps", "2"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *TOY, "--sparsifiers", "relu_topk",
+                           "--profile", "--profile-steps", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "profile of the sparse path" in done.stdout and "profile of the dense path" in done.stdout
+    assert all(f"profile of the relu_topk {path} path" in done.stdout for path in ("sparse", "dense"))
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for path in result["all"]:
         found = path["profile"]
@@ -51,10 +53,44 @@ def test_the_profile_splits_each_paths_step_into_ops_and_groups():
     assert by_path["sparse"]["gather and scatter"] > by_path["dense"].get("gather and scatter", 0)
 
 
-def test_an_unknown_decoding_path_is_refused():
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--decoders", "dense,csr"],
+def test_every_sparsifier_of_the_paper_is_timed_and_each_path_leaves_the_figures_so_far():
+    """JumpReLU has no sparse path (it trains through the dense decoder); a JSON line follows each path, so that a run
+    stopped at a time limit keeps what it finished; ``best`` is each sparsifier's fastest path."""
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *TOY], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no sparse path for jumprelu: it trains through the dense decoder only" in done.stdout
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    pairs = [("relu_topk", "dense"), ("relu_topk", "sparse"), ("abs_topk", "dense"), ("abs_topk", "sparse"),
+             ("jumprelu", "dense")]
+    assert [[(p["sparsifier"], p["path"]) for p in line["all"]] for line in lines] == \
+        [pairs[:n] for n in range(1, 6)] + [pairs]
+    result = lines[-1]
+    for sparsifier, best in result["best"].items():
+        timed = [p for p in result["all"] if p["sparsifier"] == sparsifier]
+        assert best["tokens_per_s"] == max(p["tokens_per_s"] for p in timed)
+        assert best["path"] == max(timed, key=lambda p: p["tokens_per_s"])["path"]
+    assert list(result["best"]) == ["relu_topk", "abs_topk", "jumprelu"]
+    assert result["tokens_per_s"] == max(b["tokens_per_s"] for b in result["best"].values())
+
+
+def test_a_jumprelu_trainer_starts_from_its_batch_as_training_does():
+    """Thresholds near each feature's (1 - k/F) quantile of the batch, so that its codes are as sparse as a trained
+    CLT's (from the initial threshold of 0.5, this batch's L0 would be ~ F/4)."""
+    trainer = bench_train.Trainer(CLTConfig(2, 32, 8, "jumprelu", 16), torch.device("cpu"), 512, False, None)
+    with torch.no_grad():
+        l0 = torch.stack([c.l0().float().mean() for c in trainer.clt(trainer.xs).codes])
+    assert ((l0 > 16 / 2) & (l0 < 16 * 2)).all(), l0
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--decoders", "dense,csr", "--decoders takes sparse, dense, got 'dense,csr'"),
+    ("--sparsifiers", "relu_topk,batch_topk", "--sparsifiers takes relu_topk, abs_topk, jumprelu, got "
+                                              "'relu_topk,batch_topk'")])
+def test_an_unknown_decoding_path_or_sparsifier_is_refused(option, value, message):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), option, value],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--decoders takes sparse and/or dense, got 'dense,csr'" in done.stderr
+    assert done.returncode == 2 and message in done.stderr
 
 
 class CompilationError(Exception):
@@ -75,13 +111,16 @@ def test_a_path_that_fails_is_recorded_with_its_error_and_the_other_still_measur
 
     monkeypatch.setattr(bench_train, "Trainer", FailingSparse)
     monkeypatch.setattr(sys, "argv", ["bench_train.py", "--layers", "2", "--d-model", "32", "--expansion", "4", "--k",
-                                      "8", "--batch-tokens", "64", "--steps", "1", "--decoders", "sparse,dense"])
+                                      "8", "--batch-tokens", "64", "--steps", "1", "--decoders", "sparse,dense",
+                                      "--sparsifiers", "relu_topk"])
     assert bench_train.main() == 1
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["all"][0] == {"path": "sparse", "error": message}
+    assert result["all"][0] == {"sparsifier": "relu_topk", "path": "sparse", "error": message}
     assert result["path"] == "dense" and result["tokens_per_s"] == result["all"][1]["tokens_per_s"] > 0
-    assert f"sparse     failed: {message}" in out
+    assert result["best"] == {"relu_topk": {key: result["all"][1][key]
+                                            for key in ("path", "tokens_per_s", "matmul_fraction")}}
+    assert f"relu_topk  sparse     failed: {message}" in out
 
 
 def test_the_check_against_the_dense_decoder_finds_a_gather_that_drops_the_codes_values(monkeypatch):

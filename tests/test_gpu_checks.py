@@ -42,7 +42,9 @@ def test_the_run_keeps_each_steps_figures_and_stops_the_one_over_the_budget(tmp_
     for name, tokens in (("train_4096", 64), ("train_16384", 256)):
         result = steps[name]["result"]
         assert steps[name]["status"] == "ok" and result["batch_tokens"] == tokens
-        assert [path["path"] for path in result["all"]] == ["dense", "sparse"]
+        assert [(path["sparsifier"], path["path"]) for path in result["all"]] == [
+            ("relu_topk", "dense"), ("relu_topk", "sparse"), ("abs_topk", "dense"), ("abs_topk", "sparse"),
+            ("jumprelu", "dense")]
         assert all(path["tokens_per_s"] > 0 for path in result["all"])
         assert all(path["profile"]["time_per_step_ms"] > 0 for path in result["all"])
         assert name in done.stdout and f"{result['all'][0]['tokens_per_s']:,.0f} tok/s" in done.stdout
@@ -72,13 +74,15 @@ def test_a_run_told_to_install_wheels_from_an_empty_folder_says_how_to_fetch_the
 
 
 def test_the_table_names_a_failed_decoding_path_beside_the_measured_one():
-    found = {"result": {"all": [{"path": "dense", "tokens_per_s": 73_000.0, "matmul_fraction": 0.48,
-                                 "difference_from_dense": 0.0},
-                                {"path": "sparse", "error": "CUDA out of memory"}], "matmul_tflops": 790.2},
+    found = {"result": {"all": [{"sparsifier": "relu_topk", "path": "dense", "tokens_per_s": 73_000.0,
+                                 "matmul_fraction": 0.48, "difference_from_dense": 0.0},
+                                {"sparsifier": "relu_topk", "path": "sparse", "error": "CUDA out of memory"}],
+                        "matmul_tflops": 790.2},
              "stages": []}
-    assert gpu_checks.headline("train_16384", found) == "dense 73,000 tok/s (48%), sparse failed of 790 TFLOP/s"
-    found["result"]["all"][1] = {"path": "sparse", "tokens_per_s": 140_500.0, "matmul_fraction": 0.92,
-                                 "difference_from_dense": 3.1e-7}
     assert gpu_checks.headline("train_16384", found) == \
-        "dense 73,000 tok/s (48%), sparse 140,500 tok/s (92%, 3e-07 from dense) of 790 TFLOP/s"
+        "relu_topk dense 73,000 tok/s (48%), relu_topk sparse failed of 790 TFLOP/s"
+    found["result"]["all"][1] = {"sparsifier": "relu_topk", "path": "sparse", "tokens_per_s": 140_500.0,
+                                 "matmul_fraction": 0.92, "difference_from_dense": 3.1e-7}
+    assert gpu_checks.headline("train_16384", found) == \
+        "relu_topk dense 73,000 tok/s (48%), relu_topk sparse 140,500 tok/s (92%, 3e-07 from dense) of 790 TFLOP/s"
     assert gpu_checks.headline("rehearsal", {"result": None, "stages": []}) == "-"
