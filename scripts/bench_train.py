@@ -5,8 +5,8 @@ On a GPU: true ViT-B/32 scale (L = 12, d = 768, F = 12288, k = 128), bf16 autoca
 JumpReLU; started from the batch as training starts, JumpReLU's thresholds near the (1 - k/F) quantile) with the dense
 decoder and the sparse one (a gather of the active rows: embedding_bag on a CPU, the Triton kernels of
 clt_explorer/model/triton_gather.py on a GPU), whose outputs and gradients are first compared with the dense decoder's
-for 256 tokens in fp32 on the same device ("vs dense", the largest relative difference). JumpReLU trains through the
-dense decoder only (its straight-through gradient reaches inactive codes), so it has no sparse row.
+for 256 tokens in fp32 on the same device ("vs dense", the largest relative difference). JumpReLU's gather also reads
+the inactive codes its straight-through gradient reaches (those within half its bandwidth below their threshold).
 
 flops_per_token counts the matrix multiplications a dense implementation must do for one token,
 forward and backward (3 x forward): encoders 2 L d F, decoders 2 (L(L+1)/2) F d per forward.
@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
-from clt_explorer.model.sparsifiers import SPARSIFIERS, sparsifier_class
+from clt_explorer.model.sparsifiers import SPARSIFIERS
 from clt_explorer.training.train import (
     DeadFeatureTracker,
     TrainConfig,
@@ -186,13 +186,6 @@ def listed(parser: argparse.ArgumentParser, option: str, value: str, known) -> l
     return names
 
 
-def paths_to_time(sparsifiers: list[str], decoders: list[str]) -> list[tuple[str, str]]:
-    """The (sparsifier, decoder) pairs to time, sparsifier by sparsifier; a sparsifier that trains through the dense
-    decoder only (JumpReLU) has no sparse pair."""
-    return [(name, path) for name in sparsifiers for path in decoders
-            if path == "dense" or sparsifier_class(name).trains_through_gather]
-
-
 def summary(name: str, config: CLTConfig, batch_tokens: int, flops: int, rate: float, results: list[dict]) -> dict:
     """The JSON line: the fastest path overall, the fastest per sparsifier (``best``), and every path (``all``)."""
     measured = [r for r in results if "error" not in r]
@@ -238,12 +231,9 @@ def main() -> int:
           f"{'bf16 autocast' if gpu else 'fp32'}")
     print(f"measured {str(dtype).replace('torch.', '')} matmul rate: {rate / 1e12:.2f} TFLOP/s; "
           f"dense work per token (fwd + bwd): {flops / 1e9:.2f} GFLOP")
-    skipped = [s for s in sparsifiers if "sparse" in decoders and not sparsifier_class(s).trains_through_gather]
-    if skipped:
-        print(f"no sparse path for {', '.join(skipped)}: it trains through the dense decoder only")
     print(f"{'sparsifier':10} {'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15} {'vs dense':>14}")
     results = []
-    for sparsifier, path in paths_to_time(sparsifiers, decoders):
+    for sparsifier, path in ((s, path) for s in sparsifiers for path in decoders):
         results.append(measure_path(configs[sparsifier], device, args, path, flops, rate))
         print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)), flush=True)
     for result in results if args.profile else ():

@@ -82,15 +82,38 @@ def test_the_sparse_decoder_trains_as_the_dense_one(sparsifier):
         assert torch.allclose(gradients[True][name], dense, rtol=1e-5, atol=1e-7), name
 
 
-def test_the_sparse_decoder_refuses_to_train_jumprelu():
-    """JumpReLU's straight-through gradient reaches inactive codes near their threshold, which a gather of the
-    active rows would drop: training through it is refused, decoding without gradients is not."""
+def test_jumprelu_trains_through_the_gather_as_through_the_matmul():
+    """In training, JumpReLU's codes reach the gather held sparse with the inactive codes near their threshold, which
+    the straight-through gradient reaches: the output and every gradient (the thresholds' included) are the dense
+    decoder's, the L0 penalty in the loss."""
     clt = make_clt("jumprelu")
-    xs = torch.randn(5, 64, 12)
-    with pytest.raises(ValueError, match="straight-through"):
-        clt(xs, sparse=True)
+    xs, ys = torch.randn(5, 64, 12), torch.randn(5, 64, 12)
+    outputs, gradients = {}, {}
+    for sparse in (False, True):
+        clt.zero_grad(set_to_none=True)
+        out = clt(xs, sparse=sparse)
+        ((out.yhat - ys).pow(2).mean() + clt.sparsifier.penalty(out.pre)).backward()
+        assert all(c.held_sparse == sparse for c in out.codes)
+        outputs[sparse] = out.yhat.detach()
+        gradients[sparse] = {name: p.grad.clone() for name, p in clt.named_parameters() if p.grad is not None}
+    assert any((c.values == 0).any() for c in out.codes)  # inactive codes held for their gradient
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+    assert gradients[True].keys() == gradients[False].keys() and "sparsifier.log_threshold" in gradients[True]
+    for name, dense in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], dense, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # outside training, held dense (gathered by each token's nonzero codes)
+        assert not any(c.held_sparse for c in clt(xs, sparse=True).codes)
+
+
+def test_the_sparse_decoder_refuses_codes_held_dense_that_need_every_gradient():
+    """A gather of the nonzero entries of codes held dense would give the zero ones no gradient."""
+    clt = make_clt("jumprelu")
+    z = torch.randn(4, clt.config.n_features).relu().requires_grad_()
+    with pytest.raises(ValueError, match="would not give the zero ones their gradient"):
+        clt.decode_source(0, SparseCodes.from_dense(z), sparse=True)
     with torch.no_grad():
-        assert torch.allclose(clt(xs, sparse=True).yhat, clt(xs, sparse=False).yhat, atol=1e-5)
+        torch.testing.assert_close(clt.decode_source(0, SparseCodes.from_dense(z), sparse=True),
+                                   clt.decode_source(0, SparseCodes.from_dense(z), sparse=False))
 
 
 def test_codes_held_dense_decode_on_a_cpu_through_their_nonzero_rows_except_in_training(monkeypatch):

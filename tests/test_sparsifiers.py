@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from clt_explorer.model.sparsifiers import SparseCodes, abs_topk, jumprelu, jumprelu_l0, relu_topk, sparsifier_class
+from clt_explorer.model.sparsifiers import (
+    SparseCodes,
+    abs_topk,
+    jumprelu,
+    jumprelu_l0,
+    jumprelu_reached,
+    relu_topk,
+    sparsifier_class,
+)
 
 
 @pytest.fixture
@@ -48,6 +56,40 @@ def test_jumprelu_forward_and_straight_through_gradient(pre):
     # d/dtheta sum_t z = -(theta / eps) * sum_t K((pre - theta) / eps), K = 1[|u| < 1/2]
     window = ((pre - 0.8).abs() < bandwidth / 2).float().sum(0)
     assert torch.allclose(theta.grad, -(0.8 / bandwidth) * window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jumprelu_held_sparse_for_a_gather_has_the_dense_codes_and_gradients(pre, dtype):
+    """Held sparse with every code the straight-through gradient reaches (the active ones, the inactive ones within
+    eps/2 below their threshold with value 0), padded with zero codes to the largest count: the same codes and the
+    same gradients in the pre-activations and the thresholds as :func:`jumprelu`'s dense codes, for an upstream
+    gradient that differs at every code (a decoder's)."""
+    pre = pre.to(dtype)
+    theta = torch.linspace(0.3, 1.2, 300)
+    bandwidth = 0.4
+    upstream = torch.randn(64, 300, generator=torch.Generator().manual_seed(1))
+    found = {}
+    for make in (jumprelu, jumprelu_reached):
+        x, t = pre.clone().requires_grad_(), theta.clone().requires_grad_()
+        codes = make(x, t, bandwidth)
+        (codes.dense().float() * upstream).sum().backward()
+        found[make] = codes, x.grad, t.grad
+    (dense, *dense_grads), (held, *held_grads) = found[jumprelu], found[jumprelu_reached]
+    assert held.held_sparse and torch.equal(held.dense(), dense.dense())
+    margin = pre.float() - theta
+    reached = (margin > 0) | ((margin / bandwidth).abs() < 0.5)
+    assert held.values.shape == (64, int(reached.sum(-1).max()))
+    assert (reached.sum(-1) > (margin > 0).sum(-1)).all()  # inactive codes near the threshold in every token
+    assert reached.gather(-1, held.indices).sum() == reached.sum()  # every reached code is held
+    assert torch.equal(held_grads[0], dense_grads[0])
+    torch.testing.assert_close(held_grads[1], dense_grads[1], rtol=1e-6, atol=1e-5)
+    assert dense_grads[1].abs().sum() > 0
+
+
+def test_jumprelu_held_sparse_for_a_gather_of_no_tokens():
+    pre = torch.zeros(0, 5, requires_grad=True)
+    codes = jumprelu_reached(pre, torch.full((5,), 0.5), 0.1)
+    assert codes.values.shape == (0, 1) and codes.dense().shape == (0, 5)
 
 
 def test_jumprelu_l0_value_and_gradient(pre):

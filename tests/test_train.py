@@ -96,10 +96,10 @@ def test_every_batch_is_full_and_an_epoch_is_every_token_once(random_teacher):
 
 @pytest.mark.parametrize("sparsifier, sparse_decoder, gathers", [
     ("relu_topk", None, True), ("relu_topk", True, True), ("relu_topk", False, False), ("abs_topk", True, True),
-    ("jumprelu", True, False), ("jumprelu", None, False)])
+    ("jumprelu", True, True), ("jumprelu", None, True), ("jumprelu", False, False)])
 def test_a_training_step_decodes_as_its_config_says(sparsifier, sparse_decoder, gathers, monkeypatch):
-    """``sparse_decoder`` chooses the gather (on a CPU: embedding_bag) or the matmul, and by default a CPU gathers;
-    JumpReLU trains through the matmul whatever it says (its straight-through gradient reaches inactive codes)."""
+    """``sparse_decoder`` chooses the gather (on a CPU: embedding_bag) or the matmul, and by default a CPU gathers,
+    for every sparsifier (JumpReLU's gather reads the inactive codes its straight-through gradient reaches too)."""
     calls, embedding_bag = [], torch.nn.functional.embedding_bag
     monkeypatch.setattr(torch.nn.functional, "embedding_bag",
                         lambda *args, **kwargs: calls.append(1) or embedding_bag(*args, **kwargs))

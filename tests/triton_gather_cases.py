@@ -83,7 +83,7 @@ def test_no_tokens_decode_to_nothing_with_a_zero_weight_gradient():
     assert out.shape == (0, 7) and not weight.grad.any() and values.grad.shape == (0, 3)
 
 
-@pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk"])
+@pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk", "jumprelu"])
 def test_a_clt_trains_through_the_kernels_as_through_the_dense_decoder(sparsifier, monkeypatch):
     """A training pass of a CLT whose gathers run in the kernels (as on a GPU) gives the dense decoder's output and
     every parameter's gradient (the encoder's through the codes' values)."""

@@ -211,10 +211,13 @@ class CrossLayerTranscoder(nn.Module):
         return normalize_contributions(self.contribution_norms(codes, sparse, per_image))
 
     def forward(self, xs: torch.Tensor, sparse: bool | None = None) -> "CLTOutput":
-        """Training pass with teacher forcing: every layer's codes come from the given xs [L, N, d]."""
+        """Training pass with teacher forcing: every layer's codes come from the given xs [L, N, d] (in the form a
+        decoder that gathers needs, where it gathers)."""
         self._check_layers(xs, "xs")
         pre = [self.preactivations(layer, xs[layer]) for layer in range(self.config.n_layers)]
-        codes = [self.sparsifier(layer, p) for layer, p in enumerate(pre)]
+        gathers = _gathers_by_default(self.W_enc.device) if sparse is None else sparse
+        sparsify = self.sparsifier.codes_to_gather if gathers else self.sparsifier
+        codes = [sparsify(layer, p) for layer, p in enumerate(pre)]
         return CLTOutput(self.decode(codes, sparse), codes, pre)
 
     def decode_diagonal(self, layer: int, codes: SparseCodes, sparse: bool | None = None) -> torch.Tensor:
@@ -315,21 +318,21 @@ def _download_from_hub(repo_id: str, revision: str | None, cache_dir: str | None
 def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None) -> torch.Tensor:
     """codes @ weight for a decoder weight [F, D]: a gather of the active rows (``F.embedding_bag``) or a dense
     matmul. By default a CPU gathers, where the matmul would do ~F/k times the arithmetic: codes held sparse (TopK
-    kinds) as they are, codes held dense (JumpReLU) through their nonzero entries, one bag of its own length per
-    token (at ViT-B/32 size in bfloat16, 100 tokens at a mean L0 of 157 through the 12 layers' decoders: 0.11-0.15
-    against 0.45 s for the matmuls on 2 cores). The matmul runs by default on a GPU (see LEADS.md), where a gather
-    of codes held sparse, asked for with ``sparse=True``, runs in Triton kernels; and for codes held dense that carry
-    JumpReLU's straight-through gradient (training), which reaches inactive codes near their threshold too (1.5x
-    slower to train than the matmul on 2 CPU cores)."""
-    straight_through = not codes.held_sparse and torch.is_grad_enabled() and codes.dense().requires_grad
+    kinds, and JumpReLU's in training: :meth:`Sparsifier.codes_to_gather`) as they are, codes held dense (JumpReLU's
+    otherwise) through their nonzero entries, one bag of its own length per token (at ViT-B/32 size in bfloat16, 100
+    tokens at a mean L0 of 157 through the 12 layers' decoders: 0.11-0.15 against 0.45 s for the matmuls on 2
+    cores). The matmul runs by default on a GPU (see LEADS.md), where a gather of codes held sparse, asked for with
+    ``sparse=True``, runs in Triton kernels; and for codes held dense that need a gradient, which a gather of their
+    nonzero entries would not give the zero ones."""
+    needs_every_gradient = not codes.held_sparse and torch.is_grad_enabled() and codes.dense().requires_grad
     if sparse is None:
-        sparse = weight.device.type == "cpu" and not straight_through
+        sparse = _gathers_by_default(weight.device) and not needs_every_gradient
     if not sparse:
         return codes.dense().to(weight.dtype) @ weight
-    if straight_through:
-        raise ValueError("the sparse decoder gathers the active codes only, and would drop the straight-through "
-                         "gradient that JumpReLU gives inactive ones near their threshold: train it with the dense "
-                         "decoder (sparse=False or None)")
+    if needs_every_gradient:
+        raise ValueError("the sparse decoder gathers the nonzero codes of codes held dense, and would not give the "
+                         "zero ones their gradient: hold them sparse with every code that needs one (as "
+                         "Sparsifier.codes_to_gather does), or decode dense (sparse=False or None)")
     if not codes.held_sparse:
         return _gather_nonzero(weight, codes.dense())
     indices, values = codes.indices, codes.values
@@ -338,6 +341,11 @@ def _apply_decoder(weight: torch.Tensor, codes: SparseCodes, sparse: bool | None
     out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), weight.contiguous(),
                           per_sample_weights=values.reshape(-1, values.shape[-1]).to(weight.dtype), mode="sum")
     return out.view(*indices.shape[:-1], weight.shape[1])
+
+
+def _gathers_by_default(device: torch.device) -> bool:
+    """Whether a decode on ``device`` gathers the active rows unless told otherwise (a CPU) or multiplies (a GPU)."""
+    return device.type == "cpu"
 
 
 def _gathers_in_triton(weight: torch.Tensor) -> bool:

@@ -163,6 +163,35 @@ class _Step(torch.autograd.Function):
         return None, _sum_to(grad_threshold, threshold.shape), None
 
 
+class _JumpReLUReached(torch.autograd.Function):
+    """:class:`_JumpReLU` held sparse, for a decoder that gathers: per token, every feature the straight-through
+    gradient reaches (pre - theta > -eps/2: the active ones, and the inactive ones near their threshold with value 0),
+    padded with zero-valued features to the batch's largest count. Its gradients are _JumpReLU's, read at those
+    features only: elsewhere both the code and the rectangle are zero."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        margin = pre.float() - threshold
+        reached = (margin > 0) | (_rectangle(margin / bandwidth) > 0)  # the largest margins of each token
+        width = max(1, int(reached.sum(-1).max())) if reached.numel() else 1
+        indices = margin.topk(min(width, pre.shape[-1]), dim=-1, sorted=False).indices
+        picked, kept = pre.float().gather(-1, indices), threshold[indices]
+        ctx.save_for_backward(indices, picked, kept)
+        ctx.bandwidth, ctx.pre_shape, ctx.pre_dtype = bandwidth, pre.shape, pre.dtype
+        ctx.mark_non_differentiable(indices)
+        return (picked * (picked > kept)).to(pre.dtype), indices
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        indices, picked, kept = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad = grad_values.float()
+        grad_pre = grad.new_zeros(ctx.pre_shape).scatter_(-1, indices, grad * (picked > kept)).to(ctx.pre_dtype)
+        per_entry = -(kept / eps) * _rectangle((picked - kept) / eps) * grad
+        grad_threshold = per_entry.new_zeros(ctx.pre_shape[-1])
+        return grad_pre, grad_threshold.index_add_(0, indices.reshape(-1), per_entry.reshape(-1)), None
+
+
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Reduce a broadcast gradient back to the parameter's shape."""
     return grad.reshape(-1, *shape).sum(0) if grad.shape != shape else grad
@@ -171,6 +200,12 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> SparseCodes:
     """JumpReLU with a per-feature fp32 threshold [F], trained by the straight-through estimator."""
     return SparseCodes.from_dense(_JumpReLU.apply(pre, threshold.float(), bandwidth))
+
+
+def jumprelu_reached(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> SparseCodes:
+    """:func:`jumprelu` held sparse with every code its straight-through gradient reaches, for a gathering decoder."""
+    values, indices = _JumpReLUReached.apply(pre, threshold.float(), bandwidth)
+    return SparseCodes(values, indices, n_features=pre.shape[-1])
 
 
 def jumprelu_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -199,8 +234,6 @@ class Sparsifier(nn.Module):
 
     name: ClassVar[str]
     short_name: ClassVar[str]
-    # whether training may decode the codes by a gather of the active ones (kinds whose gradient reaches only those)
-    trains_through_gather: ClassVar[bool] = True
 
     def __init__(self, n_layers: int, n_features: int, k: int):
         super().__init__()
@@ -213,6 +246,11 @@ class Sparsifier(nn.Module):
 
     def forward(self, layer: int, pre: torch.Tensor) -> SparseCodes:
         raise NotImplementedError
+
+    def codes_to_gather(self, layer: int, pre: torch.Tensor) -> SparseCodes:
+        """The codes a decoder that gathers reads: :meth:`forward`'s, for kinds whose gradient reaches only the
+        active codes."""
+        return self(layer, pre)
 
     def select(self, pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> SparseCodes:
         """The k strongest non-negative codes: what AuxK reconstructs the residual with (overridden by
@@ -266,7 +304,6 @@ class JumpReLU(Sparsifier):
     width ``bandwidth``; the penalty ((L0 - k) / k)^2 keeps the mean L0 near k."""
 
     name, short_name = "jumprelu", "JR"
-    trains_through_gather = False  # the straight-through gradient reaches inactive codes near their threshold
 
     def __init__(self, n_layers: int, n_features: int, k: int, bandwidth: float = 0.1,
                  device: torch.device | str | None = None):
@@ -286,6 +323,14 @@ class JumpReLU(Sparsifier):
 
     def forward(self, layer: int, pre: torch.Tensor) -> SparseCodes:
         return jumprelu(pre, self.threshold(layer), self.bandwidth)
+
+    def codes_to_gather(self, layer: int, pre: torch.Tensor) -> SparseCodes:
+        """In training, held sparse with the inactive codes the straight-through gradient reaches (value 0), which a
+        gather of the nonzero ones would drop; otherwise :meth:`forward`'s, held dense (gathered by their nonzero
+        entries, each token's own count)."""
+        if torch.is_grad_enabled() and (pre.requires_grad or self.log_threshold.requires_grad):
+            return jumprelu_reached(pre, self.threshold(layer), self.bandwidth)
+        return self(layer, pre)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -81,9 +81,8 @@ class TrainConfig:
     num_workers: int = 0
     """Data-loading worker processes."""
     sparse_decoder: bool | None = None
-    """Decode by a gather of the k active rows (on a GPU in Triton kernels) instead of a dense matmul; default: gather
-    on a CPU, matmul on a GPU. JumpReLU always trains through the matmul (its straight-through gradient reaches
-    inactive codes)."""
+    """Decode by a gather of the active rows (on a GPU in Triton kernels) instead of a dense matmul; default: gather
+    on a CPU, matmul on a GPU. JumpReLU's gather also reads the inactive codes its straight-through gradient reaches."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,9 +191,8 @@ def training_step(model: torch.nn.Module, clt: CrossLayerTranscoder, optimizer: 
                   tracker: DeadFeatureTracker, xs: torch.Tensor, ys: torch.Tensor, cfg: TrainConfig,
                   autocast: torch.dtype | None) -> tuple[torch.Tensor, CLTOutput]:
     """One optimisation step on a token batch (``model`` is the CLT or its DDP wrapper)."""
-    sparse = cfg.sparse_decoder if clt.sparsifier.trains_through_gather else None
     with torch.autocast(xs.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        out = model(xs, sparse)
+        out = model(xs, cfg.sparse_decoder)
         loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
         if cfg.aux_coef > 0 and bool(tracker.dead.any()):
             loss = loss + cfg.aux_coef * aux_k_loss(clt, out, ys, tracker.dead, cfg.aux_k)
