@@ -233,9 +233,10 @@ def main() -> int:
           f"dense work per token (fwd + bwd): {flops / 1e9:.2f} GFLOP")
     print(f"{'sparsifier':10} {'decoding':10} {'tokens/s':>12} {'TFLOP/s':>9} {'of matmul rate':>15} {'vs dense':>14}")
     results = []
-    for sparsifier, path in ((s, path) for s in sparsifiers for path in decoders):
-        results.append(measure_path(configs[sparsifier], device, args, path, flops, rate))
-        print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)), flush=True)
+    for sparsifier in sparsifiers:
+        for path in decoders:
+            results.append(measure_path(configs[sparsifier], device, args, path, flops, rate))
+            print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)), flush=True)
     for result in results if args.profile else ():
         if "profile" in result:
             print_profile(result)

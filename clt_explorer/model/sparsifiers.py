@@ -172,9 +172,9 @@ class _JumpReLUReached(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
         margin = pre.float() - threshold
-        reached = (margin > 0) | (_rectangle(margin / bandwidth) > 0)  # the largest margins of each token
+        reached = (margin > 0) | (_rectangle(margin / bandwidth) > 0)  # each token's largest margins
         width = max(1, int(reached.sum(-1).max())) if reached.numel() else 1
-        indices = margin.topk(min(width, pre.shape[-1]), dim=-1, sorted=False).indices
+        indices = margin.topk(width, dim=-1, sorted=False).indices
         picked, kept = pre.float().gather(-1, indices), threshold[indices]
         ctx.save_for_backward(indices, picked, kept)
         ctx.bandwidth, ctx.pre_shape, ctx.pre_dtype = bandwidth, pre.shape, pre.dtype
