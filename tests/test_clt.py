@@ -88,15 +88,15 @@ def test_jumprelu_trains_through_the_gather_as_through_the_matmul():
     decoder's, the L0 penalty in the loss."""
     clt = make_clt("jumprelu")
     xs, ys = torch.randn(5, 64, 12), torch.randn(5, 64, 12)
-    outputs, gradients = {}, {}
+    outputs, gradients, codes = {}, {}, {}
     for sparse in (False, True):
         clt.zero_grad(set_to_none=True)
         out = clt(xs, sparse=sparse)
         ((out.yhat - ys).pow(2).mean() + clt.sparsifier.penalty(out.pre)).backward()
-        assert all(c.held_sparse == sparse for c in out.codes)
-        outputs[sparse] = out.yhat.detach()
+        outputs[sparse], codes[sparse] = out.yhat.detach(), out.codes
         gradients[sparse] = {name: p.grad.clone() for name, p in clt.named_parameters() if p.grad is not None}
-    assert any((c.values == 0).any() for c in out.codes)  # inactive codes held for their gradient
+    assert all(c.held_sparse for c in codes[True]) and not any(c.held_sparse for c in codes[False])
+    assert any((c.values == 0).any() for c in codes[True])  # inactive codes held for their gradient
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
     assert gradients[True].keys() == gradients[False].keys() and "sparsifier.log_threshold" in gradients[True]
     for name, dense in gradients[False].items():
