@@ -142,13 +142,14 @@ def is_repo_id(text: str) -> bool:
 
 def download_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
                       allow_patterns: list[str] | None = None) -> Path:
-    """A Hub repo's files through huggingface_hub (from its cache when offline); failures become an
-    :class:`AssetError` that names the repo and the reason."""
-    from huggingface_hub import snapshot_download
+    """A Hub repo's files through huggingface_hub (from its cache when offline: asked for as such, since
+    huggingface_hub 1.33 otherwise lists a pinned commit's files on the Hub even offline, and fails where its cache has
+    no listing of that commit); failures become an :class:`AssetError` that names the repo and the reason."""
+    from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns,
+                                      local_files_only=constants.HF_HUB_OFFLINE))
     except Exception as error:  # the hub raises many types (offline, 404, auth, HTTP)
         raise AssetError(f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face "
                          f"Hub: {error}") from error

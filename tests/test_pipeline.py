@@ -146,6 +146,22 @@ def test_a_pushed_bundle_opens_from_the_hub_cache_offline(tiny_bundle, tmp_path,
     assert pinned.root == bundle.root
 
 
+@pytest.mark.parametrize("offline", [True, False])
+def test_offline_a_hub_download_asks_for_the_cache_only(offline, monkeypatch):
+    """Offline, the cache is asked for directly (``local_files_only``): huggingface_hub 1.33, for a pinned commit,
+    would otherwise list its files on the Hub and fail where its cache has no listing of that commit."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from clt_explorer.storage import download_snapshot
+
+    asked = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: asked.append(kwargs) or "/x")
+    assert download_snapshot("me/clt-demo", "89abcdef0123456789abcdef0123456789abcdef") == Path("/x")
+    assert asked[0]["local_files_only"] is offline and asked[0]["revision"].startswith("89abcdef")
+
+
 def test_help_documents_presets_and_overrides():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_all.py"), "--help"], capture_output=True,
                           text=True, check=True)
