@@ -159,8 +159,10 @@ def fine_scores(rows: FineRows, query: np.ndarray, common: np.ndarray = NO_COMMO
 def _score_rows(data, common, query, head_slots, tail_bits, common_levels, tail_levels, common_step, tail_step,
                 float16_values):
     """:func:`fine_scores` over plain arrays: per row, its common block, head slots and tail slots in one pass (a level
-    is ``*_levels[i, code]``, a value its level times the row's step; ids past the features count as the last)."""
-    n_features, width = query.shape[0], data.shape[1]
+    is ``*_levels[i, code]``, a value its level times the row's step; ids past the features count as the last). A
+    running id is clamped where it is read, not where it is summed, so that the chain from slot to slot is one add:
+    ~20% sooner than clamping the sum (500 true-size rows: 1.9-2.2 against 2.3-2.9 ms)."""
+    last, width = query.shape[0] - 1, data.shape[1]
     scores = np.empty(data.shape[0], np.float32)
     for i in range(data.shape[0]):
         row = data[i]
@@ -170,15 +172,16 @@ def _score_rows(data, common, query, head_slots, tail_bits, common_levels, tail_
             common_sum += query[common[j]] * common_levels[i, code]
         head_sum, feature, byte = np.float32(0.0), 0, (common.shape[0] + 1) // 2
         for _ in range(head_slots[i]):
-            feature = min(feature + np.int64(row[byte]), n_features - 1)
-            head_sum += query[feature] * float16_values[np.int64(row[byte + 1]) | np.int64(row[byte + 2]) << 8]
+            feature += np.int64(row[byte])
+            value = float16_values[np.int64(row[byte + 1]) | np.int64(row[byte + 2]) << 8]
+            head_sum += query[min(feature, last)] * value
             byte += HEAD_SLOT_BYTES
         bits = tail_bits[i]
         tail_sum, feature = np.float32(0.0), 0
         for byte in range(byte, width):
             slot = np.int64(row[byte])
-            feature = min(feature + (slot >> bits), n_features - 1)
-            tail_sum += query[feature] * tail_levels[i, slot & ((1 << bits) - 1)]
+            feature += slot >> bits
+            tail_sum += query[min(feature, last)] * tail_levels[i, slot & ((1 << bits) - 1)]
         scores[i] = common_sum * common_step[i] + head_sum + tail_sum * tail_step[i]
     return scores
 
