@@ -16,7 +16,8 @@ run, in the training dtype: bf16 on a GPU, fp32 on a CPU).
 ``--profile`` then runs a few more steps of each decoding path under the torch profiler and prints where their time
 goes: the ops with the most self time (device time on a GPU) and the shares of matmuls, top-k selection, gathers and
 scatters, zeroing, the optimizer and the rest (in the JSON line too). A JSON line is printed after each path, the
-figures so far, so that a run stopped at a time limit keeps the paths it finished; the last line is the whole run.
+figures so far, so that a run stopped at a time limit keeps the paths it finished; the last line is the whole run
+(with ``--profile``, printed once more after the profiles' tables).
 
     python scripts/bench_train.py [--d-model 768 --expansion 16 --k 128 --batch-tokens 4096 --steps 20]
                                   [--sparsifiers relu_topk,abs_topk,jumprelu] [--decoders dense,sparse] [--profile]
@@ -237,10 +238,11 @@ def main() -> int:
         for path in decoders:
             results.append(measure_path(configs[sparsifier], device, args, path, flops, rate))
             print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)), flush=True)
-    for result in results if args.profile else ():
-        if "profile" in result:
-            print_profile(result)
-    print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)))
+    if args.profile:  # the profiles' tables follow the figures, which then come once more as the last line
+        for result in results:
+            if "profile" in result:
+                print_profile(result)
+        print(json.dumps(summary(name, config, args.batch_tokens, flops, rate, results)))
     return 0 if all("error" not in r for r in results) else 1
 
 

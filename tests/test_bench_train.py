@@ -62,7 +62,7 @@ def test_every_sparsifier_of_the_paper_is_timed_and_each_path_leaves_the_figures
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     pairs = [(sparsifier, path) for sparsifier in ("relu_topk", "abs_topk", "jumprelu") for path in ("dense", "sparse")]
     assert [[(p["sparsifier"], p["path"]) for p in line["all"]] for line in lines] == \
-        [pairs[:n] for n in range(1, 7)] + [pairs]
+        [pairs[:n] for n in range(1, 7)]
     result = lines[-1]
     assert all(0 < p["difference_from_dense"] < 1e-5 for p in result["all"] if p["path"] == "sparse")
     for sparsifier, best in result["best"].items():
