@@ -171,11 +171,12 @@ class _JumpReLUReached(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
-        margin = pre.float() - threshold
+        pre32 = pre.float()
+        margin = pre32 - threshold
         reached = (margin > 0) | (_rectangle(margin / bandwidth) > 0)  # each token's largest margins
         width = max(1, int(reached.sum(-1).max())) if reached.numel() else 1
         indices = margin.topk(width, dim=-1, sorted=False).indices
-        picked, kept = pre.float().gather(-1, indices), threshold[indices]
+        picked, kept = pre32.gather(-1, indices), threshold[indices]
         ctx.save_for_backward(indices, picked, kept)
         ctx.bandwidth, ctx.pre_shape, ctx.pre_dtype = bandwidth, pre.shape, pre.dtype
         ctx.mark_non_differentiable(indices)
