@@ -43,8 +43,6 @@ from clt_explorer.training.train import (
     training_step,
 )
 
-PAPER_SPARSIFIERS = ("relu_topk", "abs_topk", "jumprelu")
-
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -211,8 +209,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=4096 if gpu else 1024)
     parser.add_argument("--steps", type=int, default=20 if gpu else 5)
-    parser.add_argument("--sparsifiers", default=",".join(PAPER_SPARSIFIERS),
-                        help="sparsifiers to time, comma-separated (default: the paper's three)")
+    parser.add_argument("--sparsifiers", default=",".join(SPARSIFIERS),
+                        help="sparsifiers to time, comma-separated (default: every registered one, the paper's three)")
     parser.add_argument("--decoders", default="dense,sparse",
                         help="decoding paths to time, comma-separated: sparse (a gather of the active rows), dense")
     parser.add_argument("--profile", action="store_true", help="then profile a few steps of each path")
