@@ -14,6 +14,7 @@ from clt_explorer import CLTConfig, CrossLayerTranscoder
 from clt_explorer.data.synthetic import SyntheticShapes
 from clt_explorer.model.sparsifiers import SparseCodes
 from clt_explorer.training.activations import ActivationStream, Position
+from clt_explorer.training.checkpointing import load_checkpoint, save_checkpoint
 from clt_explorer.training.train import (
     DeadFeatureTracker,
     TrainConfig,
@@ -110,6 +111,61 @@ def test_a_training_step_decodes_as_its_config_says(sparsifier, sparse_decoder, 
     training_step(clt, clt, make_optimizer(clt, cfg), DeadFeatureTracker(3, 32, 10**6, torch.device("cpu")),
                   torch.randn(3, 16, 8), torch.randn(3, 16, 8), cfg, None)
     assert bool(calls) == gathers and not torch.equal(clt.W_dec[0], before)
+
+
+def _train_steps(clt, optimizer, cfg, batches):
+    tracker = DeadFeatureTracker(clt.config.n_layers, clt.config.n_features, 10**6, torch.device("cpu"))
+    for xs, ys in batches:
+        training_step(clt, clt, optimizer, tracker, xs, ys, cfg, None)
+
+
+def _with_kernels(optimizer, fused, foreach):
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = fused, foreach
+    return optimizer
+
+
+def _batches(n, generator_seed=1):
+    generator = torch.Generator().manual_seed(generator_seed)
+    return [(torch.randn(3, 16, 8, generator=generator), torch.randn(3, 16, 8, generator=generator)) for _ in range(n)]
+
+
+def test_the_fused_optimizer_moves_every_parameter_as_torchs_reference_adamw():
+    """make_optimizer's AdamW steps in torch's fused kernel, and moves every parameter (JumpReLU's thresholds in their
+    own group, at their own rate, without weight decay) as torch's single-tensor AdamW does."""
+    torch.manual_seed(0)
+    config, cfg = CLTConfig(3, 8, 4, "jumprelu", 4), TrainConfig(aux_coef=0.0, weight_decay=0.01, warmup_steps=1)
+    fused, reference = CrossLayerTranscoder(config), CrossLayerTranscoder(config)
+    reference.load_state_dict(fused.state_dict())
+    thresholds = fused.sparsifier.log_threshold.detach().clone()
+    optimizer = make_optimizer(fused, cfg)
+    assert [group["fused"] for group in optimizer.param_groups] == [True, True]
+    _train_steps(fused, optimizer, cfg, _batches(3))
+    _train_steps(reference, _with_kernels(make_optimizer(reference, cfg), None, False), cfg, _batches(3))
+    for (name, moved), expected in zip(fused.named_parameters(), reference.parameters()):
+        assert torch.allclose(moved, expected, rtol=1e-5, atol=1e-7), name
+    assert not torch.equal(fused.sparsifier.log_threshold, thresholds)
+
+
+def test_a_checkpoint_resumes_under_the_resuming_optimizers_kernels(tmp_path):
+    """A checkpoint written by a foreach AdamW (an older version's) resumes its moments and step count under the
+    fused kernel of the resuming run, whose next step is the one the foreach optimizer would have taken."""
+    torch.manual_seed(0)
+    config, cfg = CLTConfig(3, 8, 4, "abs_topk", 4), TrainConfig(aux_coef=0.0)
+    clt = CrossLayerTranscoder(config)
+    old = _with_kernels(make_optimizer(clt, cfg), None, True)
+    first, last = _batches(2), _batches(1, generator_seed=2)
+    _train_steps(clt, old, cfg, first)
+    save_checkpoint(tmp_path, clt, old, {"since_fired": torch.zeros(3, 32)}, {"step": 2})
+    resumed = CrossLayerTranscoder(config)
+    optimizer = make_optimizer(resumed, cfg)
+    load_checkpoint(tmp_path, resumed, optimizer, torch.device("cpu"))
+    assert [(group["fused"], group["foreach"]) for group in optimizer.param_groups] == [(True, None)]
+    assert all(float(state["step"]) == 2 for state in optimizer.state.values())
+    _train_steps(clt, old, cfg, last)
+    _train_steps(resumed, optimizer, cfg, last)
+    for (name, expected), got in zip(clt.named_parameters(), resumed.parameters()):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), name
 
 
 def test_initialization_from_data_sets_scales_bias_and_thresholds():

@@ -16,6 +16,7 @@ from ..model.clt import CrossLayerTranscoder
 from ..storage import AssetError, load_tensors, read_json, save_tensors, write_json
 
 LATEST = "latest.json"
+OPTIMIZER_KERNEL_KEYS = ("fused", "foreach", "capturable")
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -30,6 +31,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": param_groups}
+
+
+def _with_kernels_of(optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> list[dict]:
+    """A checkpoint's parameter groups with ``optimizer``'s choice of kernels: its hyperparameters and state resume,
+    but how a step is computed (fused, foreach) is the resuming machine's (a checkpoint from an older version, or
+    from a device without the fused kernel, would otherwise bring its own)."""
+    return [{**saved, **{key: group[key] for key in OPTIMIZER_KERNEL_KEYS if key in group}}
+            for saved, group in zip(param_groups, optimizer.param_groups)]
 
 
 def save_checkpoint(folder: Path, clt: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
@@ -64,5 +73,5 @@ def load_checkpoint(folder: Path, clt: CrossLayerTranscoder, optimizer: torch.op
     state = read_json(target / "state.json")
     param_groups = state.pop("param_groups")
     optimizer.load_state_dict(_unflatten_optimizer(load_tensors(target / "optimizer.safetensors", device),
-                                                   param_groups))
+                                                   _with_kernels_of(optimizer, param_groups)))
     return load_tensors(target / "trainer.safetensors", device), state
