@@ -116,6 +116,19 @@ def test_sparse_codes_round_trip(pre):
     assert torch.equal(again.l0(), torch.full((64,), 10))
 
 
+@pytest.mark.parametrize("make", [
+    lambda pre: abs_topk(pre, 10),  # held sparse, negative codes included
+    lambda pre: jumprelu_reached(pre, torch.full((300,), 0.8), 0.5),  # held sparse with zero-valued entries
+    lambda pre: jumprelu(pre, torch.full((300,), 0.8), 0.5)])  # held dense
+def test_feature_counts_are_the_tokens_each_feature_is_active_at(pre, make, monkeypatch):
+    codes = make(pre.view(4, 16, 300))
+    expected = (codes.dense() != 0).reshape(-1, 300).sum(0)
+    if not codes.held_sparse:  # counted from the dense form, without searching its nonzero entries
+        monkeypatch.setattr(SparseCodes, "_gather_active", lambda self: pytest.fail("searched the nonzero entries"))
+    counts = codes.feature_counts()
+    assert counts.dtype == torch.int64 and torch.equal(counts, expected) and 0 < counts.sum() < 64 * 300
+
+
 def test_unknown_sparsifier_is_rejected():
     with pytest.raises(ValueError, match="unknown sparsifier 'softmax'; choose one of"):
         sparsifier_class("softmax")

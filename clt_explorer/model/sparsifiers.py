@@ -79,6 +79,15 @@ class SparseCodes:
         """Which entries of the sparse form are active (``!= 0``: Abs-TopK codes can be negative)."""
         return self.values.detach() != 0
 
+    def feature_counts(self) -> torch.Tensor:
+        """How many tokens each feature is active at ([F], int64), read from the form the codes are held in: no search
+        for the nonzero entries of codes held dense, and no shape that depends on the data (so no host sync on a
+        GPU)."""
+        if not self.held_sparse:
+            return (self.dense().detach() != 0).reshape(-1, self.n_features).sum(0)
+        counts = torch.zeros(self.n_features, dtype=torch.long, device=self._indices.device)
+        return counts.index_add_(0, self._indices.reshape(-1), self.active().reshape(-1).long())
+
     def l0(self) -> torch.Tensor:
         """Number of active codes per token."""
         if self._dense is not None:

@@ -141,22 +141,20 @@ def initialize_from_data(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.
 
 
 class DeadFeatureTracker:
-    """Counts, per layer and feature, the tokens seen since the feature last fired (``!= 0``)."""
+    """Counts, per layer and feature, the tokens seen since the feature last fired (``!= 0``). Its update has no
+    shape that depends on the data, so that on a GPU it does not wait for the step to finish (no host sync)."""
 
     def __init__(self, n_layers: int, n_features: int, dead_after_tokens: int, device: torch.device):
         self.since_fired = torch.zeros(n_layers, n_features, dtype=torch.long, device=device)
         self.dead_after_tokens = dead_after_tokens
 
     def update(self, codes: list[SparseCodes], n_tokens: int) -> None:
-        fired = torch.zeros_like(self.since_fired)
-        for layer, c in enumerate(codes):
-            active = c.active()
-            fired[layer].index_add_(0, c.indices[active], torch.ones_like(c.indices[active]))
+        fired = torch.stack([c.feature_counts() for c in codes])
         rank, size = world()
         if size > 1:
             dist.all_reduce(fired)
         self.since_fired += n_tokens * size
-        self.since_fired[fired > 0] = 0
+        self.since_fired.masked_fill_(fired > 0, 0)
 
     @property
     def dead(self) -> torch.Tensor:
