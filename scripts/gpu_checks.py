@@ -6,7 +6,9 @@ Steps, one after another, each in its own process with its own time limit, its o
    paper's three sparsifiers with the dense and the sparse decoder, 4,096 tokens a batch, with the profile of where a
    step's time goes (a step stopped at its limit keeps the paths it finished);
 2. ``train_16384``: the same at 16,384 tokens a batch, where the products weigh more against the rest of a step;
-3. ``rehearsal``: the ``paper`` preset end to end at the ViT-B/32 shape (``rehearse_paper.py``) at ``--scale`` (0.05:
+3. ``loading``: images a second the loader prepares for the ViT-B/32 teacher by number of worker processes
+   (``bench_loading.py``), against the 2,600 a second that training at 130k tokens/s reads;
+4. ``rehearsal``: the ``paper`` preset end to end at the ViT-B/32 shape (``rehearse_paper.py``) at ``--scale`` (0.05:
    2,500 / 500 images, one epoch), each stage projected to the true scale; its limit is what is left of the budget.
 
 A step that outlives its limit is stopped (its whole process group) and recorded as timed out; the next one runs. The
@@ -41,6 +43,8 @@ THEIR_PYTHON = "3.12"
 THEIR_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
                    "manylinux1_x86_64")
 TINY_TRAIN = ["--layers", "2", "--d-model", "32", "--expansion", "4", "--k", "8", "--steps", "2"]
+TINY_LOADING = ["--images", "100", "--workers", "0,1"]
+LOADING_LIMIT_S = 60
 
 
 @dataclass
@@ -72,6 +76,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
                  args.train_limit_s),
             Step("train_16384", train + ["--batch-tokens", "256" if args.tiny else "16384", "--profile"],
                  args.train_limit_s),
+            Step("loading", [python, str(SCRIPTS / "bench_loading.py")] + (TINY_LOADING if args.tiny else []),
+                 LOADING_LIMIT_S),
             Step("rehearsal", [python, str(SCRIPTS / "rehearse_paper.py"), "--work", str(args.work), "--scale",
                                str(args.scale), *shape], None)]
 
@@ -131,6 +137,9 @@ def headline(name: str, found: dict) -> str:
     result = found["result"]
     if name.startswith("train") and result is not None:
         return f"{', '.join(map(decoding_figures, result['all']))} of {result['matmul_tflops']:.3g} TFLOP/s"
+    if name == "loading" and result is not None:
+        return "images/s by workers: " + ", ".join(f"{row['workers']}: {row['images_per_s']:,.0f}"
+                                                   for row in result["rows"])
     if result is not None:
         return (f"{result['train_images']} images, {result['epochs']} epochs: {result['total_s']:.0f} s; "
                 f"~{result['projected_total_s'] / 3600:.1f} h at true scale; failed: {result['failed'] or 'none'}")

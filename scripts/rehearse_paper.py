@@ -70,14 +70,19 @@ def write_inputs(work: Path, shape: str, n_train: int, n_test: int) -> tuple[Pat
     model_cfg, preprocess = teacher_config(shape)
     save_open_clip_folder(open_clip.CLIP(**model_cfg), model_cfg, preprocess, teacher)
     for split, count in (("train", n_train), ("test", n_test)):
-        images = SyntheticShapes(split, count, IMAGE_SIZE, seed=0)
-        for i in tqdm(range(count), desc=f"writing {split} images", mininterval=2):
-            image, label = images[i]
-            folder = data / split / images.classnames[label].replace(" ", "_")
-            folder.mkdir(parents=True, exist_ok=True)
-            image.save(folder / f"{i:06d}.png")
+        write_images(data / split, split, count)
     write_bytes(work / READY, json.dumps([shape, n_train, n_test]).encode())
     return teacher, data
+
+
+def write_images(folder: Path, split: str, count: int) -> None:
+    """``count`` generated shapes of ``split`` as PNG files in ``folder/<class>/`` (100 classes)."""
+    images = SyntheticShapes(split, count, IMAGE_SIZE, seed=0)
+    for i in tqdm(range(count), desc=f"writing {split} images", mininterval=2):
+        image, label = images[i]
+        target = folder / images.classnames[label].replace(" ", "_")
+        target.mkdir(parents=True, exist_ok=True)
+        image.save(target / f"{i:06d}.png")
 
 
 def work_ratio(stage: str, n_train: int, n_test: int, epochs: int) -> float:

@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
+import torch
 from PIL import Image
 
-from clt_explorer.data import DatasetMissing, load_dataset
+from clt_explorer.data import DatasetMissing, grouped_image_batches, load_dataset, loader_workers
 from clt_explorer.data.imagenet100 import imagenet100_classnames
 from clt_explorer.data.resources import cifar100_classnames, cifar_templates, imagenet100_wnids
 from clt_explorer.data.synthetic import SyntheticShapes
@@ -93,3 +95,39 @@ def test_image_folder_and_bad_options(tmp_path):
         load_dataset("mnist", "train")
     with pytest.raises(ValueError, match="bad options"):
         load_dataset("synthetic", "train", colour="blue")
+
+
+def test_grouped_batches_keep_each_groups_images_apart_and_in_order():
+    data = SyntheticShapes("train", n_images=30, image_size=16, seed=1)
+    groups = [[4, 9, 2, 7, 11], [0, 3], [20, 21, 22, 23, 24, 25, 26]]
+    batches = list(grouped_image_batches(data, lambda image: torch.zeros(1), 3, groups, num_workers=2))
+    assert [batch[2].tolist() for batch in batches] == [[4, 9, 2], [7, 11], [0, 3], [20, 21, 22], [23, 24, 25], [26]]
+    assert [batch[1].tolist() for batch in batches][0] == [data[i][1] for i in (4, 9, 2)]
+
+
+def test_loader_workers_leave_a_gpu_feeder_core_and_split_the_cores_between_ranks(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    batch = 64 * 3 * 224 * 224 * 4
+    assert loader_workers(torch.device("cpu"), batch) == 0  # the cores compute
+    assert loader_workers(torch.device("cuda"), batch) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(torch.device("cuda", 1), batch) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert loader_workers(torch.device("cuda"), batch) == 0
+
+
+@pytest.mark.parametrize("free_mb, workers", [(64, 0), (1000, 6), (100_000, 15)])
+def test_loader_workers_fit_in_half_the_free_shared_memory(monkeypatch, free_mb, workers):
+    """Each worker keeps two batches ready in /dev/shm; a container's default 64 MB holds none of 38.5 MB."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.path.isdir", lambda path: path == "/dev/shm")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free_mb * 10**6))
+    batch = 64 * 3 * 224 * 224 * 4
+    if workers < 15:
+        with pytest.warns(UserWarning, match=f"/dev/shm has {free_mb} MB free, room for {workers} image-loading "
+                                             "workers of the 15 .* --shm-size"):
+            assert loader_workers(torch.device("cuda"), batch) == workers
+    else:
+        assert loader_workers(torch.device("cuda"), batch) == workers

@@ -38,7 +38,11 @@ def test_the_run_keeps_each_steps_figures_and_stops_the_one_over_the_budget(tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(done.stdout.strip().splitlines()[-1])
     steps = summary["steps"]
-    assert list(steps) == ["train_4096", "train_16384", "rehearsal"]
+    assert list(steps) == ["train_4096", "train_16384", "loading", "rehearsal"]
+    loading = steps["loading"]["result"]
+    assert steps["loading"]["status"] == "ok" and [row["workers"] for row in loading["rows"]] == [0, 1]
+    assert loading["images"] == 100 and all(row["images_per_s"] > 0 for row in loading["rows"])
+    assert f"images/s by workers: 0: {loading['rows'][0]['images_per_s']:,.0f}" in done.stdout
     for name, tokens in (("train_4096", 64), ("train_16384", 256)):
         result = steps[name]["result"]
         assert steps[name]["status"] == "ok" and result["batch_tokens"] == tokens
@@ -85,3 +89,12 @@ def test_the_table_names_a_failed_decoding_path_beside_the_measured_one():
     assert gpu_checks.headline("train_16384", found) == \
         "relu_topk dense 73,000 tok/s (48%), relu_topk sparse 140,500 tok/s (92%, 3e-07 from dense) of 790 TFLOP/s"
     assert gpu_checks.headline("rehearsal", {"result": None, "stages": []}) == "-"
+
+
+def test_the_loading_benchmark_refuses_a_folder_without_class_folders_of_images(tmp_path):
+    import bench_loading
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit, match=f"no images in {tmp_path}/<class>/"):
+        bench_loading.main(["--folder", str(tmp_path), "--workers", "0"])

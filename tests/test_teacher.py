@@ -4,6 +4,7 @@ import open_clip
 import pytest
 import torch
 from conftest import Recorder, make_local_teacher, random_clt, random_pixels
+from PIL import Image
 
 from clt_explorer.model import onednn_products
 from clt_explorer.model.teacher import Teacher, TeacherMLPs, patch_product
@@ -255,3 +256,8 @@ def test_replacement_equals_a_hand_written_forward_pass_with_a_known_delta(rando
         replaced = random_teacher.encode_images(pixels)
     assert torch.allclose(replaced, expected, atol=1e-5)
     assert not torch.allclose(replaced, random_teacher.encode_images(pixels), atol=1e-3)
+
+
+def test_pixel_bytes_are_those_of_the_preprocessed_batch(random_teacher):
+    images = [Image.new("RGB", (40, 30), (i * 40, 0, 0)) for i in range(3)]
+    assert random_teacher.pixel_bytes(3) == random_teacher.preprocess_images(images).nbytes

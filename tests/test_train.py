@@ -95,6 +95,28 @@ def test_every_batch_is_full_and_an_epoch_is_every_token_once(random_teacher):
         ActivationStream(random_teacher, SyntheticShapes("train", n_images=2), batch_tokens=96, chunk_images=12)
 
 
+def test_loader_workers_and_batches_that_do_not_fill_a_chunk_give_the_same_stream(random_teacher):
+    """Every chunk's images come through one loader per pass, in batches that never hold two chunks' images: worker
+    processes give the stream bit for bit, and batches of 5 images (a chunk holds 12) the same tokens as whole chunks
+    in one batch, to float rounding."""
+    data = SyntheticShapes("train", n_images=40, seed=3)
+
+    def stream(**options):
+        return list(ActivationStream(random_teacher, data, batch_tokens=96, chunk_images=12, seed=1,
+                                     **options).iterate(Position(0, 2)))
+    serial, workers, whole = stream(image_batch_size=5), stream(image_batch_size=5, num_workers=2), stream()
+    assert len(serial) == len(workers) == len(whole) > 3
+    assert all(torch.equal(a.xs, b.xs) and torch.equal(a.ys, b.ys) for a, b in zip(serial, workers))
+    assert all(torch.allclose(a.xs, b.xs, atol=1e-5) and torch.allclose(a.ys, b.ys, atol=1e-5)
+               for a, b in zip(serial, whole))
+
+
+def test_num_workers_overrides_the_devices_loader_workers():
+    assert TrainConfig(num_workers=3).loader_workers(torch.device("cuda"), 10**12) == 3
+    assert TrainConfig(num_workers=3).loader_workers(torch.device("cpu"), 1) == 3
+    assert TrainConfig().loader_workers(torch.device("cpu"), 1) == 0
+
+
 @pytest.mark.parametrize("sparsifier, sparse_decoder, gathers", [
     ("relu_topk", None, True), ("relu_topk", True, True), ("relu_topk", False, False), ("abs_topk", True, True),
     ("jumprelu", True, True), ("jumprelu", None, True), ("jumprelu", False, False)])

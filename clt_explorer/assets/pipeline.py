@@ -384,10 +384,15 @@ class Builder:
         images = sum(path.suffix in (".png", ".svg") for path in written)
         return f"{bundle.report_path.relative_to(bundle.root)}, {images} images"
 
+    def _loader_workers(self, teacher: Teacher) -> int:
+        """Image-loading workers of a pass over the training images (``TrainConfig.num_workers``, or the device's)."""
+        return self.job.train.loader_workers(self.device, teacher.pixel_bytes(self.job.batch_size))
+
     def _features(self, bundle: Bundle, teacher: Teacher, train_data, indices: list[int], name: str) -> str:
         """Per-feature statistics over the retrieval corpus (the app's feature cards)."""
         store = build_feature_store(teacher, bundle.load_clt(name, teacher, self.device), train_data, indices,
-                                    bundle.features_dir(name), batch_size=self.job.batch_size, progress=self.progress)
+                                    bundle.features_dir(name), batch_size=self.job.batch_size,
+                                    num_workers=self._loader_workers(teacher), progress=self.progress)
         return f"{store.n_images} images, top {store.top_n} per feature, {store.nbytes / 1e6:.1f} MB"
 
     def _retrieval_settings(self) -> dict:
@@ -409,7 +414,8 @@ class Builder:
         clt = bundle.load_clt(name, teacher, self.device)
         queries = held_out_pixels(teacher, test_data, RECALL_QUERIES, self.job.batch_size)
         index = build_retrieval(teacher, clt, train_data, indices, self.job.retrieval_mode,
-                                batch_size=self.job.batch_size, progress=self.progress, recall_queries=queries,
+                                batch_size=self.job.batch_size, num_workers=self._loader_workers(teacher),
+                                progress=self.progress, recall_queries=queries,
                                 **self._retrieval_settings())
         index.save(bundle.retrieval_dir(name))
         recall = [r for per_layer in index.settings["recall_at_10"].values() for r in per_layer]
@@ -454,8 +460,9 @@ PRESETS: dict[str, dict] = {
     "demo": {"datasets": ["synthetic"], "backbones": [TINY_TEACHER],
              "job": {"expansion": 8, "k": 32, "eval_images": 2000, "retrieval_images": 10000, "thumbnail_size": 64,
                      "batch_size": 250,
+                     # its images are drawn in memory, in the main process (as the shipped CLTs' recipes say)
                      "train": TrainConfig(epochs=1, lr=2e-3, batch_tokens=2048, chunk_images=512, warmup_steps=20,
-                                          dead_after_tokens=200_000, checkpoint_every=100)}},
+                                          dead_after_tokens=200_000, checkpoint_every=100, num_workers=0)}},
     # real CLIP ViT-B/32 on a CIFAR-100 subset: one consumer GPU, or a patient CPU
     "quick": {"datasets": ["cifar100"], "backbones": ["ViT-B-32"],
               "job": {"expansion": 8, "k": 128, "train_images": 10000, "eval_images": 2000,

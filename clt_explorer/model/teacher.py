@@ -222,6 +222,11 @@ class Teacher:
             return f"{self.name}@local:{file_digest(Path(self.pretrained))}"
         return f"{self.name}@{self.pretrained}" if self.pretrained else self.name
 
+    def pixel_bytes(self, images: int) -> int:
+        """Bytes of ``images`` preprocessed images (float32, 3 channels at the tower's input size)."""
+        height, width = (self.image_size,) * 2 if isinstance(self.image_size, int) else self.image_size
+        return images * 3 * height * width * 4
+
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> the normalised batch tensor the image tower expects."""
         return torch.stack([self.preprocess(image.convert("RGB")) for image in images])

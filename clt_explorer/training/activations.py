@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data import image_batches
+from ..data import grouped_image_batches
 from ..model.teacher import Teacher
 
 
@@ -89,25 +89,32 @@ class ActivationStream:
         generator.manual_seed(int(np.random.SeedSequence([self.seed, *keys]).generate_state(1)[0]))
         return generator
 
-    def _local_indices(self, epoch: int, chunk: int) -> list[int]:
+    def _local_indices(self, epoch: int, chunks: range) -> list[list[int]]:
+        """This rank's images of each chunk of ``chunks`` in epoch ``epoch``."""
         order = torch.randperm(len(self.dataset), generator=self._generator(epoch))[: self.n_images]
-        start = chunk * self.chunk_images
-        return order[start:start + self._chunk_images(chunk)][self.rank::self.world_size].tolist()
+        return [order[chunk * self.chunk_images:chunk * self.chunk_images + self._chunk_images(chunk)]
+                [self.rank::self.world_size].tolist() for chunk in chunks]
 
     @torch.no_grad()
-    def _chunk_tokens(self, epoch: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher activations of this rank's images in a chunk, as [L, tokens, d] each."""
-        xs, ys = [], []
+    def _chunk_tokens(self, epoch: int, chunks: range) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Teacher activations of this rank's images in each chunk of ``chunks``, as [L, tokens, d] each; the images
+        of them all come through one loader (see :func:`grouped_image_batches`)."""
+        groups = self._local_indices(epoch, chunks)
+        batches = iter(grouped_image_batches(self.dataset, self.teacher.preprocess, self.image_batch_size, groups,
+                                             self.num_workers))
         device = self.teacher.device
-        for pixels, _, _ in image_batches(self.dataset, self.teacher.preprocess, self.image_batch_size,
-                                          self._local_indices(epoch, chunk), self.num_workers):
-            with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                capture = self.teacher.capture(pixels)
-            dtype = self.store_dtype or capture.xs.dtype
-            xs.append(capture.xs.flatten(1, 2).to(dtype))
-            ys.append(capture.ys.flatten(1, 2).to(dtype))
-        return torch.cat(xs, 1), torch.cat(ys, 1)
+        for group in groups:
+            xs, ys, images = [], [], 0
+            while images < len(group):
+                pixels, _, _ = next(batches)
+                with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    capture = self.teacher.capture(pixels)
+                dtype = self.store_dtype or capture.xs.dtype
+                xs.append(capture.xs.flatten(1, 2).to(dtype))
+                ys.append(capture.ys.flatten(1, 2).to(dtype))
+                images += len(pixels)
+            yield torch.cat(xs, 1), torch.cat(ys, 1)
 
     def iterate(self, start: Position = Position()) -> Iterator[TokenBatch]:
         """Full batches of one epoch from ``start`` to the end of that epoch."""
@@ -117,8 +124,8 @@ class ActivationStream:
             offset += self._chunk_tokens_count(chunk)
             chunk += 1
         skip, batch, carry = first_token - offset, start.batch, None
-        for chunk in range(chunk, self.chunks_per_epoch):
-            xs, ys = self._chunk_tokens(start.epoch, chunk)
+        chunks = range(chunk, self.chunks_per_epoch)
+        for chunk, (xs, ys) in zip(chunks, self._chunk_tokens(start.epoch, chunks)):
             order = torch.randperm(xs.shape[1], generator=self._generator(start.epoch, chunk, self.rank))
             order = order[skip:].to(xs.device)
             xs, ys, skip = xs[:, order], ys[:, order], 0

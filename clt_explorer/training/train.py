@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from ..data import loader_workers
 from ..evaluation.metrics import ReconstructionAccumulator
 from ..model.clt import CONFIG_FILE, WEIGHTS_FILE, CLTConfig, CLTOutput, CrossLayerTranscoder
 from ..model.sparsifiers import SparseCodes
@@ -82,11 +83,17 @@ class TrainConfig:
     """Stop after this many steps (default: all epochs)."""
     image_batch_size: int = 64
     """Images per teacher forward pass while collecting activations."""
-    num_workers: int = 0
-    """Data-loading worker processes."""
+    num_workers: int | None = None
+    """Image-loading worker processes of the passes over the training images (training, and in a bundle its retrieval
+    indexes and feature statistics); default: on a GPU, this process's CPU cores but one; on a CPU, none."""
     sparse_decoder: bool | None = None
     """Decode by a gather of the active rows (on a GPU in Triton kernels) instead of a dense matmul; default: gather
     on a CPU, matmul on a GPU. JumpReLU's gather also reads the inactive codes its straight-through gradient reaches."""
+
+    def loader_workers(self, device: torch.device, batch_bytes: int) -> int:
+        """``num_workers``, or where it is not set the default for ``device`` and batches of ``batch_bytes``
+        (:func:`data.loader_workers`)."""
+        return loader_workers(device, batch_bytes) if self.num_workers is None else self.num_workers
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,8 +288,9 @@ def train_clt(teacher: Teacher, dataset: Dataset, clt_config: CLTConfig, cfg: Tr
         raise AssetError(f"CLT config names teacher {clt_config.teacher!r}, training uses {teacher.identity!r}")
     clt_config = dataclasses.replace(clt_config, teacher=teacher.identity)
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    workers = cfg.loader_workers(device, teacher.pixel_bytes(cfg.image_batch_size))
     stream = ActivationStream(teacher, dataset, cfg.batch_tokens, cfg.chunk_images, cfg.seed, rank, world_size,
-                              cfg.image_batch_size, cfg.num_workers, autocast_dtype=autocast,
+                              cfg.image_batch_size, workers, autocast_dtype=autocast,
                               store_dtype=torch.bfloat16 if autocast else None)
     total_steps = cfg.epochs * stream.batches_per_epoch
     if cfg.max_steps is not None:

@@ -1,0 +1,84 @@
+"""How many images a second the pipeline's loader prepares for a ViT-B/32 teacher, by number of worker processes.
+
+Every pass over a dataset (training, retrieval indexes, feature statistics) decodes each image and resizes it to the
+teacher's 224 pixels on the CPU. Training one CLT at 130k tokens/s reads 2,600 ViT-B/32 images a second (50 tokens
+each), which one process cannot prepare: on a GPU the passes load in ``TrainConfig.loader_workers`` processes (by
+default the CPU cores but one). This measures the loader alone (``grouped_image_batches``, batches of 64 in chunks of
+256 images, as training reads them), each worker count over the same images, and prints a table and one JSON line.
+
+    python scripts/bench_loading.py [--folder DATA/train] [--images 2000] [--workers 0,1,2,4]
+
+Without ``--folder`` it writes ``--images`` generated 64-pixel PNG images (as the paper rehearsal's) to a temporary
+folder; a real dataset's ``train`` folder (``<class>/<images>``) measures its own decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import open_clip
+from rehearse_paper import teacher_config, write_images
+
+from clt_explorer.data import grouped_image_batches
+from clt_explorer.data.folder import LabelledFiles, list_images
+
+TOKENS_PER_IMAGE = 50  # ViT-B/32 at 224 pixels: 49 patches and CLS
+CHUNK_IMAGES, BATCH_IMAGES = 256, 64  # TrainConfig's defaults
+
+
+def images_per_second(dataset, transform, workers: int) -> float:
+    """Images a second through one loader over the whole dataset, its workers' start included."""
+    groups = [range(first, min(first + CHUNK_IMAGES, len(dataset))) for first in range(0, len(dataset), CHUNK_IMAGES)]
+    started = time.perf_counter()
+    count = sum(len(pixels) for pixels, _, _ in grouped_image_batches(dataset, transform, BATCH_IMAGES, groups,
+                                                                      workers))
+    return count / (time.perf_counter() - started)
+
+
+def folder_dataset(folder: Path) -> LabelledFiles:
+    """The images of ``folder/<class>/`` (labels are not read by this benchmark)."""
+    paths = [path for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for path in list_images(sub)]
+    if not paths:
+        raise SystemExit(f"no images in {folder}/<class>/")
+    return LabelledFiles(paths, [0] * len(paths), ["any"], ["{}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, help="a folder of <class>/<images> (default: generated images)")
+    parser.add_argument("--images", type=int, default=2000, help="how many images to generate without --folder")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--workers", default=",".join(str(n) for n in sorted({0, 1, 2, 4, 8, cores - 1})
+                                                        if 0 <= n < cores),
+                        help="worker counts to measure (default: 0, 1, 2, 4, 8 and the cores but one, below the cores)")
+    args = parser.parse_args(argv)
+    _, preprocess = teacher_config("vit-b-32")
+    transform = open_clip.image_transform(preprocess["size"], is_train=False, mean=preprocess["mean"],
+                                          std=preprocess["std"], interpolation=preprocess["interpolation"],
+                                          resize_mode=preprocess["resize_mode"])
+    with tempfile.TemporaryDirectory(prefix="clt-loading-") as scratch:
+        folder = args.folder
+        if folder is None:
+            folder = Path(scratch)
+            write_images(folder, "train", args.images)
+        dataset = folder_dataset(folder)
+        images_per_second(dataset, transform, 0)  # warm: the files in the page cache, as on every later epoch
+        print(f"{len(dataset)} images from {args.folder or 'generated 64-pixel PNG files'}, {cores} CPU cores\n"
+              f"{'workers':>7} {'images/s':>9} {'ViT-B/32 tokens/s fed':>22}")
+        rows = []
+        for workers in (int(n) for n in args.workers.split(",")):
+            rate = images_per_second(dataset, transform, workers)
+            rows.append({"workers": workers, "images_per_s": round(rate, 1)})
+            print(f"{workers:7d} {rate:9.0f} {rate * TOKENS_PER_IMAGE:22,.0f}", flush=True)
+    print(json.dumps({"images": len(dataset), "cores": cores, "folder": str(args.folder or ""), "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
