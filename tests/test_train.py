@@ -231,6 +231,22 @@ def test_dead_features_are_tracked_and_aux_k_trains_only_them():
     assert clt.b_dec.grad is None or clt.b_dec.grad.abs().sum() == 0  # the residual is detached
 
 
+def test_aux_k_takes_at_most_the_dead_features_of_each_layer():
+    """A layer without dead features adds nothing; one with fewer than aux_k uses them all, and no live feature."""
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(2, 8, 4, "abs_topk", 4))
+    xs, ys = torch.randn(2, 50, 8), torch.randn(2, 50, 8)
+    out = clt(xs)
+    dead = torch.zeros(2, 32, dtype=torch.bool)
+    dead[1, [5, 17]] = True
+    loss = aux_k_loss(clt, out, ys, dead, aux_k=3)
+    pre = out.pre[1].detach()
+    z = torch.zeros_like(pre)
+    z[:, [5, 17]] = pre[:, [5, 17]]  # Abs-TopK keeps both dead codes with their sign
+    residual = ys[1] - out.yhat[1].detach()
+    assert torch.isclose(loss, (z @ clt.W_dec[1][:, 0, :].detach() - residual).pow(2).mean(), rtol=1e-5)
+
+
 def test_negative_codes_count_as_firing_in_dead_feature_tracking():
     """Abs-TopK codes can be negative: a feature fires when its code is != 0, not > 0."""
     tracker = DeadFeatureTracker(1, 8, dead_after_tokens=10, device=torch.device("cpu"))

@@ -268,8 +268,9 @@ class Sparsifier(nn.Module):
         return relu_topk(pre, k, allowed)
 
     def aux_codes(self, pre: torch.Tensor, dead: torch.Tensor, k: int) -> SparseCodes:
-        """AuxK's codes: the (at most) k strongest dead features [F] of every token of ``pre`` [N, F]."""
-        return self.select(pre, min(k, int(dead.sum())), dead)
+        """AuxK's codes: the k strongest dead features [F] of every token of ``pre`` [N, F] (k at most the number of
+        dead features, which the caller knows)."""
+        return self.select(pre, k, dead)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -171,12 +171,13 @@ class DeadFeatureTracker:
 def aux_k_loss(clt: CrossLayerTranscoder, out: CLTOutput, ys: torch.Tensor, dead: torch.Tensor,
                aux_k: int) -> torch.Tensor:
     """Sum over layers of MSE(dead-feature reconstruction, detached residual y - yhat); the sparsifier
-    chooses the dead codes (:meth:`Sparsifier.aux_codes`)."""
+    chooses the (at most) ``aux_k`` dead codes (:meth:`Sparsifier.aux_codes`). The dead counts of every layer are
+    read at once: on a GPU each read waits for the device (one wait, not two per layer)."""
     total = out.yhat.new_zeros(())
-    for layer, pre in enumerate(out.pre):
-        if not dead[layer].any():
+    for layer, (pre, count) in enumerate(zip(out.pre, dead.sum(1).tolist())):
+        if not count:
             continue
-        codes = clt.sparsifier.aux_codes(pre, dead[layer], aux_k)
+        codes = clt.sparsifier.aux_codes(pre, dead[layer], min(aux_k, count))
         residual = (ys[layer] - out.yhat[layer]).detach()
         total = total + (clt.decode_diagonal(layer, codes).float() - residual.float()).pow(2).mean()
     return total
