@@ -43,8 +43,9 @@ THEIR_PYTHON = "3.12"
 THEIR_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
                    "manylinux1_x86_64")
 TINY_TRAIN = ["--layers", "2", "--d-model", "32", "--expansion", "4", "--k", "8", "--steps", "2"]
+LOADING = ["--images", "2000"]  # enough for a steady rate of 15 workers, little of the rehearsal's time
 TINY_LOADING = ["--images", "100", "--workers", "0,1"]
-LOADING_LIMIT_S = 60
+LOADING_LIMIT_S = 30
 
 
 @dataclass
@@ -76,7 +77,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
                  args.train_limit_s),
             Step("train_16384", train + ["--batch-tokens", "256" if args.tiny else "16384", "--profile"],
                  args.train_limit_s),
-            Step("loading", [python, str(SCRIPTS / "bench_loading.py")] + (TINY_LOADING if args.tiny else []),
+            Step("loading", [python, str(SCRIPTS / "bench_loading.py"), *(TINY_LOADING if args.tiny else LOADING)],
                  LOADING_LIMIT_S),
             Step("rehearsal", [python, str(SCRIPTS / "rehearse_paper.py"), "--work", str(args.work), "--scale",
                                str(args.scale), *shape], None)]
