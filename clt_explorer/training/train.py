@@ -187,8 +187,8 @@ def make_optimizer(clt: CrossLayerTranscoder, cfg: TrainConfig) -> torch.optim.A
     """AdamW; the sparsifier's own parameters (JumpReLU thresholds) get ``threshold_lr_scale`` x the learning
     rate and no weight decay: Adam moves each parameter by about its learning rate per step, and thresholds
     must keep up with the encoder to hold L0 near k. Its step is torch's fused kernel where there is one (one pass
-    over each parameter's state; the default foreach form makes several, and a step's cost grows with the CLT's
-    850M parameters, not with the batch)."""
+    over each parameter's state, where torch's default forms make several; a step's cost grows with the CLT's 850M
+    parameters, not with the batch)."""
     thresholds = list(clt.sparsifier.parameters())
     owned = {id(p) for p in thresholds}
     others = [p for p in clt.parameters() if id(p) not in owned]
