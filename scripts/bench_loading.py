@@ -26,8 +26,8 @@ from pathlib import Path
 import open_clip
 from rehearse_paper import teacher_config, write_images
 
-from clt_explorer.data import grouped_image_batches
-from clt_explorer.data.folder import LabelledFiles, list_images
+from clt_explorer.data import DatasetMissing, grouped_image_batches
+from clt_explorer.data.folder import image_folder
 
 TOKENS_PER_IMAGE = 50  # ViT-B/32 at 224 pixels: 49 patches and CLS
 CHUNK_IMAGES, BATCH_IMAGES = 256, 64  # TrainConfig's defaults
@@ -48,14 +48,6 @@ def loader_rates(dataset, transform, workers: int) -> dict:
             "images_per_s": round(after_first / (time.perf_counter() - first_batch_at), 1)}
 
 
-def folder_dataset(folder: Path) -> LabelledFiles:
-    """The images of ``folder/<class>/`` (labels are not read by this benchmark)."""
-    paths = [path for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for path in list_images(sub)]
-    if not paths:
-        raise SystemExit(f"no images in {folder}/<class>/")
-    return LabelledFiles(paths, [0] * len(paths), ["any"], ["{}"])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, help="a folder of <class>/<images> (default: generated images)")
@@ -72,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clt-loading-") as scratch:
         folder = args.folder
         if folder is None:
-            folder = Path(scratch)
+            folder = Path(scratch) / "train"
             write_images(folder, "train", args.images)
-        dataset = folder_dataset(folder)
+        try:
+            dataset = image_folder(folder.parent, folder.name)
+        except DatasetMissing as error:
+            raise SystemExit(str(error)) from error
         loader_rates(dataset, transform, 0)  # warm: the files in the page cache, as on every later epoch
         print(f"{len(dataset)} images from {args.folder or 'generated 64-pixel PNG files'}, {cores} CPU cores; "
               f"images/s after the first batch\n{'workers':>7} {'first batch s':>13} {'images/s':>9} "

@@ -96,5 +96,5 @@ def test_the_loading_benchmark_refuses_a_folder_without_class_folders_of_images(
 
     (tmp_path / "cats").mkdir()
     (tmp_path / "cats" / "notes.txt").write_text("not an image")
-    with pytest.raises(SystemExit, match=f"no images in {tmp_path}/<class>/"):
+    with pytest.raises(SystemExit, match=rf"no images \(.*\) under {tmp_path}/<class>/"):
         bench_loading.main(["--folder", str(tmp_path), "--workers", "0"])
