@@ -245,6 +245,7 @@ def test_aux_k_takes_at_most_the_dead_features_of_each_layer():
     z[:, [5, 17]] = pre[:, [5, 17]]  # Abs-TopK keeps both dead codes with their sign
     residual = ys[1] - out.yhat[1].detach()
     assert torch.isclose(loss, (z @ clt.W_dec[1][:, 0, :].detach() - residual).pow(2).mean(), rtol=1e-5)
+    assert torch.equal(aux_k_loss(clt, out, ys, torch.zeros_like(dead), aux_k=3), torch.zeros(()))
 
 
 def test_negative_codes_count_as_firing_in_dead_feature_tracking():

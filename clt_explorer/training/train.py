@@ -171,8 +171,8 @@ class DeadFeatureTracker:
 def aux_k_loss(clt: CrossLayerTranscoder, out: CLTOutput, ys: torch.Tensor, dead: torch.Tensor,
                aux_k: int) -> torch.Tensor:
     """Sum over layers of MSE(dead-feature reconstruction, detached residual y - yhat); the sparsifier
-    chooses the (at most) ``aux_k`` dead codes (:meth:`Sparsifier.aux_codes`). The dead counts of every layer are
-    read at once: on a GPU each read waits for the device (one wait, not two per layer)."""
+    chooses the (at most) ``aux_k`` dead codes (:meth:`Sparsifier.aux_codes`); zero without dead features. The dead
+    counts of every layer are read at once: on a GPU each read waits for the device (one wait, not two per layer)."""
     total = out.yhat.new_zeros(())
     for layer, (pre, count) in enumerate(zip(out.pre, dead.sum(1).tolist())):
         if not count:
@@ -207,7 +207,7 @@ def training_step(model: torch.nn.Module, clt: CrossLayerTranscoder, optimizer: 
     with torch.autocast(xs.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         out = model(xs, cfg.sparse_decoder)
         loss = (out.yhat.float() - ys.float()).pow(2).mean((1, 2)).sum()
-        if cfg.aux_coef > 0 and bool(tracker.dead.any()):
+        if cfg.aux_coef > 0:  # zero while no feature is dead
             loss = loss + cfg.aux_coef * aux_k_loss(clt, out, ys, tracker.dead, cfg.aux_k)
         penalty = clt.sparsifier.penalty(out.pre) if cfg.l0_coef > 0 else None
         if penalty is not None:
