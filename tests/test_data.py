@@ -105,6 +105,13 @@ def test_grouped_batches_keep_each_groups_images_apart_and_in_order():
     assert [batch[1].tolist() for batch in batches][0] == [data[i][1] for i in (4, 9, 2)]
 
 
+@pytest.mark.parametrize("device, pinned", [(None, False), ("cpu", False), (torch.device("cuda", 0), True)])
+def test_batches_for_a_cuda_device_come_pinned(device, pinned):
+    """Pinned batches copy to a GPU without waiting for its queued work (Teacher.on_device copies non-blocking)."""
+    data = SyntheticShapes("train", n_images=4, image_size=16)
+    assert grouped_image_batches(data, lambda image: torch.zeros(1), 2, [range(4)], device=device).pin_memory is pinned
+
+
 def test_loader_workers_leave_a_gpu_feeder_core_and_split_the_cores_between_ranks(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setattr("os.path.isdir", lambda path: False)  # no /dev/shm to bound them (this machine's may be small)
@@ -116,6 +123,7 @@ def test_loader_workers_leave_a_gpu_feeder_core_and_split_the_cores_between_rank
     assert loader_workers(torch.device("cuda", 1), batch) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert loader_workers(torch.device("cuda"), batch) == 0
+    assert loader_workers("cuda", batch, requested=5) == loader_workers("cpu", batch, requested=5) == 5  # a user's
 
 
 @pytest.mark.parametrize("free_mb, workers", [(64, 0), (1000, 6), (100_000, 15)])

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from clt_explorer import CLTConfig, CrossLayerTranscoder
+from clt_explorer.assets.evaluation_runs import CachedRuns
 from clt_explorer.data.synthetic import CLASSNAMES, TEMPLATES, SyntheticShapes
 from clt_explorer.evaluation.evaluate import CodeEvaluator, ReplacementEvaluator, evaluate_clt
+from clt_explorer.evaluation.layer_terms import run_layer_terms
 from clt_explorer.model.teacher import TeacherMLPs
 from clt_explorer.model.zeroshot import ZeroShotClassifier
 
@@ -74,6 +76,29 @@ def test_evaluate_clt_covers_every_start_and_token_set(random_teacher, setup):
     assert result["n_images"] == 24 and result["cascade"]["starts"] == list(range(teacher.n_layers))
     assert set(result["reconstruction"]) == {"cls", "patches", "all"}
     json.dumps(result)  # plain data
+
+
+def test_evaluation_and_layer_terms_loading_in_workers_give_the_same_results(setup):
+    """Both load the held-out images in worker processes where asked (on a GPU by default), with the same results."""
+    teacher, clt, classifier, _, _ = setup
+    data = SyntheticShapes("test", 24)
+    data.labels = [label % 20 for label in data.labels]
+    results = {}
+    for workers in (0, 2):
+        evaluation = evaluate_clt(teacher, clt, data, classifier, batch_size=10, num_workers=workers, progress=False)
+        terms = run_layer_terms(teacher, clt, data, classifier, evaluation["contributions"], batch_size=10,
+                                n_draws=2, num_workers=workers, progress=False)
+        results[workers] = json.dumps([evaluation, terms])  # exact, NaN (a constant ranking's Spearman) included
+    assert results[2] == results[0]
+
+
+def test_a_bundles_evaluation_loads_in_the_devices_workers_unless_told(random_teacher, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("os.path.isdir", lambda path: False)  # no /dev/shm to bound them
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert CachedRuns(None, "cuda", random_teacher, 64, None).num_workers == 7
+    assert CachedRuns(None, "cuda", random_teacher, 64, 2).num_workers == 2
+    assert CachedRuns(None, "cpu", random_teacher, 64, None).num_workers == 0
 
 
 @pytest.mark.slow

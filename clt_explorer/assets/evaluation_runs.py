@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..data import load_dataset, split_name
+from ..data import load_dataset, loader_workers, split_name
 from ..evaluation.evaluate import RESULTS_VERSION as EVALUATION_VERSION
 from ..evaluation.evaluate import evaluate_clt
 from ..evaluation.layer_terms import RESULTS_VERSION as LAYER_TERMS_VERSION
@@ -39,21 +39,23 @@ def bundle_test_split(bundle: Bundle):
 
 
 def write_retrieval_grids(bundle: Bundle, out: Path, clts: list[str] | None = None, n_queries: int = 3, k: int = 3,
-                          batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True
-                          ) -> list[Path]:
+                          batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True,
+                          num_workers: int | None = None) -> list[Path]:
     """Figures 4 and 5 for the bundle: per CLT and example image, the top-k training images of every layer by exact
-    search over the indexed corpus, for the CLS code and for the patch-mean code (``grid_<clt>_<n>_<tokens>.png``)."""
+    search over the indexed corpus, for the CLS code and for the patch-mean code (``grid_<clt>_<n>_<tokens>.png``).
+    The corpus loads in ``num_workers`` processes (default: the device's, :func:`data.loader_workers`)."""
     thumbnails = bundle.load_thumbnails()
     examples = bundle.examples()[:n_queries]
     if thumbnails is None or not examples:
         return []
     teacher, train = bundle.load_teacher(device), bundle_split(bundle, "train")
     images = [Image.open(path).convert("RGB") for path in examples]
+    workers = loader_workers(device, teacher.pixel_bytes(batch_size), num_workers)
     written = []
     for name in clts or bundle.clt_names:
         clt = bundle.load_clt(name, teacher, device)
         found = exact_neighbours(teacher, clt, train, thumbnails.dataset_indices, teacher.preprocess_images(images),
-                                 k, batch_size, progress)
+                                 k, batch_size, workers, progress)
         for q, (path, image) in enumerate(zip(examples, images)):
             for tokens, neighbours in found.items():
                 title = f"{name}: top-{k} per layer by the {DESCRIPTOR_TITLES[tokens]} ({path.stem})"
@@ -75,14 +77,21 @@ class CachedRuns:
     """Results per CLT of one kind of run, read from the CLT's folder when present and matching, else computed
     (with the teacher, classifier and test split loaded once, on first need) and written there."""
 
-    def __init__(self, bundle: Bundle, device: torch.device | str, teacher: Teacher | None):
+    def __init__(self, bundle: Bundle, device: torch.device | str, teacher: Teacher | None, batch_size: int,
+                 num_workers: int | None):
         self.bundle, self.device, self._teacher = bundle, device, teacher
+        self.batch_size, self._num_workers = batch_size, num_workers
         self._classifier = self._test_data = None
 
     @property
     def teacher(self) -> Teacher:
         self._teacher = self._teacher or self.bundle.load_teacher(self.device)
         return self._teacher
+
+    @property
+    def num_workers(self) -> int:
+        """Image-loading workers of a pass over the held-out split (the given count, or the device's)."""
+        return loader_workers(self.device, self.teacher.pixel_bytes(self.batch_size), self._num_workers)
 
     def inputs(self):
         """The teacher, the zero-shot classifier and the held-out split."""
@@ -113,14 +122,16 @@ class CachedRuns:
 
 def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_images: int | None = None,
                     batch_size: int = 64, device: torch.device | str = "cpu", force: bool = False,
-                    progress: bool = True, teacher: Teacher | None = None) -> dict[str, dict]:
-    """Every measurement of :func:`evaluate_clt` per CLT (cached unless ``force``)."""
-    runs = CachedRuns(bundle, device, teacher)
+                    progress: bool = True, teacher: Teacher | None = None, num_workers: int | None = None
+                    ) -> dict[str, dict]:
+    """Every measurement of :func:`evaluate_clt` per CLT (cached unless ``force``); the held-out images load in
+    ``num_workers`` processes (default: the device's, :func:`data.loader_workers`)."""
+    runs = CachedRuns(bundle, device, teacher, batch_size, num_workers)
 
     def compute(key: str, folder: Path) -> dict:
         teacher, classifier, test_data = runs.inputs()
         return evaluate_clt(teacher, runs.load_clt(key, folder), test_data, classifier, batch_size, max_images,
-                            progress=progress)
+                            num_workers=runs.num_workers, progress=progress)
 
     def matches(result: dict) -> bool:
         return result.get("version") == EVALUATION_VERSION and max_images in (None, result["n_images"])
@@ -130,19 +141,22 @@ def evaluate_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_im
 
 def layer_terms_bundle(bundle: Bundle, clts: list[str | Path] | None = None, max_images: int | None = None,
                        batch_size: int = 64, device: torch.device | str = "cpu", force: bool = False,
-                       progress: bool = True, teacher: Teacher | None = None, start: int | None = None
-                       ) -> dict[str, dict]:
+                       progress: bool = True, teacher: Teacher | None = None, start: int | None = None,
+                       num_workers: int | None = None) -> dict[str, dict]:
     """The layer-term experiment per CLT (cached unless ``force``), ranked by the dataset's C of each CLT's
-    evaluation (evaluated first when needed), for every token set the evaluation has C for."""
+    evaluation (evaluated first when needed), for every token set the evaluation has C for; the held-out images load
+    as in :func:`evaluate_bundle`."""
     names = clts or bundle.clt_names
-    evaluations = evaluate_bundle(bundle, names, max_images, batch_size, device, progress=progress, teacher=teacher)
-    runs = CachedRuns(bundle, device, teacher)
+    evaluations = evaluate_bundle(bundle, names, max_images, batch_size, device, progress=progress, teacher=teacher,
+                                  num_workers=num_workers)
+    runs = CachedRuns(bundle, device, teacher, batch_size, num_workers)
 
     def compute(key: str, folder: Path) -> dict:
         teacher, classifier, test_data = runs.inputs()
         contributions = evaluations[key]["contributions"]
         return run_layer_terms(teacher, runs.load_clt(key, folder), test_data, classifier, contributions,
-                               list(contributions), start, batch_size, max_images, progress=progress)
+                               list(contributions), start, batch_size, max_images, num_workers=runs.num_workers,
+                               progress=progress)
 
     def matches(result: dict) -> bool:
         return (result.get("version") == LAYER_TERMS_VERSION and max_images in (None, result["n_images"])

@@ -359,12 +359,14 @@ class Builder:
 
     def _evaluate(self, bundle: Bundle, teacher: Teacher, name: str) -> str:
         results = evaluate_bundle(bundle, [name], self.job.eval_images, self.job.batch_size, self.device,
-                                  force=True, progress=self.progress, teacher=teacher)[name]
+                                  force=True, progress=self.progress, teacher=teacher,
+                                  num_workers=self.job.train.num_workers)[name]
         return f"{results['n_images']} images, baseline {results['cascade']['baseline']:.2f}%"
 
     def _layer_terms(self, bundle: Bundle, teacher: Teacher, name: str) -> str:
         result = layer_terms_bundle(bundle, [name], self.job.eval_images, self.job.batch_size, self.device,
-                                    force=True, progress=self.progress, teacher=teacher)[name]
+                                    force=True, progress=self.progress, teacher=teacher,
+                                    num_workers=self.job.train.num_workers)[name]
         return "; ".join(f"{tokens}: top-1 removal {r['top1_removal_drop']['dataset']:+.2f} points, "
                          f"Spearman {r['spearman_c_vs_drop']:.2f}" for tokens, r in result["tokens"].items())
 
@@ -380,7 +382,7 @@ class Builder:
         if not evaluated:
             return "nothing evaluated yet"
         written = write_bundle_report(bundle, clts=evaluated, teacher=teacher, device=self.device,
-                                      progress=self.progress)
+                                      progress=self.progress, num_workers=self.job.train.num_workers)
         images = sum(path.suffix in (".png", ".svg") for path in written)
         return f"{bundle.report_path.relative_to(bundle.root)}, {images} images"
 

@@ -84,28 +84,36 @@ PREFETCHED_BATCHES = 2  # batches each worker keeps ready (DataLoader's default 
 
 
 def image_batches(dataset: Dataset, transform: Callable, batch_size: int, indices: Sequence[int] | None = None,
-                  num_workers: int = 0) -> DataLoader:
-    """Batches ``(pixels [B, 3, H, W], labels [B], dataset indices [B])`` in the order of ``indices``."""
+                  num_workers: int = 0, device: torch.device | str | None = None) -> DataLoader:
+    """Batches ``(pixels [B, 3, H, W], labels [B], dataset indices [B])`` in the order of ``indices``, for ``device``
+    (see :func:`grouped_image_batches`)."""
     return grouped_image_batches(dataset, transform, batch_size, [range(len(dataset)) if indices is None else indices],
-                                 num_workers)
+                                 num_workers, device)
 
 
 def grouped_image_batches(dataset: Dataset, transform: Callable, batch_size: int, groups: Sequence[Sequence[int]],
-                          num_workers: int = 0) -> DataLoader:
+                          num_workers: int = 0, device: torch.device | str | None = None) -> DataLoader:
     """:func:`image_batches` of each group of dataset indices in turn, a batch never holding two groups' images, from
     one loader: its workers keep preparing images across the groups' boundaries (a loader per group would start
-    its workers again and drain its queue at each)."""
+    its workers again and drain its queue at each).
+
+    Batches for a CUDA ``device`` come in page-locked (pinned) memory: copying one there with ``non_blocking``
+    (:meth:`Teacher.on_device`) then neither waits for the work queued on the device nor holds up this process,
+    where a copy from ordinary memory first waits for the device to finish everything queued."""
     flat, batches = [], []
     for group in groups:
         start = len(flat)
         flat += list(group)
         batches += [range(first, min(first + batch_size, len(flat))) for first in range(start, len(flat), batch_size)]
+    pinned = device is not None and torch.device(device).type == "cuda"
     return DataLoader(_Preprocessed(dataset, transform, flat), batch_sampler=batches, num_workers=num_workers,
-                      prefetch_factor=PREFETCHED_BATCHES if num_workers else None, persistent_workers=False)
+                      prefetch_factor=PREFETCHED_BATCHES if num_workers else None, persistent_workers=False,
+                      pin_memory=pinned)
 
 
-def loader_workers(device: torch.device, batch_bytes: int) -> int:
-    """Image-loading worker processes for passes over a dataset on ``device``: on a GPU, this process's share of the
+def loader_workers(device: torch.device | str, batch_bytes: int, requested: int | None = None) -> int:
+    """Image-loading worker processes for passes over a dataset on ``device``: ``requested`` where it is given (a
+    user's count), else the default. On a GPU that is this process's share of the
     CPU cores (under torchrun, the node's cores are split between its ranks) but one, which feeds the GPU; on a CPU
     none, since the cores compute the teacher and the CLT. (One process prepared 610-700 small PNG images a second
     for ViT-B/32 on 2 cores, and training one CLT at 130k tokens/s reads 2,600: scripts/bench_loading.py.)
@@ -114,7 +122,9 @@ def loader_workers(device: torch.device, batch_bytes: int) -> int:
     ``PREFETCHED_BATCHES`` ready: the workers get at most half of its free space, since a worker that finds it full
     dies of a bus error. A container's default 64 MB holds none, and the loading stays in the main process, with a
     warning saying how to give it more."""
-    if device.type == "cpu":
+    if requested is not None:
+        return requested
+    if torch.device(device).type == "cpu":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)

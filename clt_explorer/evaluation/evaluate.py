@@ -98,9 +98,9 @@ def evaluate_clt(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, 
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
     codes = CodeEvaluator(clt, token_sets)
     replacement = ReplacementEvaluator(teacher, classifier, clt.surrogate, token_sets, starts)
-    batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images), num_workers)
+    batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images), num_workers, teacher.device)
     for pixels, labels, _ in tqdm(batches, desc=f"evaluating {clt.config.sparsifier}", disable=not progress):
-        pixels = pixels.to(teacher.device)
+        pixels = teacher.on_device(pixels)
         capture = teacher.capture(pixels)
         codes.update(capture.xs, capture.ys)
         replacement.update(pixels, labels, capture.embeddings)

@@ -115,7 +115,7 @@ def plan_runs(n_layers: int, n_draws: int) -> list[Run]:
 def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, classifier: ZeroShotClassifier,
                     dataset_contributions: dict[str, list[list[float]]], token_sets: Sequence[str] = TOKEN_SETS,
                     start: int | None = None, batch_size: int = 64, max_images: int | None = None,
-                    n_draws: int = 5, seed: int = 0, progress: bool = True) -> dict:
+                    n_draws: int = 5, seed: int = 0, num_workers: int = 0, progress: bool = True) -> dict:
     """The experiment for one CLT over (the first ``max_images`` of) a held-out dataset, every token set.
     ``dataset_contributions[tokens]`` is the dataset's C [L, L] for that token set (from the evaluation)."""
     L = teacher.n_layers
@@ -128,9 +128,9 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     orders = {tokens: {"dataset": source_order(c), "bottom": source_order(c, "bottom"), "random": random}
               for tokens, c in scores.items()}
     accumulators = {(tokens, run): AgreementAccumulator() for tokens in token_sets for run in runs}
-    batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images))
+    batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images), num_workers, teacher.device)
     for pixels, labels, _ in tqdm(batches, desc=f"layer terms of {clt.config.sparsifier} CLT", disable=not progress):
-        pixels = pixels.to(teacher.device)
+        pixels = teacher.on_device(pixels)
         capture = teacher.capture(pixels)
         teacher_logits = classifier.logits(capture.embeddings)
         codes = clt.encode_sparse(capture.xs)

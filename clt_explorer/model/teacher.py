@@ -231,10 +231,15 @@ class Teacher:
         """PIL images -> the normalised batch tensor the image tower expects."""
         return torch.stack([self.preprocess(image.convert("RGB")) for image in images])
 
+    def on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels`` on the teacher's device. A batch in pinned memory (the loaders pin for a CUDA device:
+        :func:`data.grouped_image_batches`) is copied there without waiting for the work queued on the device."""
+        return pixels.to(self.device, non_blocking=self.device.type != "cpu")
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embeddings [B, D] (not normalised) of a preprocessed batch."""
-        return self.model.encode_image(pixels.to(self.device))
+        return self.model.encode_image(self.on_device(pixels))
 
     @torch.no_grad()
     def capture(self, pixels: torch.Tensor, residual_at: int | None = None) -> Capture:
@@ -260,7 +265,7 @@ class Teacher:
         input) of one pass; inside :meth:`replace_mlps`, of the replaced pass."""
         self._thread.final_sink = final = []
         try:
-            embeddings = self.model.encode_image(pixels.to(self.device))
+            embeddings = self.model.encode_image(self.on_device(pixels))
         finally:
             self._thread.final_sink = None
         return embeddings, final[0]
@@ -286,7 +291,7 @@ class Teacher:
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """The residual stream entering block 0 (patch, class and position embeddings after ``ln_pre``): [B, T, d]."""
-        return self.model.visual._embeds(pixels.to(self.device))
+        return self.model.visual._embeds(self.on_device(pixels))
 
     def readout(self, final_cls: torch.Tensor) -> torch.Tensor:
         """Image embeddings [B, D] from the final residual stream at the CLS token [B, d]: all that follows the

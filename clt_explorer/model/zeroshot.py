@@ -97,7 +97,7 @@ def zero_shot_accuracy(teacher: Teacher, dataset, batch_size: int = 256, progres
     """Top-1 zero-shot accuracy of the unmodified teacher on a dataset, with its class names and templates."""
     classifier = ZeroShotClassifier.build(teacher, dataset.classnames, dataset.templates)
     correct = 0
-    batches = image_batches(dataset, teacher.preprocess, batch_size)
+    batches = image_batches(dataset, teacher.preprocess, batch_size, device=teacher.device)
     for pixels, labels, _ in tqdm(batches, desc="zero-shot accuracy", disable=not progress):
         correct += int((classifier.logits(teacher.encode_images(pixels)).argmax(-1) == labels.to(teacher.device)).sum())
     return correct / len(dataset)

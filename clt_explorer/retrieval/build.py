@@ -87,7 +87,8 @@ def _sample_descriptors(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Da
     c = clt.config
     spools = {tokens: [_DenseSpool(len(chosen), c.n_features, workdir, f"sample_{tokens}{layer}")
                        for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
-    for pixels, _, _ in image_batches(dataset, teacher.preprocess, batch_size, chosen, num_workers):
+    for pixels, _, _ in image_batches(dataset, teacher.preprocess, batch_size, chosen, num_workers,
+                                      teacher.device):
         for tokens, per_layer in image_descriptors(teacher, clt, pixels).items():
             for layer, rows in enumerate(per_layer):
                 spools[tokens][layer].add(rows)
@@ -123,7 +124,7 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
 
         spools = {tokens: [spool(tokens, layer) for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
         exact = None if recall_queries is None else ExactTopK(image_descriptors(teacher, clt, recall_queries), 10)
-        batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers)
+        batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers, teacher.device)
         for pixels, _, _ in tqdm(batches, desc=f"indexing {c.sparsifier} codes", disable=not progress):
             batch = image_descriptors(teacher, clt, pixels)
             for tokens, per_layer in batch.items():

@@ -25,7 +25,7 @@ from .index import descriptors
 @torch.no_grad()
 def image_descriptors(teacher: Teacher, clt: CrossLayerTranscoder, pixels: torch.Tensor) -> dict[str, np.ndarray]:
     """Per token group: descriptors [L, B, F] of a preprocessed batch (normalised, float32)."""
-    found = descriptors(clt.encode_sparse(teacher.capture(pixels.to(teacher.device)).xs))
+    found = descriptors(clt.encode_sparse(teacher.capture(pixels).xs))
     return {tokens: torch.stack(per_layer).float().cpu().numpy() for tokens, per_layer in found.items()}
 
 
@@ -60,12 +60,12 @@ class ExactTopK:
 
 @torch.no_grad()
 def exact_neighbours(teacher: Teacher, clt: CrossLayerTranscoder, corpus: Dataset, corpus_indices: Sequence[int],
-                     queries: torch.Tensor, k: int = 3, batch_size: int = 64, progress: bool = True
-                     ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+                     queries: torch.Tensor, k: int = 3, batch_size: int = 64, num_workers: int = 0,
+                     progress: bool = True) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """result[tokens][layer] = (scores [Q, k], rows [Q, k]) over ``corpus[corpus_indices]`` (row r is
     corpus_indices[r], as in a bundle's thumbnails), for preprocessed query images [Q, 3, H, W]."""
     search = ExactTopK(image_descriptors(teacher, clt, queries), k)
-    batches = image_batches(corpus, teacher.preprocess, batch_size, corpus_indices)
+    batches = image_batches(corpus, teacher.preprocess, batch_size, corpus_indices, num_workers, teacher.device)
     for pixels, _, _ in tqdm(batches, desc="exact search over the corpus", disable=not progress):
         search.add(image_descriptors(teacher, clt, pixels))
     return search.result()

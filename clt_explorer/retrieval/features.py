@@ -137,7 +137,7 @@ def build_feature_store(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Da
     ``folder``."""
     c = clt.config
     statistics = FeatureStatistics(c.n_layers, c.n_features, teacher.n_tokens - 1, teacher.d_model, top_n)
-    batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers)
+    batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers, teacher.device)
     for pixels, _, _ in tqdm(batches, desc=f"feature statistics of {c.sparsifier}", disable=not progress):
         capture = teacher.capture(pixels)
         statistics.add(clt.encode_sparse(capture.xs), capture.final_cls)

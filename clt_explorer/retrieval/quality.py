@@ -24,8 +24,9 @@ def same_class_rates(teacher: Teacher, clt: CrossLayerTranscoder, index: Retriev
     the query, over the first ``n_queries`` images of a held-out dataset."""
     hits = {tokens: np.zeros(index.n_layers) for tokens in DESCRIPTOR_TOKENS}
     n_queries = min(n_queries, len(queries))
-    for pixels, query_labels, _ in image_batches(queries, teacher.preprocess, batch_size, range(n_queries)):
-        found = index.search(descriptors(clt.encode_sparse(teacher.capture(pixels.to(teacher.device)).xs)), k)
+    for pixels, query_labels, _ in image_batches(queries, teacher.preprocess, batch_size, range(n_queries),
+                                                     device=teacher.device):
+        found = index.search(descriptors(clt.encode_sparse(teacher.capture(pixels).xs)), k)
         for tokens, per_layer in found.items():
             for layer, results in per_layer.items():
                 hits[tokens][layer] += sum(labels[h.image_id] == int(q) for q, row in zip(query_labels, results)
@@ -49,7 +50,7 @@ def recall_against_exact(teacher: Teacher, clt: CrossLayerTranscoder, index: Ret
     """Per token set and layer: recall@k of ``index`` against exact cosine search over the same descriptors of
     ``corpus[corpus_indices]`` (row r is corpus_indices[r]), for the first ``n_queries`` held-out images."""
     pixels = held_out_pixels(teacher, queries, n_queries, batch_size)
-    reference = exact_neighbours(teacher, clt, corpus, corpus_indices, pixels, k, batch_size, progress)
+    reference = exact_neighbours(teacher, clt, corpus, corpus_indices, pixels, k, batch_size, progress=progress)
     return index_recall(index, image_descriptors(teacher, clt, pixels), reference, k)
 
 

@@ -100,9 +100,9 @@ class ActivationStream:
         """Teacher activations of this rank's images in each chunk of ``chunks``, as [L, tokens, d] each; the images
         of them all come through one loader (see :func:`grouped_image_batches`)."""
         groups = self._local_indices(epoch, chunks)
-        batches = iter(grouped_image_batches(self.dataset, self.teacher.preprocess, self.image_batch_size, groups,
-                                             self.num_workers))
         device = self.teacher.device
+        batches = iter(grouped_image_batches(self.dataset, self.teacher.preprocess, self.image_batch_size, groups,
+                                             self.num_workers, device))
         for group in groups:
             xs, ys, images = [], [], 0
             while images < len(group):

@@ -84,8 +84,9 @@ class TrainConfig:
     image_batch_size: int = 64
     """Images per teacher forward pass while collecting activations."""
     num_workers: int | None = None
-    """Image-loading worker processes of the passes over the training images (training, and in a bundle its retrieval
-    indexes and feature statistics); default: on a GPU, this process's CPU cores but one; on a CPU, none."""
+    """Image-loading worker processes of the passes over a dataset's images (training, and in a bundle its retrieval
+    indexes, feature statistics, evaluation and layer terms); default: on a GPU, this process's CPU cores but one; on
+    a CPU, none."""
     sparse_decoder: bool | None = None
     """Decode by a gather of the active rows (on a GPU in Triton kernels) instead of a dense matmul; default: gather
     on a CPU, matmul on a GPU. JumpReLU's gather also reads the inactive codes its straight-through gradient reaches."""
@@ -93,7 +94,7 @@ class TrainConfig:
     def loader_workers(self, device: torch.device, batch_bytes: int) -> int:
         """``num_workers``, or where it is not set the default for ``device`` and batches of ``batch_bytes``
         (:func:`data.loader_workers`)."""
-        return loader_workers(device, batch_bytes) if self.num_workers is None else self.num_workers
+        return loader_workers(device, batch_bytes, self.num_workers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
