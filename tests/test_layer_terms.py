@@ -61,20 +61,25 @@ def test_rankings_are_the_argsort_of_c():
 
 
 @pytest.mark.parametrize("tokens", TOKEN_SETS)
-def test_the_last_block_shortcut_equals_the_cascade(setup, tokens):
+@pytest.mark.parametrize("start", [1, "last"])
+def test_term_replacements_equal_the_whole_cascade(setup, tokens, start):
+    """From the last block's shortcut, or resumed at block ``start`` of the teacher's pass, as the whole pass."""
     teacher, clt, classifier, data = setup
-    pixels = teacher.preprocess_images([data[i][0] for i in range(6)])
-    capture = teacher.capture(pixels)
-    codes = clt.encode_sparse(capture.xs)
     L = teacher.n_layers
-    shortcut = TermReplacement(teacher, clt, capture, codes, pixels, L - 1)
+    start = L - 1 if start == "last" else start
+    pixels = teacher.preprocess_images([data[i][0] for i in range(6)])
+    capture = teacher.capture(pixels, residuals_at=[start])
+    codes = clt.encode_sparse(capture.xs)
+    replacement = TermReplacement(teacher, clt, capture, codes, start)
     kept = torch.rand(6, L, generator=torch.Generator().manual_seed(1)) > 0.4
-    with teacher.replace_mlps(clt.surrogate(term_weights=keep_sources(L, kept)), L - 1, tokens):
+    with teacher.replace_mlps(clt.surrogate(term_weights=keep_sources(L, kept)), start, tokens):
         cascade = teacher.encode_images(pixels)
-    assert torch.allclose(shortcut(kept, tokens), cascade, atol=1e-5)
-    with teacher.replace_mlps(clt.surrogate(), L - 1, tokens):
-        assert torch.allclose(shortcut(torch.ones(6, L, dtype=torch.bool), tokens), teacher.encode_images(pixels),
-                              atol=1e-5)
+    assert torch.allclose(replacement(kept, tokens), cascade, atol=1e-5)
+    with teacher.replace_mlps(clt.surrogate(), start, tokens):
+        full = teacher.encode_images(pixels)
+    assert torch.allclose(replacement(torch.ones(6, L, dtype=torch.bool), tokens), full, atol=1e-5)
+    # the final layer's terms reach the embedding through the CLS token only
+    assert tokens == "patches" or not torch.allclose(cascade, full, atol=1e-3)
 
 
 @pytest.mark.parametrize("start", [None, 1])

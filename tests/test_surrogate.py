@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import Recorder, random_clt, random_pixels
 
+from clt_explorer.model.teacher import PassBelow
 from clt_explorer.model.tokens import TOKEN_SETS, token_index
 
 
@@ -139,19 +140,19 @@ def test_a_pass_resumed_at_the_first_replaced_block_equals_the_whole_pass(random
     whole = clt.surrogate(**options)
     with random_teacher.replace_mlps(whole, start, tokens):
         expected = random_teacher.encode_with_final(pixels)
-    capture = random_teacher.capture(pixels, residual_at=start)
+    capture = random_teacher.capture(pixels, residuals_at=[start])
     codes = clt.encode_sparse(capture.xs)[:start]
     resumed = clt.surrogate(**options)
-    with random_teacher.replace_mlps(resumed, start, tokens):
-        resumed.resume(codes, [clt.decode_source(s, c) for s, c in enumerate(codes)], token_index(tokens))
-        found = random_teacher.encode_from(capture.residual, start)
+    below = PassBelow(capture.residuals[start], codes, [clt.decode_source(s, c) for s, c in enumerate(codes)])
+    found = random_teacher.encode_resumed(resumed, below, tokens)
     for a, b in zip(expected, found):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
     assert len(resumed.codes) == L
     for a, b in zip(whole.codes, resumed.codes):  # encoded from all tokens or from the replaced ones: rounding only
         assert torch.allclose(a.dense(), b.dense(), atol=1e-6, rtol=1e-6)
     if start == 0:
-        assert capture.residual is not None and torch.allclose(capture.residual, random_teacher.embed(pixels))
+        assert torch.allclose(capture.residuals[0], random_teacher.embed(pixels))
+    assert list(capture.residuals) == [start]
 
 
 @pytest.mark.parametrize("tokens", TOKEN_SETS)

@@ -30,7 +30,7 @@ from ..evaluation.layer_terms import keep_sources, source_order
 from ..evaluation.metrics import kl_divergence, reconstruction_quality
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.sparsifiers import SparseCodes
-from ..model.teacher import Capture
+from ..model.teacher import Capture, PassBelow
 from ..model.tokens import CLS, TOKEN_SETS, token_index
 from ..retrieval.features import FeatureStore
 from ..retrieval.index import RetrievalIndex, descriptors
@@ -110,16 +110,6 @@ class ReplacedPass:
     codes: list[SparseCodes]
     teacher_codes: dict[int, SparseCodes]
     teacher_terms: dict[int, torch.Tensor]
-
-
-@dataclass
-class PassBelow:
-    """The teacher's pass below a first replaced block s, which a replacement starting at s leaves as it is: the
-    residual stream entering block s, and the codes and decoded terms of blocks 0..s-1 (all tokens)."""
-
-    residual: torch.Tensor
-    codes: list[SparseCodes]
-    terms: list[torch.Tensor]
 
 
 @dataclass
@@ -317,11 +307,10 @@ class Explorer:
         with ``decode_teacher`` decoded in the same gathers where every token is replaced."""
         surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales,
                                             teacher_xs=teacher_xs, decode_teacher=decode_teacher)
-        with self.teacher.replace_mlps(surrogate, start, tokens):
-            if isinstance(pixels, PassBelow):
-                surrogate.resume(pixels.codes, pixels.terms, token_index(tokens))
-                embeddings, final_cls = self.teacher.encode_from(pixels.residual, start)
-            else:
+        if isinstance(pixels, PassBelow):
+            embeddings, final_cls = self.teacher.encode_resumed(surrogate, pixels, tokens)
+        else:
+            with self.teacher.replace_mlps(surrogate, start, tokens):
                 embeddings, final_cls = self.teacher.encode_with_final(pixels)
         return ReplacedPass(self.classifier.logits(embeddings), final_cls, surrogate.codes, surrogate.teacher_codes,
                             surrogate.teacher_terms)
@@ -330,11 +319,11 @@ class Explorer:
     def teacher_pass(self, pixels: torch.Tensor, clt: str, start: int) -> tuple[Capture, PassBelow]:
         """The teacher's pass, and what a replacement with CLT ``clt`` starting at block ``start`` takes from it
         (:meth:`replaced_pass` then runs from block ``start`` on)."""
-        capture = self.teacher.capture(pixels, residual_at=start)
+        capture = self.teacher.capture(pixels, residuals_at=[start])
         model = self.clt(clt)
         codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
-        return capture, PassBelow(capture.residual, codes, [model.decode_source(layer, c) for layer, c in
-                                                            enumerate(codes)])
+        terms = [model.decode_source(layer, c) for layer, c in enumerate(codes)]
+        return capture, PassBelow(capture.residuals[start], codes, terms)
 
     @torch.no_grad()
     def both_passes(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],

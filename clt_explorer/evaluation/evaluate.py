@@ -4,6 +4,10 @@
 - cascaded replacement s -> L-1 for every start s and token set: zero-shot accuracy beside the
   unmodified teacher's (tables 6-23), with the faithfulness metrics of table 5 for every range;
 - dataset-level contribution scores C_{s->l} for CLS and for patch tokens (figures 11-16).
+
+Each batch's teacher pass is encoded and decoded once, for all of them: a cascade starting at s leaves the pass below
+s as the teacher's, so it resumes at block s from that pass's residual stream, codes and terms
+(:meth:`Teacher.encode_resumed`), and runs, encodes and decodes only blocks s..L-1.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from torch.utils.data import Dataset
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
-from ..model.teacher import MLPSurrogate, Teacher
+from ..model.sparsifiers import SparseCodes
+from ..model.teacher import Capture, MLPSurrogate, PassBelow, Teacher
 from ..model.tokens import TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
 from ..progress import tqdm
@@ -37,12 +42,14 @@ class ReplacementEvaluator:
                              for tokens in self.token_sets for start in self.starts}
 
     @torch.no_grad()
-    def update(self, pixels: torch.Tensor, labels: torch.Tensor, teacher_embeddings: torch.Tensor) -> None:
-        c = self.classifier
+    def update(self, labels: torch.Tensor, capture: Capture, codes: list, terms: list) -> None:
+        """One batch: the teacher's pass ``capture`` with the residual stream entering every start, and the
+        surrogate's codes and terms of that pass at every layer (what :meth:`MLPSurrogate.resume` takes)."""
+        c, teacher_embeddings = self.classifier, capture.embeddings
         teacher_logits, teacher_templates = c.logits(teacher_embeddings), c.template_logits(teacher_embeddings)
         for (tokens, start), accumulator in self.accumulators.items():
-            with self.teacher.replace_mlps(self.make_surrogate(), start, tokens):
-                embeddings = self.teacher.encode_images(pixels)
+            below = PassBelow(capture.residuals[start], codes[:start], terms[:start])
+            embeddings, _ = self.teacher.encode_resumed(self.make_surrogate(), below, tokens)
             accumulator.update(labels, teacher_embeddings, embeddings, teacher_logits, c.logits(embeddings),
                                teacher_templates, c.template_logits(embeddings))
 
@@ -68,19 +75,17 @@ class CodeEvaluator:
         self.n_tokens = 0
 
     @torch.no_grad()
-    def update(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
-        """xs, ys: [L, B, T, d] from the unmodified teacher (teacher forcing)."""
-        codes = self.clt.encode_sparse(xs)
-        yhat = self.clt.decode(codes)
+    def update(self, ys: torch.Tensor, codes: list[SparseCodes], terms: list[torch.Tensor]) -> None:
+        """ys [L, B, T, d] from the unmodified teacher, the CLT's codes of its x_l (teacher forcing) and their terms
+        [B, T, L - s, d] per source s (:meth:`CrossLayerTranscoder.decode_source`)."""
+        yhat = self.clt.sum_terms(terms)
         for tokens, accumulator in self.reconstruction.items():
             index = token_index(tokens)
             accumulator.update(ys[:, :, index].flatten(1, 2), yhat[:, :, index].flatten(1, 2))
         for tokens in self.contribution_norms:
-            index = token_index(tokens)
-            selected = [c.take_tokens(index) for c in codes]
-            self.contribution_norms[tokens] += self.clt.contribution_norms(selected).cpu()
+            self.contribution_norms[tokens] += self.clt.term_norms(terms, token_index(tokens)).cpu()
         self.l0 += torch.stack([c.l0().double().sum().cpu() for c in codes])
-        self.n_tokens += xs.shape[1] * xs.shape[2]
+        self.n_tokens += ys.shape[1] * ys.shape[2]
 
     def result(self) -> dict:
         return {
@@ -96,13 +101,14 @@ def evaluate_clt(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, 
                  starts: Sequence[int] | None = None, num_workers: int = 0, progress: bool = True) -> dict:
     """Every measurement of one CLT on (the first ``max_images`` of) a held-out dataset, in one pass."""
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
-    codes = CodeEvaluator(clt, token_sets)
+    reconstruction = CodeEvaluator(clt, token_sets)
     replacement = ReplacementEvaluator(teacher, classifier, clt.surrogate, token_sets, starts)
     batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images), num_workers, teacher.device)
     for pixels, labels, _ in tqdm(batches, desc=f"evaluating {clt.config.sparsifier}", disable=not progress):
-        pixels = teacher.on_device(pixels)
-        capture = teacher.capture(pixels)
-        codes.update(capture.xs, capture.ys)
-        replacement.update(pixels, labels, capture.embeddings)
+        capture = teacher.capture(pixels, residuals_at=replacement.starts)
+        codes = clt.encode_sparse(capture.xs)
+        terms = [clt.decode_source(source, c) for source, c in enumerate(codes)]
+        reconstruction.update(capture.ys, codes, terms)
+        replacement.update(labels, capture, codes, terms)
     return {"version": RESULTS_VERSION, "n_images": n_images, "sparsifier": clt.config.sparsifier, "k": clt.config.k,
-            "expansion": clt.config.expansion, **codes.result(), "cascade": replacement.result()}
+            "expansion": clt.config.expansion, **reconstruction.result(), "cascade": replacement.result()}

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder
-from ..model.teacher import Capture, Teacher
+from ..model.teacher import Capture, PassBelow, Teacher
 from ..model.tokens import CLS, PATCHES, TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
 from ..progress import tqdm
@@ -130,11 +130,10 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
     accumulators = {(tokens, run): AgreementAccumulator() for tokens in token_sets for run in runs}
     batches = image_batches(dataset, teacher.preprocess, batch_size, range(n_images), num_workers, teacher.device)
     for pixels, labels, _ in tqdm(batches, desc=f"layer terms of {clt.config.sparsifier} CLT", disable=not progress):
-        pixels = teacher.on_device(pixels)
-        capture = teacher.capture(pixels)
+        capture = teacher.capture(pixels, residuals_at=[start])
         teacher_logits = classifier.logits(capture.embeddings)
         codes = clt.encode_sparse(capture.xs)
-        embed = TermReplacement(teacher, clt, capture, codes, pixels, start)
+        embed = TermReplacement(teacher, clt, capture, codes, start)
         for tokens in token_sets:
             selected = [c.take_tokens(token_index(tokens)) for c in codes]
             image_order = source_order(clt.contributions(selected, per_image=True)[:, L - 1].cpu(), "image")
@@ -152,15 +151,18 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
 
 class TermReplacement:
     """Image embeddings of a batch with the CLT replacing blocks start..L-1 and the final layer keeping only some
-    of its source terms."""
+    of its source terms. Each replaced pass resumes at block ``start`` from the teacher's pass ``capture`` (with the
+    residual stream entering ``start``) and its ``codes``; at the last block, only the CLS token's output changes."""
 
-    def __init__(self, teacher: Teacher, clt: CrossLayerTranscoder, capture: Capture, codes: list,
-                 pixels: torch.Tensor, start: int):
-        self.teacher, self.clt, self.capture, self.pixels, self.start = teacher, clt, capture, pixels, start
+    def __init__(self, teacher: Teacher, clt: CrossLayerTranscoder, capture: Capture, codes: list, start: int):
+        self.teacher, self.clt, self.capture, self.start = teacher, clt, capture, start
         L = clt.config.n_layers
         if start == L - 1:  # u_{s->L-1} at the CLS token from the teacher's own codes: [B, L, d]
             cls = [c.take_tokens(token_index(CLS)) for c in codes]
             self.cls_terms = torch.stack([clt.decode_source(s, cls[s])[:, 0, L - 1 - s] for s in range(L)], 1)
+        else:
+            self.below = PassBelow(capture.residuals[start], codes[:start],
+                                   [clt.decode_source(s, c) for s, c in enumerate(codes[:start])])
 
     @torch.no_grad()
     def __call__(self, kept: torch.Tensor, tokens: str) -> torch.Tensor:
@@ -168,8 +170,7 @@ class TermReplacement:
         L = self.clt.config.n_layers
         if self.start < L - 1:
             weights = keep_sources(L, kept).to(self.teacher.device)
-            with self.teacher.replace_mlps(self.clt.surrogate(term_weights=weights), self.start, tokens):
-                return self.teacher.encode_images(self.pixels)
+            return self.teacher.encode_resumed(self.clt.surrogate(term_weights=weights), self.below, tokens)[0]
         if tokens == PATCHES:  # the CLS token keeps its own MLP output, and only it reaches the embedding
             return self.capture.embeddings
         weights = kept.to(self.cls_terms.device, self.cls_terms.dtype)[..., None]

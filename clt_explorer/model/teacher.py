@@ -10,7 +10,7 @@ import contextlib
 import functools
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -35,6 +35,9 @@ class MLPSurrogate(Protocol):
     def begin(self) -> None:
         """Forget the previous pass (a new image batch starts)."""
 
+    def resume(self, codes: list, terms: list, index: slice) -> None:
+        """Start a pass at block ``len(codes)`` from what the teacher's own pass gave below it (:class:`PassBelow`)."""
+
     def __call__(self, layer: int, x: torch.Tensor, index: slice, y: torch.Tensor) -> torch.Tensor:
         """The replacement MLP output of block ``layer`` for the tokens ``x[:, index]``, given the
         block's whole MLP input ``x`` [B, T, d] and the teacher's own MLP output ``y`` = mlp(x); shape [B, T', d]."""
@@ -43,14 +46,24 @@ class MLPSurrogate(Protocol):
 @dataclass
 class Capture:
     """Activations of one forward pass: xs, ys [L, B, T, d], the final residual stream at the CLS token (the
-    input of the final LayerNorm) [B, d], the image embeddings [B, D] and, when asked for, the residual stream
-    entering one block (in the blocks' own layout, for :meth:`Teacher.encode_from`)."""
+    input of the final LayerNorm) [B, d], the image embeddings [B, D] and, for the blocks asked for, the residual
+    stream entering the block (in the blocks' own layout, for :meth:`Teacher.encode_from`)."""
 
     xs: torch.Tensor
     ys: torch.Tensor
     final_cls: torch.Tensor
     embeddings: torch.Tensor
-    residual: torch.Tensor | None = None
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PassBelow:
+    """The teacher's pass below a first replaced block s, which a replacement starting at s leaves as it is: the
+    residual stream entering block s, and the surrogate's codes and decoded terms of blocks 0..s-1 (all tokens)."""
+
+    residual: torch.Tensor
+    codes: list
+    terms: list
 
 
 def file_digest(path: Path) -> str:
@@ -242,22 +255,22 @@ class Teacher:
         return self.model.encode_image(self.on_device(pixels))
 
     @torch.no_grad()
-    def capture(self, pixels: torch.Tensor, residual_at: int | None = None) -> Capture:
+    def capture(self, pixels: torch.Tensor, residuals_at: Sequence[int] = ()) -> Capture:
         """One forward pass that records x_l and y_l of every block for every token (and the residual stream
-        entering block ``residual_at``)."""
+        entering each block of ``residuals_at``)."""
         xs: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
         ys: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
 
         def record(layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
             xs[layer], ys[layer] = x, y
 
-        self._thread.residual_sink = residual = {} if residual_at is None else {residual_at: None}
+        self._thread.residual_sink = residuals = dict.fromkeys(residuals_at)
         try:
             with self._acting(record):
                 embeddings, final_cls = self.encode_with_final(pixels)
         finally:
             self._thread.residual_sink = None
-        return Capture(torch.stack(xs), torch.stack(ys), final_cls, embeddings, residual.get(residual_at))
+        return Capture(torch.stack(xs), torch.stack(ys), final_cls, embeddings, residuals)
 
     @torch.no_grad()
     def encode_with_final(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,6 +348,17 @@ class Teacher:
         with self._acting(replace):
             yield
 
+    @torch.no_grad()
+    def encode_resumed(self, surrogate: MLPSurrogate, below: PassBelow, tokens: str = ALL
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_with_final` of the cascade ``s -> L-1`` (s = ``len(below.codes)``) that replaces the MLP output
+        of ``tokens`` by ``surrogate``'s, run from block s on: below s that pass is the teacher's own, ``below``
+        (the same result as the whole pass to float rounding, without its first s blocks and their codes)."""
+        start = len(below.codes)
+        with self.replace_mlps(surrogate, start, tokens):
+            surrogate.resume(below.codes, below.terms, token_index(tokens))
+            return self.encode_from(below.residual, start)
+
 
 class TeacherMLPs:
     """The identity surrogate: the teacher's own MLPs. Replacing with it must change nothing."""
@@ -345,6 +369,9 @@ class TeacherMLPs:
         self.teacher = teacher
 
     def begin(self) -> None:
+        pass
+
+    def resume(self, codes: list, terms: list, index: slice) -> None:
         pass
 
     def __call__(self, layer: int, x: torch.Tensor, index: slice, y: torch.Tensor) -> torch.Tensor:
