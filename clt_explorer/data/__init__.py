@@ -113,10 +113,10 @@ def grouped_image_batches(dataset: Dataset, transform: Callable, batch_size: int
 
 def loader_workers(device: torch.device | str, batch_bytes: int, requested: int | None = None) -> int:
     """Image-loading worker processes for passes over a dataset on ``device``: ``requested`` where it is given (a
-    user's count), else the default. On a GPU that is this process's share of the
-    CPU cores (under torchrun, the node's cores are split between its ranks) but one, which feeds the GPU; on a CPU
-    none, since the cores compute the teacher and the CLT. (One process prepared 610-700 small PNG images a second
-    for ViT-B/32 on 2 cores, and training one CLT at 130k tokens/s reads 2,600: scripts/bench_loading.py.)
+    user's count), else the default. On a GPU that is this process's share of the CPU cores (under torchrun, the
+    node's cores are split between its ranks) but one, which feeds the GPU; on a CPU none, since the cores compute
+    the teacher and the CLT. (One process prepared 610-700 small PNG images a second for ViT-B/32 on 2 cores, and
+    training one CLT at 130k tokens/s reads 2,600: scripts/bench_loading.py.)
 
     Each worker hands over its batches of ``batch_bytes`` through shared memory (``/dev/shm``) and keeps up to
     ``PREFETCHED_BATCHES`` ready: the workers get at most half of its free space, since a worker that finds it full
