@@ -70,7 +70,8 @@ def test_term_replacements_equal_the_whole_cascade(setup, tokens, start):
     pixels = teacher.preprocess_images([data[i][0] for i in range(6)])
     capture = teacher.capture(pixels, residuals_at=[start])
     codes = clt.encode_sparse(capture.xs)
-    replacement = TermReplacement(teacher, clt, capture, codes, start)
+    terms = [clt.decode_source(source, c) for source, c in enumerate(codes)]
+    replacement = TermReplacement(teacher, clt, capture, codes, terms, start)
     kept = torch.rand(6, L, generator=torch.Generator().manual_seed(1)) > 0.4
     with teacher.replace_mlps(clt.surrogate(term_weights=keep_sources(L, kept)), start, tokens):
         cascade = teacher.encode_images(pixels)

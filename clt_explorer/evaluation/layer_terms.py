@@ -37,9 +37,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import image_batches
-from ..model.clt import CrossLayerTranscoder
+from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.teacher import Capture, PassBelow, Teacher
-from ..model.tokens import CLS, PATCHES, TOKEN_SETS, token_index
+from ..model.tokens import PATCHES, TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
 from ..progress import tqdm
 from .metrics import AgreementAccumulator
@@ -133,10 +133,11 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
         capture = teacher.capture(pixels, residuals_at=[start])
         teacher_logits = classifier.logits(capture.embeddings)
         codes = clt.encode_sparse(capture.xs)
-        embed = TermReplacement(teacher, clt, capture, codes, start)
+        terms = [clt.decode_source(source, c) for source, c in enumerate(codes)]
+        embed = TermReplacement(teacher, clt, capture, codes, terms, start)
         for tokens in token_sets:
-            selected = [c.take_tokens(token_index(tokens)) for c in codes]
-            image_order = source_order(clt.contributions(selected, per_image=True)[:, L - 1].cpu(), "image")
+            contributions = normalize_contributions(clt.term_norms(terms, token_index(tokens), per_image=True))
+            image_order = source_order(contributions[:, L - 1].cpu(), "image")
             for run in runs:
                 logits = classifier.logits(embed(run.kept(orders[tokens], image_order), tokens))
                 accumulators[tokens, run].update(labels, teacher_logits, logits)
@@ -152,17 +153,17 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
 class TermReplacement:
     """Image embeddings of a batch with the CLT replacing blocks start..L-1 and the final layer keeping only some
     of its source terms. Each replaced pass resumes at block ``start`` from the teacher's pass ``capture`` (with the
-    residual stream entering ``start``) and its ``codes``; at the last block, only the CLS token's output changes."""
+    residual stream entering ``start``), its ``codes`` and their ``terms`` [B, T, L - s, d] per source s; at the last
+    block, only the CLS token's output changes."""
 
-    def __init__(self, teacher: Teacher, clt: CrossLayerTranscoder, capture: Capture, codes: list, start: int):
+    def __init__(self, teacher: Teacher, clt: CrossLayerTranscoder, capture: Capture, codes: list, terms: list,
+                 start: int):
         self.teacher, self.clt, self.capture, self.start = teacher, clt, capture, start
         L = clt.config.n_layers
         if start == L - 1:  # u_{s->L-1} at the CLS token from the teacher's own codes: [B, L, d]
-            cls = [c.take_tokens(token_index(CLS)) for c in codes]
-            self.cls_terms = torch.stack([clt.decode_source(s, cls[s])[:, 0, L - 1 - s] for s in range(L)], 1)
+            self.cls_terms = torch.stack([terms[s][:, 0, L - 1 - s] for s in range(L)], 1)
         else:
-            self.below = PassBelow(capture.residuals[start], codes[:start],
-                                   [clt.decode_source(s, c) for s, c in enumerate(codes[:start])])
+            self.below = PassBelow(capture.residuals[start], codes[:start], terms[:start])
 
     @torch.no_grad()
     def __call__(self, kept: torch.Tensor, tokens: str) -> torch.Tensor:
