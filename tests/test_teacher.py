@@ -141,28 +141,31 @@ def test_cascade_uses_codes_of_the_modified_pass(random_teacher, clt, tokens, st
         assert not torch.allclose(xs[start + 1], teacher_capture.xs[start + 1][:, index], atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens", ["cls", "all"])
+@pytest.mark.parametrize("tokens", ["cls", "patches", "all"])
 @pytest.mark.parametrize("start", [0, 2])
 @pytest.mark.parametrize("error_term", [False, True])
 def test_the_teachers_mlp_runs_only_where_its_output_is_read(random_teacher, clt, tokens, start, error_term):
-    """Where every token is replaced by a surrogate that does not read y, the MLP is skipped and the pass is the
-    same as one that runs it (a wrapper that reads y)."""
+    """Where a surrogate that does not read y replaces a token set, the MLP runs on the other tokens only (not at all
+    for all tokens), and the pass is that of one that runs it on every token (a wrapper that reads y)."""
     pixels = random_pixels(random_teacher)
-    calls = []
-    hooks = [block.mlp.c_fc.register_forward_hook(lambda *_, layer=layer: calls.append(layer))
+    n_tokens = random_teacher.capture(pixels).xs.shape[2]
+    rows = {}
+    hooks = [block.mlp.c_fc.register_forward_hook(lambda _, inputs, __, layer=layer: rows.update({layer: inputs[0]}))
              for layer, block in enumerate(random_teacher.blocks)]
     try:
         with random_teacher.replace_mlps(clt.surrogate(error_term=error_term), start, tokens):
             skipped = random_teacher.encode_images(pixels)
-        ran = sorted(calls)
+        ran = {layer: x.shape[1] for layer, x in sorted(rows.items())}
+        rows.clear()
         with random_teacher.replace_mlps(Recorder(clt.surrogate(error_term=error_term)), start, tokens):
             expected = random_teacher.encode_images(pixels)
     finally:
         for hook in hooks:
             hook.remove()
     assert torch.equal(skipped, expected)
-    skips = tokens == "all" and not error_term
-    assert ran == (list(range(start)) if skips else list(range(random_teacher.n_layers)))
+    replaced = {"cls": 1, "patches": n_tokens - 1, "all": n_tokens}[tokens] * (not error_term)
+    assert ran == {layer: n_tokens - replaced * (layer >= start) for layer in range(random_teacher.n_layers)
+                   if layer < start or replaced < n_tokens}
 
 
 def test_replacement_rejects_bad_arguments(random_teacher, clt):

@@ -79,7 +79,7 @@ class CLTSurrogate:
         c = clt.config
         self.clt, self.sparse, self.error_term, self.teacher_xs = clt, sparse, error_term, teacher_xs
         self.decode_teacher = decode_teacher
-        self.reads_teacher_output = error_term  # else the teacher's MLP need not run where all tokens are replaced
+        self.reads_teacher_output = error_term  # else the teacher's MLP need not run on the replaced tokens
         self.term_weights = check_term_weights(term_weights, c.n_layers)
         self.scales = feature_scale_vectors(feature_scales, c.n_layers, c.n_features)
         self.edits = self.term_weights is not None or any(s is not None for s in self.scales)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from . import onednn_products
-from .tokens import ALL, token_index
+from .tokens import ALL, other_tokens, token_index
 
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
@@ -164,13 +164,22 @@ class Teacher:
             sink.append(x[:, 0] if x.dim() == 3 else x)  # all tokens, or (final_ln_after_pool) the pooled CLS
 
     def _skippable(self, layer: int, forward):
-        """The MLP's own forward, skipped (its output None) where this thread's action replaces all of it without
-        reading it; the action's hook then gives the block its output."""
-        def run(*args, **kwargs):
+        """The MLP's own forward, run only on the tokens whose output this thread's action reads: where it replaces a
+        token set without reading the teacher's output there, on the other tokens (the output's replaced rows left
+        unset), or not at all (the output None) where it replaces every token; the action's hook then gives the block
+        its output."""
+        def run(x: torch.Tensor) -> torch.Tensor | None:
             action = getattr(self._thread, "action", None)
-            if action is not None and layer in getattr(action, "replaces_unread", ()):
+            read = getattr(action, "tokens_read", {})
+            if layer not in read:
+                return forward(x)
+            if read[layer] is None:
                 return None
-            return forward(*args, **kwargs)
+            index = token_index(read[layer])
+            part = forward(x[:, index])
+            y = part.new_empty(*x.shape[:-1], part.shape[-1])
+            y[:, index] = part
+            return y
         return run
 
     def _hook(self, layer: int):
@@ -326,7 +335,8 @@ class Teacher:
         """Cascade ``start -> L-1``: in every block l >= start, the MLP output of the chosen tokens is
         replaced by ``surrogate(l, x_l)``, where x_l comes from this same (modified) forward pass.
         The surrogate sees every block from 0 so that it can keep state (e.g. the CLT's codes z_i, i <= l). Where it
-        replaces every token without reading the teacher's output, the teacher's MLP does not run."""
+        does not read the teacher's output, the teacher's MLP runs on the other tokens only (not at all for all
+        tokens)."""
         if not 0 <= start < self.n_layers:
             raise ValueError(f"start layer must be in [0, {self.n_layers - 1}], got {start}")
         index = token_index(tokens)
@@ -343,8 +353,8 @@ class Teacher:
             out[:, index] = replacement.to(out.dtype)
             return out
 
-        whole = index == slice(None) and not getattr(surrogate, "reads_teacher_output", True)
-        replace.replaces_unread = range(start, self.n_layers) if whole else ()
+        if not getattr(surrogate, "reads_teacher_output", True):
+            replace.tokens_read = dict.fromkeys(range(start, self.n_layers), other_tokens(tokens))
         with self._acting(replace):
             yield
 

@@ -21,3 +21,9 @@ def token_index(tokens: str) -> slice:
         return slice(None)
     raise ValueError(f"token set must be one of {TOKEN_SETS}, got {tokens!r}")
 
+
+def other_tokens(tokens: str) -> str | None:
+    """The token set of the positions that ``tokens`` leaves out (None for all tokens)."""
+    token_index(tokens)  # checks the name
+    return {CLS: PATCHES, PATCHES: CLS}.get(tokens)
+

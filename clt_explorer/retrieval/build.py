@@ -123,7 +123,8 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
                                    None if sample is None else sample[tokens][layer])
 
         spools = {tokens: [spool(tokens, layer) for layer in range(c.n_layers)] for tokens in DESCRIPTOR_TOKENS}
-        exact = None if recall_queries is None else ExactTopK(image_descriptors(teacher, clt, recall_queries), 10)
+        query = None if recall_queries is None else image_descriptors(teacher, clt, recall_queries)
+        exact = None if query is None else ExactTopK(query, 10)
         batches = image_batches(dataset, teacher.preprocess, batch_size, indices, num_workers, teacher.device)
         for pixels, _, _ in tqdm(batches, desc=f"indexing {c.sparsifier} codes", disable=not progress):
             batch = image_descriptors(teacher, clt, pixels)
@@ -135,7 +136,6 @@ def build_retrieval(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
         index = RetrievalIndex({tokens: [s.finish() for s in per_layer] for tokens, per_layer in spools.items()},
                                mode, settings)
     if exact is not None:
-        query = image_descriptors(teacher, clt, recall_queries)
         index.settings["recall_at_10"] = index_recall(index, query, exact.result())
         index.settings["recall_queries"] = len(recall_queries)
     return index
