@@ -78,9 +78,9 @@ def test_a_kept_pass_holds_no_decoded_terms_and_gives_the_same_model_pass_again(
 @pytest.mark.parametrize("tokens,start", [("all", 0), ("cls", 2), ("all", 1)])
 def test_the_first_replaced_blocks_tokens_are_encoded_once_and_both_sets_decoded_in_one_gather_where_all_are_replaced(
         explorer, monkeypatch, tokens, start):
-    """Up to the first replaced block's MLP the replaced pass's tokens are the teacher's: encoded once there, in the
-    teacher's product, and beside the teacher's above it. Where every token is replaced, their terms there are the
-    teacher's too: decoded once; above it both sets' codes are decoded in one gather, token by token [B, T, 2, k]."""
+    """Up to the first replaced block's MLP the replaced pass's tokens are the teacher's: encoded and decoded once
+    there, in the teacher's pass, and encoded beside the teacher's above it. Where every token is replaced, both sets'
+    codes are decoded there in one gather, token by token [B, T, 2, k]."""
     model = explorer.clt("relu_topk")
     encoded, encode = [], model.encode_layer
     decoded, decode = [], model.decode_source
@@ -93,18 +93,18 @@ def test_the_first_replaced_blocks_tokens_are_encoded_once_and_both_sets_decoded
     n, replaced = explorer.teacher.n_tokens, (explorer.teacher.n_tokens if tokens == "all" else 1)
     assert encoded == [(layer, n) for layer in range(start + 1)] + [(layer, n + replaced)
                                                                      for layer in range(start + 1, explorer.n_layers)]
-    if tokens == "all":
-        expected = [(layer, (n,)) for layer in range(start + 1)] + [(layer, (n, 2))
-                                                                   for layer in range(start + 1, explorer.n_layers)]
-    else:  # below the first replaced block: the teacher's pass; above, this pass's token and the teacher's apart
-        expected = [(layer, (n,)) for layer in range(start)] + [
-            shape for layer in range(start, explorer.n_layers) for shape in ((layer, (1,)), (layer, (n,)))]
+    def above(layer):  # all tokens: both sets in one gather; else this pass's token and the teacher's apart
+        return [(layer, (n, 2))] if tokens == "all" else [(layer, (1,)), (layer, (n,))]
+
+    expected = [(layer, (n,)) for layer in range(start + 1)] + [
+        shape for layer in range(start + 1, explorer.n_layers) for shape in above(layer)]
     assert sorted(decoded) == sorted(expected)
 
 
 def test_passes_asked_for_without_the_teachers_terms_decode_only_what_the_replacement_needs(explorer, monkeypatch):
     """The Features tab's passes (no ``decode_teacher``) decode the replaced pass's own codes alone above the first
-    replaced block, and keep only the terms there, which both sets share."""
+    replaced block; up to it, the teacher's pass decodes them (both sets' terms there), and the replaced pass
+    decodes none of the teacher's."""
     model = explorer.clt("relu_topk")
     decoded, decode = [], model.decode_source
     monkeypatch.setattr(model, "decode_source", lambda layer, codes, *args: decoded.append(
@@ -113,4 +113,4 @@ def test_passes_asked_for_without_the_teachers_terms_decode_only_what_the_replac
     pixels = explorer.pixels(Image.open(explorer.examples()[0]).convert("RGB"))
     *_, replaced = explorer.both_passes(pixels, "relu_topk", "all", 1, explorer.kept_or_all(None))
     assert decoded == [(layer, (explorer.teacher.n_tokens,)) for layer in range(explorer.n_layers)]
-    assert list(replaced.teacher_terms) == [1]
+    assert replaced.teacher_terms == {}

@@ -31,7 +31,7 @@ def setup(random_teacher):
 
 
 def teacher_pass(teacher, clt, pixels):
-    """The teacher's pass with the residual stream entering every block, and the CLT's codes and terms of it."""
+    """The teacher's pass with the residual stream leaving every block, and the CLT's codes and terms of it."""
     capture = teacher.capture(pixels, residuals_at=range(teacher.n_layers))
     codes = clt.encode_sparse(capture.xs)
     return capture, codes, [clt.decode_source(source, c) for source, c in enumerate(codes)]

@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import Recorder, random_clt, random_pixels
 
-from clt_explorer.model.teacher import PassBelow
 from clt_explorer.model.tokens import TOKEN_SETS, token_index
 
 
@@ -130,7 +129,8 @@ def test_token_index_covers_each_token_set():
 @pytest.mark.parametrize("start", [0, 2, 3])
 @pytest.mark.parametrize("edit", ["none", "terms", "scales below", "error term"])
 def test_a_pass_resumed_at_the_first_replaced_block_equals_the_whole_pass(random_teacher, clt, tokens, start, edit):
-    """Resuming from the teacher's residual, codes and terms below ``start`` gives the whole replaced pass."""
+    """Resuming after block ``start`` from the teacher's residual, output, codes and terms up to there gives the whole
+    replaced pass."""
     pixels = random_pixels(random_teacher, n=2)
     L = clt.config.n_layers
     weights = torch.ones(L, L)
@@ -141,18 +141,20 @@ def test_a_pass_resumed_at_the_first_replaced_block_equals_the_whole_pass(random
     with random_teacher.replace_mlps(whole, start, tokens):
         expected = random_teacher.encode_with_final(pixels)
     capture = random_teacher.capture(pixels, residuals_at=[start])
-    codes = clt.encode_sparse(capture.xs)[:start]
+    codes = clt.encode_sparse(capture.xs)
     resumed = clt.surrogate(**options)
-    below = PassBelow(capture.residuals[start], codes, [clt.decode_source(s, c) for s, c in enumerate(codes)])
+    below = capture.below(start, codes, [clt.decode_source(s, c) for s, c in enumerate(codes)])
+    assert len(below.codes) == start + 1 and torch.equal(below.y, capture.ys[start])
     found = random_teacher.encode_resumed(resumed, below, tokens)
     for a, b in zip(expected, found):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
     assert len(resumed.codes) == L
     for a, b in zip(whole.codes, resumed.codes):  # encoded from all tokens or from the replaced ones: rounding only
         assert torch.allclose(a.dense(), b.dense(), atol=1e-6, rtol=1e-6)
-    if start == 0:
-        assert torch.allclose(capture.residuals[0], random_teacher.embed(pixels))
-    assert list(capture.residuals) == [start]
+    residual = random_teacher.embed(pixels)
+    for block in random_teacher.blocks[:start + 1]:
+        residual = block(residual)
+    assert torch.allclose(capture.residuals[start], residual, atol=1e-6) and list(capture.residuals) == [start]
 
 
 @pytest.mark.parametrize("tokens", TOKEN_SETS)

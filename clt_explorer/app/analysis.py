@@ -301,8 +301,9 @@ class Explorer:
                       feature_scales: dict[tuple[int, int], float] | None = None,
                       teacher_xs: torch.Tensor | None = None, decode_teacher: bool = False) -> ReplacedPass:
         """The pass with CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final layer keeping the source
-        terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}. Given the teacher's pass
-        below ``start`` instead of the pixels, it runs from block ``start`` on (the same result, sooner). The
+        terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}. Given the teacher's pass up
+        to block ``start``'s MLP instead of the pixels, it runs from block ``start + 1`` on (the same result,
+        sooner). The
         teacher's x_l ``teacher_xs`` [L, 1, T, d] are encoded in the same products (their codes nearly free), and
         with ``decode_teacher`` decoded in the same gathers where every token is replaced."""
         surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales,
@@ -318,17 +319,17 @@ class Explorer:
     @torch.no_grad()
     def teacher_pass(self, pixels: torch.Tensor, clt: str, start: int) -> tuple[Capture, PassBelow]:
         """The teacher's pass, and what a replacement with CLT ``clt`` starting at block ``start`` takes from it
-        (:meth:`replaced_pass` then runs from block ``start`` on)."""
+        (:meth:`replaced_pass` then runs from block ``start + 1`` on)."""
         capture = self.teacher.capture(pixels, residuals_at=[start])
         model = self.clt(clt)
-        codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start)]
+        codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start + 1)]
         terms = [model.decode_source(layer, c) for layer, c in enumerate(codes)]
-        return capture, PassBelow(capture.residuals[start], codes, terms)
+        return capture, capture.below(start, codes, terms)
 
     @torch.no_grad()
     def both_passes(self, pixels: torch.Tensor, clt: str, tokens: str, start: int, kept: list[int],
                     decode_teacher: bool = False) -> tuple[Capture, PassBelow, list[SparseCodes], ReplacedPass]:
-        """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it at block ``start``, with
+        """The teacher's pass and the replaced pass (:meth:`replaced_pass`) resumed from it after block ``start``, with
         the codes of the teacher's pass at every layer: those above ``start`` are encoded in the replaced pass's own
         products (and with ``decode_teacher`` decoded in its gathers, where every token is replaced). The passes of
         the last ``PASSES_KEPT`` (image, CLT, tokens, start, kept) are kept and shared: their tensors must not be
@@ -343,7 +344,7 @@ class Explorer:
         capture, below = self.teacher_pass(pixels, clt, start)
         replaced = self.replaced_pass(below, clt, tokens, start, kept, teacher_xs=capture.xs,
                                       decode_teacher=decode_teacher)
-        codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start, self.n_layers)]
+        codes = below.codes + [replaced.teacher_codes[layer] for layer in range(start + 1, self.n_layers)]
         with self._lock:
             self._passes[key] = capture, below, codes, dataclasses.replace(replaced, teacher_terms={})
             while len(self._passes) > PASSES_KEPT:
@@ -354,8 +355,8 @@ class Explorer:
     def model_pass(self, image: Image.Image, clt: str, tokens: str = CLS, start: int = 0,
                    kept_sources: Sequence[int] | None = None) -> ModelPass:
         """The model's part of an analysis: the teacher's pass with hooks, the codes, the reconstruction, the
-        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space). The replaced pass starts
-        at block ``start`` from the teacher's pass and encodes the teacher's x_l above it in its own products; the
+        contributions and the replaced pass (what runs inside ``@spaces.GPU`` on a Space). The replaced pass resumes
+        after block ``start`` from the teacher's pass and encodes the teacher's x_l above it in its own products; the
         codes are decoded once."""
         began = time.perf_counter()
         self.check(clt, tokens, start)
@@ -364,7 +365,7 @@ class Explorer:
         capture, below, codes, replaced = self.both_passes(self.pixels(image), clt, tokens, start, kept,
                                                            decode_teacher=True)
         terms = below.terms + [replaced.teacher_terms[layer] if layer in replaced.teacher_terms else
-                               model.decode_source(layer, codes[layer]) for layer in range(start, self.n_layers)]
+                               model.decode_source(layer, codes[layer]) for layer in range(start + 1, self.n_layers)]
         yhat = model.sum_terms(terms).float()
         contributions = {group: normalize_contributions(model.term_norms(terms, token_index(group))).tolist()
                          for group in TOKEN_SETS}

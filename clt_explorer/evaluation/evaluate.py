@@ -5,9 +5,10 @@
   unmodified teacher's (tables 6-23), with the faithfulness metrics of table 5 for every range;
 - dataset-level contribution scores C_{s->l} for CLS and for patch tokens (figures 11-16).
 
-Each batch's teacher pass is encoded and decoded once, for all of them: a cascade starting at s leaves the pass below
-s as the teacher's, so it resumes at block s from that pass's residual stream, codes and terms
-(:meth:`Teacher.encode_resumed`), and runs, encodes and decodes only blocks s..L-1.
+Each batch's teacher pass is encoded and decoded once, for all of them: a cascade starting at s leaves the pass up to
+block s's MLP as the teacher's, so it resumes after block s from that pass's residual stream, codes and terms, block
+s's output changed by its replacement (:meth:`Teacher.encode_resumed`), and runs, encodes and decodes only blocks
+s+1..L-1.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
 from ..model.sparsifiers import SparseCodes
-from ..model.teacher import Capture, MLPSurrogate, PassBelow, Teacher
+from ..model.teacher import Capture, MLPSurrogate, Teacher
 from ..model.tokens import TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
 from ..progress import tqdm
@@ -43,13 +44,13 @@ class ReplacementEvaluator:
 
     @torch.no_grad()
     def update(self, labels: torch.Tensor, capture: Capture, codes: list, terms: list) -> None:
-        """One batch: the teacher's pass ``capture`` with the residual stream entering every start, and the
+        """One batch: the teacher's pass ``capture`` with the residual stream leaving every start, and the
         surrogate's codes and terms of that pass at every layer (what :meth:`MLPSurrogate.resume` takes)."""
         c, teacher_embeddings = self.classifier, capture.embeddings
         teacher_logits, teacher_templates = c.logits(teacher_embeddings), c.template_logits(teacher_embeddings)
         for (tokens, start), accumulator in self.accumulators.items():
-            below = PassBelow(capture.residuals[start], codes[:start], terms[:start])
-            embeddings, _ = self.teacher.encode_resumed(self.make_surrogate(), below, tokens)
+            embeddings, _ = self.teacher.encode_resumed(self.make_surrogate(), capture.below(start, codes, terms),
+                                                        tokens)
             accumulator.update(labels, teacher_embeddings, embeddings, teacher_logits, c.logits(embeddings),
                                teacher_templates, c.template_logits(embeddings))
 

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ..data import image_batches
 from ..model.clt import CrossLayerTranscoder, normalize_contributions
-from ..model.teacher import Capture, PassBelow, Teacher
+from ..model.teacher import Capture, Teacher
 from ..model.tokens import PATCHES, TOKEN_SETS, token_index
 from ..model.zeroshot import ZeroShotClassifier
 from ..progress import tqdm
@@ -152,9 +152,9 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
 
 class TermReplacement:
     """Image embeddings of a batch with the CLT replacing blocks start..L-1 and the final layer keeping only some
-    of its source terms. Each replaced pass resumes at block ``start`` from the teacher's pass ``capture`` (with the
-    residual stream entering ``start``), its ``codes`` and their ``terms`` [B, T, L - s, d] per source s; at the last
-    block, only the CLS token's output changes."""
+    of its source terms. Each replaced pass resumes after block ``start`` from the teacher's pass ``capture`` (with
+    the residual stream leaving ``start``), its ``codes`` and their ``terms`` [B, T, L - s, d] per source s; at the
+    last block, only the CLS token's output changes."""
 
     def __init__(self, teacher: Teacher, clt: CrossLayerTranscoder, capture: Capture, codes: list, terms: list,
                  start: int):
@@ -163,7 +163,7 @@ class TermReplacement:
         if start == L - 1:  # u_{s->L-1} at the CLS token from the teacher's own codes: [B, L, d]
             self.cls_terms = torch.stack([terms[s][:, 0, L - 1 - s] for s in range(L)], 1)
         else:
-            self.below = PassBelow(capture.residuals[start], codes[:start], terms[:start])
+            self.below = capture.below(start, codes, terms)
 
     @torch.no_grad()
     def __call__(self, kept: torch.Tensor, tokens: str) -> torch.Tensor:

@@ -93,11 +93,13 @@ class CLTSurrogate:
         self.teacher_codes: dict[int, SparseCodes] = {}  # the unedited codes of teacher_xs[l], per layer encoded
         self.teacher_terms: dict[int, torch.Tensor] = {}  # their terms, per layer where this pass replaced every token
 
-    def resume(self, codes: list[SparseCodes], terms: list[torch.Tensor], index: slice | torch.Tensor) -> None:
-        """Start a pass at block ``len(codes)`` (:meth:`Teacher.encode_from`): the codes of every block below and
-        their terms ([B, T, L - s, d], :meth:`CrossLayerTranscoder.decode_source`), all tokens, from the teacher's own
-        pass, which a replacement starting above them leaves unchanged there; ``index`` picks the replaced tokens.
-        An edit below is applied here as it would be in a whole pass."""
+    def resume(self, codes: list[SparseCodes], terms: list[torch.Tensor], index: slice | torch.Tensor,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+        """Take the teacher's own pass up to the MLP of block s = ``len(codes) - 1`` (:meth:`Teacher.encode_resumed`):
+        the codes of blocks 0..s and their terms ([B, T, L - s, d], :meth:`CrossLayerTranscoder.decode_source`), all
+        tokens, which a replacement starting at s leaves as they are (block s's MLP input is still the teacher's);
+        ``index`` picks the replaced tokens. An edit there is applied as it would be in a whole pass. Returns the
+        replacement of block s's MLP output given the teacher's ``y`` there, as a call at block s would."""
         self.begin()
         for layer, (layer_codes, part) in enumerate(zip(codes, terms)):
             layer_codes, part = layer_codes.take_tokens(index), part[:, index]
@@ -108,6 +110,7 @@ class CLTSurrogate:
                                            part if scale is None else None)
             if self.error_term and self.edits:
                 self._plain = self._add_terms(self._plain, layer, layer_codes, None, part)
+        return self._output(len(codes) - 1, index, y)
 
     def __call__(self, layer: int, x: torch.Tensor, index: slice = slice(None),
                  y: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,13 +127,18 @@ class CLTSurrogate:
         elif teacher is not None and self.decode_teacher and index == slice(None):  # both sets' in one gather
             self.teacher_terms[layer], part = self.clt.decode_source_pair(layer, teacher, edited, self.sparse)
         self._edited = self._add_terms(self._edited, layer, edited, self.term_weights, part)
+        if self.error_term and self.edits:
+            self._plain = self._add_terms(self._plain, layer, codes, None, part if edited is codes else None)
+        return self._output(layer, index, y)
+
+    def _output(self, layer: int, index: slice | torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The replacement of block ``layer``'s MLP output for the tokens ``index``, from the terms summed so far."""
         if not self.error_term:
             return self._edited[..., layer, :] + self.clt.b_dec[layer].to(self._edited.dtype)
         if y is None:
             raise ValueError("the error term needs the teacher's MLP output y")
         if not self.edits:
             return y[:, index].clone()
-        self._plain = self._add_terms(self._plain, layer, codes, None, part if edited is codes else None)
         return y[:, index] + (self._edited[..., layer, :] - self._plain[..., layer, :]).to(y.dtype)
 
     def _encode(self, layer: int, x: torch.Tensor, index: slice | torch.Tensor) -> SparseCodes:

@@ -29,14 +29,16 @@ OPEN_CLIP_FILES = (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG)  # open_clip's folder fo
 
 class MLPSurrogate(Protocol):
     """What replaces the MLPs of a forward pass: called block by block, in order, on one pass. One that sets
-    ``reads_teacher_output = False`` never reads ``y``: where it replaces every token, the teacher's MLP does not run
-    and ``y`` is None."""
+    ``reads_teacher_output = False`` never reads ``y`` at the tokens it replaces: the teacher's MLP runs on the other
+    tokens only (``y``'s replaced rows unset), and not at all where it replaces every token (``y`` None)."""
 
     def begin(self) -> None:
         """Forget the previous pass (a new image batch starts)."""
 
-    def resume(self, codes: list, terms: list, index: slice) -> None:
-        """Start a pass at block ``len(codes)`` from what the teacher's own pass gave below it (:class:`PassBelow`)."""
+    def resume(self, codes: list, terms: list, index: slice, y: torch.Tensor) -> torch.Tensor:
+        """Take the teacher's own pass up to the MLP of block s = ``len(codes) - 1`` (:class:`PassBelow`) as this
+        pass's, and return the replacement of block s's MLP output for the tokens ``index``, given the teacher's
+        ``y`` there (what a call at block s would return); the pass goes on at block s + 1."""
 
     def __call__(self, layer: int, x: torch.Tensor, index: slice, y: torch.Tensor) -> torch.Tensor:
         """The replacement MLP output of block ``layer`` for the tokens ``x[:, index]``, given the
@@ -47,7 +49,7 @@ class MLPSurrogate(Protocol):
 class Capture:
     """Activations of one forward pass: xs, ys [L, B, T, d], the final residual stream at the CLS token (the
     input of the final LayerNorm) [B, d], the image embeddings [B, D] and, for the blocks asked for, the residual
-    stream entering the block (in the blocks' own layout, for :meth:`Teacher.encode_from`)."""
+    stream leaving the block (in the blocks' own layout, for :meth:`Teacher.encode_from`)."""
 
     xs: torch.Tensor
     ys: torch.Tensor
@@ -55,13 +57,21 @@ class Capture:
     embeddings: torch.Tensor
     residuals: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def below(self, start: int, codes: list, terms: list) -> "PassBelow":
+        """What a replacement starting at block ``start`` takes from this pass (its residual stream leaving
+        ``start`` captured), given the surrogate's codes and terms of this pass at every layer up to ``start`` at
+        least."""
+        return PassBelow(self.residuals[start], self.ys[start], codes[:start + 1], terms[:start + 1])
+
 
 @dataclass
 class PassBelow:
-    """The teacher's pass below a first replaced block s, which a replacement starting at s leaves as it is: the
-    residual stream entering block s, and the surrogate's codes and decoded terms of blocks 0..s-1 (all tokens)."""
+    """The teacher's pass up to the MLP of a first replaced block s, which a replacement starting at s leaves as it
+    is (block s's MLP input is still the teacher's): the residual stream leaving block s and the MLP output y_s there
+    [B, T, d], and the surrogate's codes and decoded terms of blocks 0..s (all tokens)."""
 
     residual: torch.Tensor
+    y: torch.Tensor
     codes: list
     terms: list
 
@@ -145,15 +155,15 @@ class Teacher:
         for layer, block in enumerate(self.blocks):
             block.mlp.register_forward_hook(self._hook(layer))
             block.mlp.forward = self._skippable(layer, block.mlp.forward)
-            block.register_forward_pre_hook(self._residual_hook(layer))
+            block.register_forward_hook(self._residual_hook(layer))
         visual.ln_post.register_forward_hook(self._final_hook)
 
     def _residual_hook(self, layer: int):
-        """During a capture that asks for it, record the residual stream entering block ``layer``."""
-        def record(module, inputs) -> None:
+        """During a capture that asks for it, record the residual stream leaving block ``layer``."""
+        def record(module, inputs, output) -> None:
             sink = getattr(self._thread, "residual_sink", None)
             if sink is not None and layer in sink:
-                sink[layer] = inputs[0]
+                sink[layer] = output
         return record
 
     def _final_hook(self, module, inputs, output) -> None:
@@ -294,9 +304,9 @@ class Teacher:
 
     @torch.no_grad()
     def encode_from(self, residual: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode_with_final` of a pass whose residual stream entering block ``start`` is ``residual`` (as
-        :meth:`capture` records it): blocks below ``start`` are not run again, which is exact when the pass would
-        change nothing there (a replacement starting at ``start``)."""
+        """:meth:`encode_with_final` of a pass whose residual stream entering block ``start`` is ``residual`` (the one
+        leaving block ``start - 1``, as :meth:`capture` records it; ``start`` = L runs no block): blocks below
+        ``start`` are not run again, which is exact when the pass would change nothing there."""
         visual = self.model.visual
         self._thread.final_sink = final = []
         try:
@@ -361,13 +371,18 @@ class Teacher:
     @torch.no_grad()
     def encode_resumed(self, surrogate: MLPSurrogate, below: PassBelow, tokens: str = ALL
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode_with_final` of the cascade ``s -> L-1`` (s = ``len(below.codes)``) that replaces the MLP output
-        of ``tokens`` by ``surrogate``'s, run from block s on: below s that pass is the teacher's own, ``below``
-        (the same result as the whole pass to float rounding, without its first s blocks and their codes)."""
-        start = len(below.codes)
+        """:meth:`encode_with_final` of the cascade ``s -> L-1`` (s = ``len(below.codes) - 1``) that replaces the MLP
+        output of ``tokens`` by ``surrogate``'s, run from block s + 1 on: up to block s's MLP that pass is the
+        teacher's own, ``below``, and block s's output differs from the teacher's by LayerScale(replacement - y_s) on
+        the replaced tokens (the same result as the whole pass to float rounding, without its first s + 1 blocks and
+        their codes)."""
+        start, index = len(below.codes) - 1, token_index(tokens)
         with self.replace_mlps(surrogate, start, tokens):
-            surrogate.resume(below.codes, below.terms, token_index(tokens))
-            return self.encode_from(below.residual, start)
+            output = surrogate.resume(below.codes, below.terms, index, below.y)
+            residual = below.residual.clone()
+            y = below.y[:, index]
+            residual[:, index] += self.blocks[start].ls_2(output.to(y.dtype) - y).to(residual.dtype)
+            return self.encode_from(residual, start + 1)
 
 
 class TeacherMLPs:
@@ -381,8 +396,8 @@ class TeacherMLPs:
     def begin(self) -> None:
         pass
 
-    def resume(self, codes: list, terms: list, index: slice) -> None:
-        pass
+    def resume(self, codes: list, terms: list, index: slice, y: torch.Tensor) -> torch.Tensor:
+        return y[:, index]
 
     def __call__(self, layer: int, x: torch.Tensor, index: slice, y: torch.Tensor) -> torch.Tensor:
         return self.teacher.blocks[layer].mlp(x)[:, index]
