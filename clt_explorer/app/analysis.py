@@ -303,9 +303,8 @@ class Explorer:
         """The pass with CLT ``clt`` replacing blocks start..L-1 for ``tokens``, the final layer keeping the source
         terms ``kept``, the codes scaled by ``feature_scales`` {(layer, feature): scale}. Given the teacher's pass up
         to block ``start``'s MLP instead of the pixels, it runs from block ``start + 1`` on (the same result,
-        sooner). The
-        teacher's x_l ``teacher_xs`` [L, 1, T, d] are encoded in the same products (their codes nearly free), and
-        with ``decode_teacher`` decoded in the same gathers where every token is replaced."""
+        sooner). The teacher's x_l ``teacher_xs`` [L, 1, T, d] are encoded in the same products (their codes nearly
+        free), and with ``decode_teacher`` decoded in the same gathers where every token is replaced."""
         surrogate = self.clt(clt).surrogate(term_weights=self.term_weights(kept), feature_scales=feature_scales,
                                             teacher_xs=teacher_xs, decode_teacher=decode_teacher)
         if isinstance(pixels, PassBelow):
