@@ -155,6 +155,8 @@ def test_a_pass_resumed_at_the_first_replaced_block_equals_the_whole_pass(random
     for block in random_teacher.blocks[:start + 1]:
         residual = block(residual)
     assert torch.allclose(capture.residuals[start], residual, atol=1e-6) and list(capture.residuals) == [start]
+    with pytest.raises(ValueError, match=f"no residual stream leaving block {start + 1}"):
+        capture.below(start + 1, codes, below.terms)
 
 
 @pytest.mark.parametrize("tokens", TOKEN_SETS)

@@ -61,6 +61,9 @@ class Capture:
         """What a replacement starting at block ``start`` takes from this pass (its residual stream leaving
         ``start`` captured), given the surrogate's codes and terms of this pass at every layer up to ``start`` at
         least."""
+        if start not in self.residuals:
+            raise ValueError(f"this capture holds no residual stream leaving block {start}: capture it with "
+                             f"residuals_at=[{start}]")
         return PassBelow(self.residuals[start], self.ys[start], codes[:start + 1], terms[:start + 1])
 
 
