@@ -322,7 +322,7 @@ class Explorer:
         capture = self.teacher.capture(pixels, residuals_at=[start])
         model = self.clt(clt)
         codes = [model.encode_layer(layer, capture.xs[layer]) for layer in range(start + 1)]
-        terms = [model.decode_source(layer, c) for layer, c in enumerate(codes)]
+        terms = list(model.source_terms(codes))
         return capture, capture.below(start, codes, terms)
 
     @torch.no_grad()

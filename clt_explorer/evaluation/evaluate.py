@@ -108,7 +108,7 @@ def evaluate_clt(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Dataset, 
     for pixels, labels, _ in tqdm(batches, desc=f"evaluating {clt.config.sparsifier}", disable=not progress):
         capture = teacher.capture(pixels, residuals_at=replacement.starts)
         codes = clt.encode_sparse(capture.xs)
-        terms = [clt.decode_source(source, c) for source, c in enumerate(codes)]
+        terms = list(clt.source_terms(codes))
         reconstruction.update(capture.ys, codes, terms)
         replacement.update(labels, capture, codes, terms)
     return {"version": RESULTS_VERSION, "n_images": n_images, "sparsifier": clt.config.sparsifier, "k": clt.config.k,

@@ -133,7 +133,7 @@ def run_layer_terms(teacher: Teacher, clt: CrossLayerTranscoder, dataset: Datase
         capture = teacher.capture(pixels, residuals_at=[start])
         teacher_logits = classifier.logits(capture.embeddings)
         codes = clt.encode_sparse(capture.xs)
-        terms = [clt.decode_source(source, c) for source, c in enumerate(codes)]
+        terms = list(clt.source_terms(codes))
         embed = TermReplacement(teacher, clt, capture, codes, terms, start)
         for tokens in token_sets:
             contributions = normalize_contributions(clt.term_norms(terms, token_index(tokens), per_image=True))

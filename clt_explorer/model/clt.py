@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -164,8 +164,12 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, codes: torch.Tensor | list[SparseCodes], sparse: bool | None = None) -> torch.Tensor:
         """yhat [L, ..., d] from dense codes [L, ..., F] or a list of per-layer SparseCodes."""
-        codes = self._as_sparse(codes)
-        return self.sum_terms(self.decode_source(source, codes[source], sparse) for source in range(len(codes)))
+        return self.sum_terms(self.source_terms(self._as_sparse(codes), sparse))
+
+    def source_terms(self, codes: list[SparseCodes], sparse: bool | None = None) -> Iterator[torch.Tensor]:
+        """The terms of every source s in order, each [..., L - s, d] (:meth:`decode_source`), decoded one source at a
+        time as they are read."""
+        return (self.decode_source(source, c, sparse) for source, c in enumerate(codes))
 
     def sum_terms(self, terms: Iterable[torch.Tensor]) -> torch.Tensor:
         """yhat [L, ..., d]: b_dec plus the terms of every source, given in source order (a list, or a generator that
@@ -183,9 +187,7 @@ class CrossLayerTranscoder(nn.Module):
                            per_image: bool = False) -> torch.Tensor:
         """N[l, s] = sum over tokens of ||z_s(t) @ W_dec[s -> l]||_2 (zero above the diagonal): [L, L], or with
         ``per_image`` one matrix per image [B, L, L] (codes [B, T, ...] per layer)."""
-        codes = self._as_sparse(codes)
-        return self.term_norms((self.decode_source(source, codes[source], sparse) for source in range(len(codes))),
-                               per_image=per_image)
+        return self.term_norms(self.source_terms(self._as_sparse(codes), sparse), per_image=per_image)
 
     def term_norms(self, terms: Iterable[torch.Tensor], tokens: slice | torch.Tensor = slice(None),
                    per_image: bool = False) -> torch.Tensor:

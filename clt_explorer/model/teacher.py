@@ -279,7 +279,7 @@ class Teacher:
     @torch.no_grad()
     def capture(self, pixels: torch.Tensor, residuals_at: Sequence[int] = ()) -> Capture:
         """One forward pass that records x_l and y_l of every block for every token (and the residual stream
-        entering each block of ``residuals_at``)."""
+        leaving each block of ``residuals_at``)."""
         xs: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
         ys: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
 
